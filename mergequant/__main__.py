@@ -1,0 +1,3 @@
+from mergequant.cli import main
+
+main()

@@ -1,0 +1,56 @@
+"""Model cards (README.md with Hub front matter) for the artifacts mergequant writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from mergequant import __version__
+from mergequant.recipe import looks_like_hub_id
+
+
+def hub_parents(refs: list[str]) -> list[str]:
+    """The references that are Hub ids (not local directories): only these may go in ``base_model``."""
+    return [r.split("@")[0] for r in refs if looks_like_hub_id(r) and not Path(r).exists()]
+
+
+def front_matter(meta: dict) -> str:
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], base_model: str | None,
+               recipe_text: str, out_dtype: str | None, num_parameters: int, license: str | None = None) -> str:
+    """A model card for a merge: every Hub parent in ``base_model`` with relation ``merge``, the method
+    and its paper, and the recipe verbatim (so the merge can be reproduced)."""
+    parents = hub_parents(models)
+    meta: dict = {}
+    if parents:
+        meta["base_model"] = parents
+        meta["base_model_relation"] = "merge"
+    meta["library_name"] = "transformers"
+    meta["tags"] = ["merge", "mergequant", method]
+    if license:
+        meta["license"] = license
+    local = [m for m in models if m.split("@")[0] not in parents]
+    lines = [
+        front_matter(meta),
+        "# Merged model\n",
+        f"This model is a merge of {len(models)} pre-trained language models, made with "
+        f"[mergequant](https://github.com/mergequant/mergequant) {__version__}.\n",
+        "## Merge method\n",
+        f"Method: **{pretty_name}** (`{method}`), see [{paper}]({paper}).",
+        f"{'The base model was `' + base_model + '`.' if base_model else ''}\n",
+        "## Models merged\n",
+        *[f"- `{m}`" + (" (base)" if m == base_model else "") + (" (local path)" if m in local else "") for m in models],
+        "",
+        f"Parameters: {num_parameters:,}" + (f"; weights stored as {out_dtype}." if out_dtype else "."),
+        "",
+        "## Recipe\n",
+        "The exact recipe used (mergekit-compatible YAML):\n",
+        "```yaml",
+        recipe_text.rstrip("\n"),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""The `mergequant` command line: parse options, call one function per command, print.
+
+Errors the user can fix (MergeQuantError) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mergequant import __version__
+from mergequant.errors import MergeQuantError
+
+app = typer.Typer(
+    name="mergequant",
+    help="Merge same-architecture LLM checkpoints (mergekit-compatible recipes), streamed tensor by tensor.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(msg: str, code: int = 2):
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="mergekit-style YAML recipe (models: or slices: form)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (written atomically; must not exist unless --force)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto (cuda when available)."),
+    shard_size: str = typer.Option("5GB", help="Maximum shard size, e.g. 500MB, 2GB, 5GB."),
+    out_dtype: Optional[str] = typer.Option(None, help="dtype written: bfloat16, float16, float32 (default: recipe out_dtype, then dtype, then the inputs')."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan (tensors, bytes to read/write, peak memory); write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after the new merge completes)."),
+    seed: int = typer.Option(0, help="Seed for DARE's random masks (same seed, same model)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; only errors and the final line."),
+    workers: int = typer.Option(2, help="Tensors processed concurrently (reading, computing and writing overlap)."),
+    allow_vocab_mismatch: bool = typer.Option(False, "--allow-vocab-mismatch", help="Merge models whose vocabulary sizes differ: the shared rows of embeddings/lm_head are merged, the extra rows come from the base model (whose tokenizer is kept)."),
+    mergekit_dtype: bool = typer.Option(False, "--mergekit-dtype", help="Compute like mergekit: round inputs to the recipe dtype and run task-arithmetic methods in it (default: float32 compute, one rounding at the end)."),
+):
+    """Merge the models of RECIPE into OUT.
+
+    Example: mergequant merge configs/ties.yaml -o ./merged --shard-size 2GB
+    """
+    from mergequant.merge.run import MergeOptions, run_merge, summary
+    from mergequant.units import parse_size
+
+    log = (lambda m: typer.echo(m, err=True)) if quiet else typer.echo
+    try:
+        opts = MergeOptions(out=out, device=device, shard_size=parse_size(shard_size), out_dtype=out_dtype,
+                            dry_run=dry_run, force=force, seed=seed, quiet=quiet, workers=workers,
+                            allow_vocab_mismatch=allow_vocab_mismatch, mergekit_dtype=mergekit_dtype)
+        result = run_merge(recipe, opts, log=log)
+    except MergeQuantError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; no output was written", 130)
+    if not dry_run:
+        typer.echo(summary(result))
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="Model directory (safetensors or .bin, sharded or not)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Print architecture, layer and tensor counts, dtypes, parameter count and shard layout of MODEL."""
+    from mergequant.inspect_model import format_inspection, inspect_model
+
+    try:
+        info = inspect_model(str(model))
+    except MergeQuantError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("mergequant-demo"), "--dir", help="Where to build the tiny models and the merge."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the directory exists."),
+):
+    """Build three tiny Llama checkpoints (base + two fine-tunes), TIES-merge them, and load the result.
+
+    Needs no download: the models are generated on the spot (~1 MB each).
+    """
+    import torch
+
+    from mergequant.demo import DEMO_RECIPE, build_demo_models
+    from mergequant.inspect_model import format_inspection, inspect_model
+    from mergequant.merge.run import MergeOptions, run_merge, summary
+
+    try:
+        models_dir = workdir / "models"
+        if force or not (models_dir / "coder" / "config.json").exists():
+            typer.echo(f"building tiny models in {models_dir} ...")
+            paths = build_demo_models(models_dir)
+        else:
+            paths = {k: models_dir / k for k in ("base", "poet", "coder")}
+        recipe = workdir / "ties.yaml"
+        recipe.write_text(DEMO_RECIPE.format(**{k: str(v.resolve()) for k, v in paths.items()}))
+        out = workdir / "merged"
+        result = run_merge(recipe, MergeOptions(out=out, force=True, fsync=False))
+        typer.echo(summary(result))
+        typer.echo(format_inspection(inspect_model(str(out))))
+    except MergeQuantError as e:
+        _fail(str(e))
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        typer.echo("(install transformers to load and run the merged model)")
+        return
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[0, 72, 101, 108]])
+    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    typer.echo(f"loaded with transformers {type(model).__name__}; generated token ids: {gen[0].tolist()}")
+
+
+@app.command()
+def version():
+    """Print the mergequant version."""
+    typer.echo(__version__)
+
+
+def main():
+    try:
+        app()
+    except MergeQuantError as e:  # pragma: no cover - commands catch their own
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Turn model references (local paths or Hub ids) into local directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mergequant.errors import CheckpointError
+
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
+
+
+def resolve_model(ref: str, *, base_dir: Path | None = None, where: str = "") -> Path:
+    """A local directory for ``ref``.
+
+    Local paths are tried as given (relative to the working directory), then relative to
+    ``base_dir`` (the recipe's folder). Anything else that looks like ``namespace/name`` is
+    fetched with ``huggingface_hub.snapshot_download`` (weights as safetensors only); offline,
+    a cached snapshot is used if present, else a clear error.
+    """
+    from mergequant.recipe import looks_like_hub_id
+
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    if base_dir is not None and not p.is_absolute() and (base_dir / p).exists():
+        return base_dir / p
+    ctx = f" ({where})" if where else ""
+    if not looks_like_hub_id(ref):
+        raise CheckpointError(f"{ref}: model path does not exist{ctx}")
+    repo, _, revision = ref.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a core dependency
+        raise CheckpointError(f"{ref}: not a local path and huggingface_hub is not installed{ctx}") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=DOWNLOAD_PATTERNS,
+                                      local_files_only=offline))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{ref}: no such local path, and no such model on the Hub (or it is gated/private: log in){ctx}") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{ref}: not a local path and not in the Hub cache; the Hub cannot be reached"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ' (offline?)'}{ctx}. Download it first or give a local path."
+        ) from None
+    except Exception as e:  # network errors of every flavour
+        raise CheckpointError(f"{ref}: cannot download from the Hub: {type(e).__name__}: {e}{ctx}") from None

@@ -1,0 +1,197 @@
+"""Streaming sharded safetensors writer and atomic output directories.
+
+Every output tensor's name, dtype and shape are known before any data is computed, so the
+whole shard layout (which file, which byte range) and every header are fixed up front. Data
+is then written with ``pwrite`` straight to its final offset, chunk by chunk, from any
+thread and in any order: no shard is ever buffered in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from mergequant.errors import MergeQuantError
+from mergequant.io.safetensors_format import CODE_FROM_DTYPE, dtype_itemsize
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = dtype_itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Shard:
+    file: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+    header: bytes = b""
+    offsets: dict[str, int] = field(default_factory=dict)  # absolute file offset of each tensor's data
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header) + self.data_bytes
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[Shard]:
+    """Assign tensors, in the given order, to shards of at most ``max_shard_bytes`` of data.
+
+    A tensor larger than the limit gets a shard of its own (as transformers does).
+    Names follow the transformers convention: ``model.safetensors`` for one shard, else
+    ``model-0000i-of-0000N.safetensors``.
+    """
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        fname = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        shards.append(_with_header(Shard(fname, group)))
+    return shards
+
+
+def _with_header(shard: Shard) -> Shard:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in shard.tensors:
+        header[t.name] = {"dtype": CODE_FROM_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned
+    shard.header = len(raw).to_bytes(8, "little") + raw
+    start = len(shard.header)
+    for t in shard.tensors:
+        shard.offsets[t.name] = start
+        start += t.nbytes
+    return shard
+
+
+class ShardedWriter:
+    """Writes planned shards into ``directory``; thread-safe ``write`` of chunks at element offsets."""
+
+    def __init__(self, directory: Path, shards: list[Shard]):
+        self.directory = directory
+        self.shards = shards
+        self._where: dict[str, tuple[int, PlannedTensor, int]] = {}
+        self._written: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._fds: list[int] = []
+        for i, shard in enumerate(shards):
+            fd = os.open(directory / shard.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, shard.header, 0)
+            os.ftruncate(fd, shard.file_size)
+            for t in shard.tensors:
+                self._where[t.name] = (i, t, shard.offsets[t.name])
+                self._written[t.name] = 0
+
+    def write(self, name: str, chunk: torch.Tensor, element_offset: int = 0) -> None:
+        """Write ``chunk`` (already in the planned dtype) at ``element_offset`` elements into tensor ``name``."""
+        i, planned, start = self._where[name]
+        if chunk.dtype != planned.dtype:
+            raise TypeError(f"{name}: chunk dtype {chunk.dtype} != planned {planned.dtype}")
+        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        pos = start + element_offset * dtype_itemsize(planned.dtype)
+        if pos + data.nbytes > start + planned.nbytes:
+            raise ValueError(f"{name}: write past the end of the tensor")
+        view = memoryview(data)
+        while view.nbytes:
+            n = os.pwrite(self._fds[i], view, pos)
+            view = view[n:]
+            pos += n
+        with self._lock:
+            self._written[name] += data.nbytes
+
+    def finish(self, fsync: bool = True) -> dict:
+        """Check every tensor was fully written, sync and close; write the index if sharded. Returns the index."""
+        missing = [n for n, (_, t, _) in self._where.items() if self._written[n] != t.nbytes]
+        if missing:
+            raise RuntimeError(f"internal error: tensors not fully written: {missing[:5]}")
+        for fd in self._fds:
+            if fsync:
+                os.fsync(fd)
+            os.close(fd)
+        self._fds = []
+        index = {
+            "metadata": {"total_size": sum(s.data_bytes for s in self.shards)},
+            "weight_map": {t.name: s.file for s in self.shards for t in s.tensors},
+        }
+        if len(self.shards) > 1:
+            write_json(self.directory / INDEX_FILE, index)
+        return index
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def check_output_location(out: Path, inputs: list[Path], *, force: bool) -> None:
+    """Refuse outputs that would write into, replace, or sit inside an input directory, and existing outputs without --force."""
+    out_r = out.resolve()
+    for inp in inputs:
+        inp_r = inp.resolve()
+        if out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents:
+            raise MergeQuantError(f"refusing to write {out}: it overlaps the input directory {inp}")
+    if out.exists() and not force:
+        raise MergeQuantError(f"{out} already exists: pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise MergeQuantError(f"{out} exists and is not a directory")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success rename it to ``out`` (replacing an old one), else delete it.
+
+    An interrupted run (exception, Ctrl-C, kill between steps) never leaves a directory at
+    ``out`` that looks complete: the rename is the last step.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

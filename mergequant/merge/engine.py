@@ -1,0 +1,168 @@
+"""Compute one output tensor from lazy inputs, chunk by chunk, writing each chunk straight to disk.
+
+Inputs are memory-mapped views, so a chunk reads only its slice of each input file. Peak
+memory per tensor is a few chunks (``CHUNK`` elements in float32) per input, except for
+TIES, whose exact top-k threshold needs one float32 copy of |delta| for the whole tensor.
+Nothing here depends on how many layers the model has.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable
+
+import torch
+
+from mergequant.merge import methods as M
+from mergequant.merge.plan import MergePlan, TensorPlan
+
+CHUNK = 1 << 22  # elements per chunk; fixed, because DARE's random masks are drawn per chunk
+
+# Only one whole-tensor |delta| buffer (TIES) at a time, so two workers on the two largest tensors
+# (embeddings and lm_head) cannot double the peak.
+_BIG_BUFFER = threading.Lock()
+
+
+def _ranges(n: int):
+    for c, a in enumerate(range(0, n, CHUNK)):
+        yield c, a, min(n, a + CHUNK)
+
+
+def merge_tensor(plan: MergePlan, tp: TensorPlan, write: Callable[[torch.Tensor, int], None], *, seed: int = 0,
+                 device: torch.device = torch.device("cpu")) -> bool:
+    """Merge ``tp`` and hand each output chunk to ``write(chunk, element_offset)``.
+
+    Returns False when the merged tensor contains NaN or inf (the caller warns), else True.
+    """
+    flat = [plan.checkpoints[ref].get(name).reshape(-1) for ref, name in tp.inputs]
+    if tp.copy_index is not None:
+        src = flat[tp.copy_index]
+        for _, a, b in _ranges(src.numel()):
+            write(src[a:b].to(tp.out_dtype), a)
+        return True
+
+    any64 = any(x.dtype == torch.float64 for x in flat)
+    acc = torch.float64 if any64 else torch.float32  # accumulation dtype of linear/slerp (and of our task methods)
+    rounding = plan.compute_dtype  # mergekit-compatible mode: inputs rounded to the recipe dtype first
+    task_dtype = rounding if rounding is not None else acc
+
+    def load(i: int, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        x = flat[i][a:b]
+        if rounding is not None:
+            x = x.to(rounding)
+        return x.to(device=device, dtype=dtype)
+
+    n = tp.numel
+    ref_index = tp.base_index if tp.base_index is not None else 0
+    if tp.merge_rows is not None:  # vocabulary mismatch: merge the shared rows, copy the rest from the reference
+        n = tp.merge_rows * (tp.numel // tp.shape[0])
+        tail = flat[ref_index]
+        for _, a, b in _ranges(tp.numel - n):
+            write(tail[n + a:n + b].to(tp.out_dtype), n + a)
+
+    finite = True
+
+    def emit(out: torch.Tensor, a: int) -> None:
+        nonlocal finite
+        if finite and not bool(torch.isfinite(out).all()):
+            finite = False
+        write(out.to(device="cpu", dtype=tp.out_dtype), a)
+
+    spec = plan.spec
+    if spec.name == "linear":
+        weights = [p["weight"] for p in tp.per_model]
+        for _, a, b in _ranges(n):
+            emit(M.linear([load(i, a, b, acc) for i in range(len(flat))], weights, tp.shared["normalize"]), a)
+    elif spec.name == "slerp":
+        _slerp(tp, flat, load, acc, n, emit)
+    else:
+        _task_family(plan, tp, flat, load, task_dtype, n, emit, seed)
+    return finite
+
+
+def _slerp(tp, flat, load, acc, n, emit):
+    bi = tp.base_index
+    oi = 1 - bi
+    n0 = n1 = dot = 0.0
+    for _, a, b in _ranges(n):
+        x, y = load(bi, a, b, torch.float64), load(oi, a, b, torch.float64)
+        n0 += float(x @ x)
+        n1 += float(y @ y)
+        dot += float(x @ y)
+    c0, c1 = M.slerp_coefficients(float(tp.shared["t"]), math.sqrt(n0), math.sqrt(n1), dot)
+    for _, a, b in _ranges(n):
+        emit(c0 * load(bi, a, b, acc) + c1 * load(oi, a, b, acc), a)
+
+
+def _task_family(plan, tp, flat, load, dtype, n, emit, seed):
+    spec = plan.spec
+    bi = tp.base_index
+    others = [i for i in range(len(flat)) if i != bi]
+    if not others:  # only the base: nothing to add
+        for _, a, b in _ranges(n):
+            emit(load(bi, a, b, dtype), a)
+        return
+    weights = [float(tp.per_model[i]["weight"]) for i in others]
+    densities = [float(tp.per_model[i].get("density", 1.0)) for i in others]
+    rescale = bool(tp.shared.get("rescale", False))
+
+    def delta(i, a, b):
+        return load(i, a, b, dtype) - load(bi, a, b, dtype)
+
+    # ---- pass 1: whole-tensor statistics --------------------------------------------------------
+    selections: list[M.TopK | None] = [None] * len(others)
+    factors = [1.0] * len(others)
+    for k, (i, density) in enumerate(zip(others, densities)):
+        if density >= 1:
+            continue
+        if spec.sparsify == "magnitude":
+            with _BIG_BUFFER if n > CHUNK else _Null():
+                mags = torch.empty(n, dtype=torch.float32, device=load(i, 0, 0, dtype).device)
+                for _, a, b in _ranges(n):
+                    mags[a:b] = delta(i, a, b).abs()
+                sel = M.topk_stats(mags, density)
+                selections[k] = sel
+                if rescale:
+                    seen, kept = 0, 0.0
+                    for _, a, b in _ranges(n):
+                        m, seen = M.topk_mask_chunk(mags[a:b], sel, seen)
+                        kept += float(mags[a:b][m].double().sum())
+                    factors[k] = M.l1_rescale_factor(float(mags.double().sum()), kept)
+                del mags
+        elif spec.sparsify == "random" and rescale:
+            before = after = 0.0
+            for c, a, b in _ranges(n):
+                d = delta(i, a, b).abs()
+                keep = M.bernoulli_mask(b - a, density, M.chunk_generator(seed, tp.name, i, c)).to(d.device)
+                before += float(d.double().sum())
+                after += float(d[keep].double().sum())
+            factors[k] = M.l1_rescale_factor(before, after)
+
+    # ---- pass 2: combine chunk by chunk -----------------------------------------------------------
+    seen = [0] * len(others)
+    lam = float(tp.shared.get("lambda", 1.0))
+    for c, a, b in _ranges(n):
+        base = load(bi, a, b, dtype)
+        deltas = []
+        for k, (i, density) in enumerate(zip(others, densities)):
+            d = load(i, a, b, dtype) - base
+            if density < 1 and spec.sparsify == "magnitude":
+                keep, seen[k] = M.topk_mask_chunk(d.abs().float(), selections[k], seen[k])
+                d = torch.where(keep, d, 0)
+            elif density < 1 and spec.sparsify == "random":
+                keep = M.bernoulli_mask(b - a, density, M.chunk_generator(seed, tp.name, i, c)).to(d.device)
+                d = torch.where(keep, d, 0)
+            if factors[k] != 1.0:
+                d = d * factors[k]
+            deltas.append(d)
+        emit(M.combine_deltas(base, deltas, weights, consensus=spec.consensus, normalize=bool(tp.shared["normalize"]),
+                              lam=lam), a)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,233 @@
+"""Which inputs and which resolved parameters feed each output tensor.
+
+The plan is built from the recipe and the checkpoints' headers only: every check that can
+fail (missing tensor, shape or architecture mismatch, vocabulary size, missing parameter)
+fails here, before any tensor data is read and before any output is created.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergequant.errors import CheckpointError, RecipeError
+from mergequant.io.checkpoint import Checkpoint, split_layer_name
+from mergequant.io.resolve import resolve_model
+from mergequant.merge.methods import REQUIRED, MethodSpec
+from mergequant.merge.params import layer_position, resolve
+from mergequant.recipe import Recipe, Source
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPE_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: where its inputs come from and the parameters to merge them with."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    inputs: list[tuple[str, str]]  # (model reference, input tensor name), recipe order
+    base_index: int | None
+    shared: dict
+    per_model: list[dict]  # resolved per-input parameters ({} for the base in task methods)
+    copy_index: int | None = None  # non-float tensors are copied from this input
+    merge_rows: int | None = None  # vocabulary mismatch: only the first rows are merged, the rest come from the base
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def out_bytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    spec: MethodSpec
+    checkpoints: dict[str, Checkpoint]
+    ref_model: str  # the model whose config and tokenizer the output takes (base, else first)
+    tensors: list[TensorPlan]
+    num_layers_out: int
+    layer_sources: list[tuple[str, int]]  # output layer -> (model, input layer), for per-layer config lists
+    compute_dtype: torch.dtype | None  # None: float32 (float64 for float64 inputs); else mergekit-style
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_to_read(self) -> int:
+        total = 0
+        for t in self.tensors:
+            for ref, name in t.inputs if t.copy_index is None else [t.inputs[t.copy_index]]:
+                total += self.checkpoints[ref].tensors[name].nbytes
+        return total
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(t.out_bytes for t in self.tensors)
+
+    @property
+    def input_dirs(self) -> list[Path]:
+        return [c.path for c in self.checkpoints.values()]
+
+
+def natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _is_pre_layer(name: str) -> bool:
+    """Embeddings come before the layers; final norm and lm_head after (matters for the slices form)."""
+    return any(k in name for k in ("embed", "wte", "wpe", "word_embeddings"))
+
+
+def open_models(recipe: Recipe) -> dict[str, Checkpoint]:
+    where = {s.model: s.where + ".model" for s in recipe.all_sources()}
+    where.setdefault(recipe.base_model, "base_model")
+    out = {}
+    for ref in recipe.model_refs():
+        path = resolve_model(ref, base_dir=recipe.path.parent, where=f"{where.get(ref, '')} in {recipe.path}")
+        out[ref] = Checkpoint.open(path)
+    return out
+
+
+def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], *, out_dtype: str | None = None,
+               allow_vocab_mismatch: bool = False, mergekit_dtype: bool = False) -> MergePlan:
+    spec = recipe.spec
+    ref = recipe.base_model or recipe.all_sources()[0].model
+    ref_ckpt = checkpoints[ref]
+    _check_compatible(recipe, checkpoints, ref, allow_vocab_mismatch)
+
+    out_name = out_dtype or recipe.out_dtype or recipe.dtype
+    if out_name is not None and out_name not in DTYPE_NAMES:
+        raise RecipeError(f"out dtype '{out_name}' is not one of {', '.join(DTYPE_NAMES)}")
+    fixed_out = DTYPE_NAMES[out_name] if out_name else None
+    compute = DTYPE_NAMES[recipe.dtype] if (mergekit_dtype and recipe.dtype) else None
+
+    builder = _Builder(recipe, spec, checkpoints, fixed_out, allow_vocab_mismatch)
+    layer_sources: list[tuple[str, int]] = []
+    if recipe.models is not None:
+        sources = list(recipe.models)
+        if recipe.base_model and recipe.base_model not in [s.model for s in sources]:
+            sources.append(Source(recipe.base_model, None, None, "base_model"))
+        n_layers = ref_ckpt.num_layers or 0
+        for name in sorted(ref_ckpt.tensors, key=natural_key):
+            parts = split_layer_name(name)
+            t = layer_position(parts[1], n_layers) if parts else 0.0
+            builder.add(name, [(s, name) for s in sources], None, recipe.base_model, t)
+        layer_sources = [(ref, i) for i in range(n_layers)]
+    else:
+        first, last = recipe.slices[0], recipe.slices[-1]
+        non_layer = [n for n in sorted(ref_ckpt.tensors, key=natural_key) if not split_layer_name(n)]
+        for name in [n for n in non_layer if _is_pre_layer(n)]:
+            builder.add(name, [(s, name) for s in first.sources], first.parameters, first.base_model or recipe.base_model, 0.0)
+        out_layer = 0
+        for sl in recipe.slices:
+            base = sl.base_model or recipe.base_model
+            lead = sl.sources[0]
+            n = lead.layer_range[1] - lead.layer_range[0]
+            for s in sl.sources:
+                have = checkpoints[s.model].num_layers or 0
+                if s.layer_range[1] > have:
+                    raise RecipeError(f"{recipe.path}: {s.where}.layer_range: {list(s.layer_range)} exceeds the {have} layers of {s.model}")
+            for off in range(n):
+                t = layer_position(off, n)
+                lead_layer = lead.layer_range[0] + off
+                suffixes = sorted(
+                    {(p[0], p[2]) for nm in checkpoints[lead.model].tensors if (p := split_layer_name(nm)) and p[1] == lead_layer},
+                    key=lambda ps: natural_key(ps[1]))
+                for prefix, rest in suffixes:
+                    inputs = [(s, f"{prefix}.{s.layer_range[0] + off}.{rest}") for s in sl.sources]
+                    builder.add(f"{prefix}.{out_layer}.{rest}", inputs, sl.parameters, base, t)
+                layer_sources.append((lead.model, lead_layer))
+                out_layer += 1
+        for name in [n for n in non_layer if not _is_pre_layer(n)]:
+            builder.add(name, [(s, name) for s in last.sources], last.parameters, last.base_model or recipe.base_model, 0.0)
+    plan = MergePlan(recipe, spec, checkpoints, ref, builder.tensors, len(layer_sources), layer_sources, compute,
+                     list(recipe.warnings))
+    return plan
+
+
+def _check_compatible(recipe: Recipe, ckpts: dict[str, Checkpoint], ref: str, allow_vocab: bool) -> None:
+    r = ckpts[ref]
+    for name, c in ckpts.items():
+        if c.architecture != r.architecture:
+            raise CheckpointError(f"{c.path}: architecture {c.architecture} differs from {r.architecture} of {r.path}")
+        if recipe.models is not None and c.num_layers != r.num_layers:
+            raise CheckpointError(f"{c.path}: {c.num_layers} layers but {r.path} has {r.num_layers}; "
+                                  "use the slices form with layer_range to merge different depths")
+        if c.vocab_size != r.vocab_size and not allow_vocab:
+            raise CheckpointError(f"{c.path}: vocabulary size {c.vocab_size} differs from {r.vocab_size} of {r.path}; "
+                                  "pass --allow-vocab-mismatch to merge the shared rows and keep the reference model's extra rows")
+
+
+class _Builder:
+    def __init__(self, recipe, spec, ckpts, fixed_out, allow_vocab):
+        self.recipe, self.spec, self.ckpts, self.fixed_out, self.allow_vocab = recipe, spec, ckpts, fixed_out, allow_vocab
+        self.tensors: list[TensorPlan] = []
+
+    def add(self, out_name: str, inputs: list[tuple[Source, str]], slice_params: dict | None, base: str | None, t: float):
+        recipe, spec = self.recipe, self.spec
+        infos = []
+        for src, in_name in inputs:
+            ck = self.ckpts[src.model]
+            info = ck.tensors.get(in_name)
+            if info is None:
+                raise CheckpointError(f"{ck.path}: tensor {in_name} is missing (needed for output {out_name})")
+            infos.append(info)
+        first, first_src = infos[0], inputs[0][0]
+        base_index = next((i for i, (s, _) in enumerate(inputs) if s.model == base), None) if base else None
+        merge_rows = None
+        for info, (src, _) in zip(infos[1:], inputs[1:]):
+            if info.shape != first.shape:
+                vocab_like = (self.allow_vocab and len(info.shape) >= 1 and info.shape[1:] == first.shape[1:])
+                if not vocab_like:
+                    raise CheckpointError(
+                        f"{self.ckpts[src.model].path}: tensor {info.name} has shape {list(info.shape)} but "
+                        f"{self.ckpts[first_src.model].path} has {list(first.shape)}")
+        shape_ref = infos[base_index] if base_index is not None else first
+        if any(i.shape != shape_ref.shape for i in infos):
+            merge_rows = min(i.shape[0] for i in infos)
+        out_dtype = self.fixed_out or shape_ref.dtype
+        if not shape_ref.dtype.is_floating_point:
+            idx = base_index if base_index is not None else 0
+            self.tensors.append(TensorPlan(out_name, shape_ref.shape, shape_ref.dtype, [(s.model, n) for s, n in inputs],
+                                           base_index, {}, [{} for _ in inputs], copy_index=idx))
+            return
+        shared = {}
+        for pname, default in spec.shared.items():
+            v = resolve(pname, [slice_params, recipe.parameters], out_name, t)
+            if v is None:
+                if default is REQUIRED:
+                    raise RecipeError(f"{recipe.path}: missing required parameter '{pname}' for tensor {out_name}")
+                v = default
+            shared[pname] = v
+        per_model = []
+        for i, (src, in_name) in enumerate(inputs):
+            if i == base_index and not spec.per_model_applies_to_base:
+                per_model.append({})
+                continue
+            vals = {}
+            for pname, default in spec.per_model.items():
+                v = resolve(pname, [src.parameters, slice_params, recipe.parameters], in_name, t)
+                if v is None:
+                    if default is REQUIRED:
+                        raise RecipeError(f"{recipe.path}: missing required parameter '{pname}' for model '{src.model}' "
+                                          f"tensor {in_name} (no filter matched)")
+                    v = default
+                if pname == "density" and not (0 < v <= 1):
+                    raise RecipeError(f"{recipe.path}: {src.where}: density {v} for tensor {in_name} is not in (0, 1]")
+                vals[pname] = v
+            per_model.append(vals)
+        weights = [p["weight"] for p in per_model if "weight" in p]
+        if shared.get("normalize") and not spec.consensus and weights and abs(sum(weights)) < 1e-8:
+            raise RecipeError(f"{recipe.path}: weights {weights} for tensor {out_name} sum to 0 with normalize: true")
+        self.tensors.append(TensorPlan(out_name, shape_ref.shape, out_dtype, [(s.model, n) for s, n in inputs],
+                                       base_index, shared, per_model, merge_rows=merge_rows))

@@ -1,0 +1,221 @@
+"""Drive a merge: recipe -> plan -> tensors streamed through the methods into sharded output, plus config,
+tokenizer and model card, all inside a temporary directory renamed into place at the end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mergequant.card import merge_card
+from mergequant.errors import MergeQuantError
+from mergequant.io.writer import PlannedTensor, ShardedWriter, atomic_output_dir, check_output_location, plan_shards, write_json
+from mergequant.merge.engine import CHUNK, merge_tensor
+from mergequant.merge.plan import DTYPE_TO_NAME, MergePlan, build_plan, open_models
+from mergequant.recipe import load_recipe
+from mergequant.units import format_bytes
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt",
+                   "generation_config.json"]
+RECIPE_COPY = "mergequant_recipe.yaml"
+
+
+@dataclass
+class MergeOptions:
+    out: Path
+    device: str = "auto"
+    shard_size: int = 5 * 10**9
+    out_dtype: str | None = None
+    dry_run: bool = False
+    force: bool = False
+    seed: int = 0
+    quiet: bool = False
+    workers: int = 2
+    allow_vocab_mismatch: bool = False
+    mergekit_dtype: bool = False
+    fsync: bool = True
+
+
+@dataclass
+class MergeResult:
+    out: Path | None
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    shards: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MergeQuantError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise MergeQuantError(f"--device must be cpu, cuda or auto, not {name!r}")
+    return torch.device(name)
+
+
+def estimate_peak_bytes(plan: MergePlan, workers: int) -> int:
+    """Working memory beyond the memory-mapped inputs: per worker a few float32 chunks per input, plus
+    (TIES) one float32 |delta| buffer for the largest tensor and the selection's copy of it."""
+    n_in = max(len(t.inputs) for t in plan.tensors)
+    per_worker = (2 * n_in + 4) * CHUNK * 4
+    big = max(t.numel for t in plan.tensors) * 4 * 2 if plan.spec.sparsify == "magnitude" else 0
+    return workers * per_worker + big
+
+
+def describe_plan(plan: MergePlan, shards, workers: int) -> str:
+    r = plan.recipe
+    lines = [
+        f"recipe:        {r.path} ({r.merge_method})",
+        "models:        " + ", ".join(f"{ref} ({c.path})" if str(c.path) != ref else ref for ref, c in plan.checkpoints.items()),
+        f"architecture:  {plan.checkpoints[plan.ref_model].architecture}, {plan.num_layers_out} output layers",
+        f"tensors:       {len(plan.tensors)}",
+        f"read:          {format_bytes(plan.bytes_to_read)}",
+        f"write:         {format_bytes(plan.bytes_to_write)} in {len(shards)} shard(s)",
+        f"peak memory:   ~{format_bytes(estimate_peak_bytes(plan, workers))} working set (inputs are memory-mapped)",
+    ]
+    for s in shards:
+        lines.append(f"  {s.file}: {len(s.tensors)} tensors, {format_bytes(s.data_bytes)}")
+    return "\n".join(lines)
+
+
+def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeResult:
+    recipe = load_recipe(recipe_path)
+    device = pick_device(opts.device)
+    checkpoints = open_models(recipe)
+    plan = build_plan(recipe, checkpoints, out_dtype=opts.out_dtype, allow_vocab_mismatch=opts.allow_vocab_mismatch,
+                      mergekit_dtype=opts.mergekit_dtype)
+    for w in plan.warnings:
+        log(f"warning: {w}")
+    check_output_location(opts.out, plan.input_dirs, force=opts.force)
+    shards = plan_shards([PlannedTensor(t.name, t.out_dtype, t.shape) for t in plan.tensors], opts.shard_size)
+    if opts.dry_run:
+        log(describe_plan(plan, shards, opts.workers))
+        return MergeResult(None, len(plan.tensors), plan.bytes_to_read, plan.bytes_to_write, [s.file for s in shards],
+                           plan.warnings)
+
+    warnings = list(plan.warnings)
+    with atomic_output_dir(opts.out) as tmp:
+        writer = ShardedWriter(tmp, shards)
+        try:
+            bad = _execute(plan, writer, device, opts)
+            writer.finish(fsync=opts.fsync)
+        finally:
+            writer.close()
+        for name in bad:
+            msg = f"merged tensor {name} contains NaN or inf"
+            warnings.append(msg)
+            log(f"warning: {msg}")
+        _write_metadata(plan, tmp, opts)
+    return MergeResult(opts.out, len(plan.tensors), plan.bytes_to_read, plan.bytes_to_write, [s.file for s in shards], warnings)
+
+
+def _execute(plan: MergePlan, writer: ShardedWriter, device: torch.device, opts: MergeOptions) -> list[str]:
+    """Run every tensor through the engine on a small thread pool (torch releases the GIL, so reading,
+    computing and writing of neighbouring tensors overlap). Returns names of non-finite tensors."""
+    bad: list[str] = []
+    lock = threading.Lock()
+    bar = tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+               disable=opts.quiet or None, file=sys.stderr, dynamic_ncols=True)
+    done = 0
+
+    def job(tp):
+        ok = merge_tensor(plan, tp, lambda chunk, off: writer.write(tp.name, chunk, off), seed=opts.seed, device=device)
+        if not ok:
+            with lock:
+                bad.append(tp.name)
+        return tp
+
+    # Largest tensors first keeps the two workers busy to the end (no long tail on lm_head).
+    order = sorted(plan.tensors, key=lambda t: -t.numel)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
+            pending = set()
+            it = iter(order)
+            for tp in it:
+                pending.add(pool.submit(job, tp))
+                if len(pending) >= 2 * opts.workers:
+                    break
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    tp = f.result()
+                    done += 1
+                    bar.update(tp.out_bytes)
+                    bar.set_postfix_str(f"tensors {done}/{len(plan.tensors)}", refresh=False)
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.add(pool.submit(job, nxt))
+    finally:
+        bar.close()
+    return sorted(bad)
+
+
+def _write_metadata(plan: MergePlan, out: Path, opts: MergeOptions) -> None:
+    ref = plan.checkpoints[plan.ref_model]
+    config = dict(ref.config)
+    dtypes = {t.out_dtype for t in plan.tensors if t.out_dtype.is_floating_point}
+    dtype_name = DTYPE_TO_NAME.get(next(iter(dtypes))) if len(dtypes) == 1 else None
+    if dtype_name:
+        config["torch_dtype"] = dtype_name
+        if "dtype" in config:
+            config["dtype"] = dtype_name
+    n_in = ref.num_layers
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config and isinstance(config[key], int):
+            config[key] = plan.num_layers_out
+    for key, value in list(config.items()):  # per-layer lists (layer_types, ...) follow the layer sources
+        if isinstance(value, list) and n_in and len(value) == n_in and plan.num_layers_out != n_in:
+            per_model = {r: c.config.get(key) for r, c in plan.checkpoints.items()}
+            config[key] = [per_model[m][i] if isinstance(per_model[m], list) else value[i] for m, i in plan.layer_sources]
+    write_json(out / "config.json", config)
+    for fname in TOKENIZER_FILES:
+        src = ref.path / fname
+        if src.exists():
+            shutil.copyfile(src, out / fname)
+    (out / RECIPE_COPY).write_text(plan.recipe.text)
+    models = [r for r in plan.recipe.model_refs()]
+    (out / "README.md").write_text(merge_card(
+        method=plan.spec.name, pretty_name=plan.spec.pretty_name, paper=plan.spec.paper, models=models,
+        base_model=plan.recipe.base_model, recipe_text=plan.recipe.text, out_dtype=dtype_name,
+        num_parameters=sum(t.numel for t in plan.tensors), license=_common_license(plan)))
+
+
+def _common_license(plan: MergePlan) -> str | None:
+    """The parents' license when their cards agree on one (read from their README front matter)."""
+    import yaml
+
+    found = set()
+    for c in plan.checkpoints.values():
+        readme = c.path / "README.md"
+        lic = None
+        if readme.exists():
+            text = readme.read_text(errors="replace")
+            if text.startswith("---"):
+                try:
+                    meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+                    lic = meta.get("license") if isinstance(meta, dict) else None
+                except yaml.YAMLError:
+                    lic = None
+        found.add(lic)
+    return found.pop() if len(found) == 1 and None not in found else None
+
+
+def summary(result: MergeResult) -> str:
+    return (f"wrote {result.out}: {result.tensors} tensors, {format_bytes(result.bytes_written)} in "
+            f"{len(result.shards)} shard(s) (read {format_bytes(result.bytes_read)})")
+
+
+def dumps(result: MergeResult) -> str:
+    return json.dumps({"out": str(result.out), "tensors": result.tensors, "bytes_read": result.bytes_read,
+                       "bytes_written": result.bytes_written, "shards": result.shards, "warnings": result.warnings})

@@ -1,0 +1,320 @@
+"""Merge recipes: mergekit-style YAML parsed into plain dataclasses, validated before any tensor is read.
+
+mergekit silently ignores keys it does not know; we reject typos with the key, its location
+and the file, and only warn about parameters that mergekit knows but the chosen method does
+not use (so published recipes still run).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergequant.errors import RecipeError
+from mergequant.merge.methods import KNOWN_PARAMETERS, METHODS, REQUIRED, MethodSpec
+
+DTYPES = {"float32", "float16", "bfloat16", "float64"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "name", "modules", "tokenizer", "chat_template"}
+UNSUPPORTED_TOP = {
+    "modules": "the 'modules:' form is not supported yet; use 'models:' or 'slices:'",
+    "tokenizer": "the 'tokenizer:' section is not supported yet; use 'tokenizer_source: base'",
+    "chat_template": "'chat_template' is not supported yet; edit tokenizer_config.json after merging",
+}
+MODEL_KEYS = {"model", "parameters"}
+SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass
+class Source:
+    """One input: a model reference as written, its layer range (slices form) and its parameters."""
+
+    model: str
+    parameters: dict | None = None
+    layer_range: tuple[int, int] | None = None
+    where: str = ""  # location in the recipe, for messages
+
+
+@dataclass
+class OutputSlice:
+    sources: list[Source]
+    parameters: dict | None = None
+    base_model: str | None = None
+    where: str = ""
+
+
+@dataclass
+class Recipe:
+    path: Path
+    text: str
+    merge_method: str
+    spec: MethodSpec
+    base_model: str | None
+    models: list[Source] | None
+    slices: list[OutputSlice] | None
+    parameters: dict | None
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    warnings: list[str] = field(default_factory=list)
+
+    def model_refs(self) -> list[str]:
+        """Every distinct model reference, base first."""
+        refs: list[str] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for s in self.all_sources():
+            if s.model not in refs:
+                refs.append(s.model)
+        return refs
+
+    def all_sources(self) -> list[Source]:
+        if self.models is not None:
+            return list(self.models)
+        return [s for sl in self.slices or [] for s in sl.sources]
+
+
+def _err(path: Path, where: str, msg: str) -> RecipeError:
+    return RecipeError(f"{path}: {where}: {msg}" if where else f"{path}: {msg}")
+
+
+def _unknown_key(path: Path, where: str, key: str, allowed: set[str]) -> RecipeError:
+    hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+    extra = f" (did you mean '{hint[0]}'?)" if hint else f" (allowed: {', '.join(sorted(allowed))})"
+    return _err(path, where, f"unknown key '{key}'{extra}")
+
+
+def _check_keys(path: Path, where: str, obj: Any, allowed: set[str]) -> dict:
+    if not isinstance(obj, dict):
+        raise _err(path, where, f"expected a mapping, got {type(obj).__name__}")
+    for k in obj:
+        if k not in allowed:
+            raise _unknown_key(path, f"{where}.{k}" if where else str(k), k, allowed)
+    return obj
+
+
+def _model_ref(path: Path, where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _err(path, where, "expected a model path or Hub id")
+    if "+" in value:
+        raise _err(path, where, f"'{value}': LoRA references (model+lora) are not supported")
+    return value
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file. Raises RecipeError naming the file and key on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read recipe ({e})") from None
+    return parse_recipe(text, path)
+
+
+def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    data = _check_keys(path, "", data, TOP_KEYS)
+    for key, why in UNSUPPORTED_TOP.items():
+        if key in data:
+            raise _err(path, key, why)
+
+    method = data.get("merge_method")
+    if method is None:
+        raise _err(path, "merge_method", f"missing (one of: {', '.join(METHODS)})")
+    if method not in METHODS:
+        hint = difflib.get_close_matches(str(method), list(METHODS), n=1)
+        raise _err(path, "merge_method", f"unknown method '{method}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                   + f"; supported: {', '.join(METHODS)}")
+    spec = METHODS[method]
+    warnings: list[str] = []
+
+    base = _model_ref(path, "base_model", data["base_model"]) if data.get("base_model") is not None else None
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None and data[key] not in DTYPES:
+            raise _err(path, key, f"'{data[key]}' is not one of {', '.join(sorted(DTYPES))}")
+    tok = data.get("tokenizer_source")
+    if tok is not None and tok != "base":
+        raise _err(path, "tokenizer_source", f"'{tok}' is not supported yet; use 'base' (the base model's tokenizer)")
+
+    has_models, has_slices = data.get("models") is not None, data.get("slices") is not None
+    if has_models == has_slices:
+        raise _err(path, "", "exactly one of 'models' or 'slices' must be given")
+
+    models = slices = None
+    if has_models:
+        if not isinstance(data["models"], list) or not data["models"]:
+            raise _err(path, "models", "expected a non-empty list")
+        models = []
+        for i, m in enumerate(data["models"]):
+            where = f"models[{i}]"
+            m = _check_keys(path, where, m, MODEL_KEYS)
+            if "model" not in m:
+                raise _err(path, where, "missing 'model'")
+            models.append(Source(_model_ref(path, f"{where}.model", m["model"]), m.get("parameters"), None, where))
+    else:
+        if not isinstance(data["slices"], list) or not data["slices"]:
+            raise _err(path, "slices", "expected a non-empty list")
+        slices = []
+        for i, sl in enumerate(data["slices"]):
+            where = f"slices[{i}]"
+            sl = _check_keys(path, where, sl, SLICE_KEYS)
+            if sl.get("residual_weight") is not None:
+                raise _err(path, f"{where}.residual_weight", "not supported")
+            srcs = sl.get("sources")
+            if not isinstance(srcs, list) or not srcs:
+                raise _err(path, f"{where}.sources", "expected a non-empty list")
+            sources = []
+            for j, s in enumerate(srcs):
+                w = f"{where}.sources[{j}]"
+                s = _check_keys(path, w, s, SOURCE_KEYS)
+                if "model" not in s:
+                    raise _err(path, w, "missing 'model'")
+                lr = s.get("layer_range")
+                if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in lr)
+                        and 0 <= lr[0] < lr[1]):
+                    raise _err(path, f"{w}.layer_range", f"expected [start, end) with 0 <= start < end, got {lr!r}")
+                sources.append(Source(_model_ref(path, f"{w}.model", s["model"]), s.get("parameters"), (lr[0], lr[1]), w))
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+            if len(lengths) > 1:
+                raise _err(path, f"{where}.sources", f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+            sbase = _model_ref(path, f"{where}.base_model", sl["base_model"]) if sl.get("base_model") else None
+            slices.append(OutputSlice(sources, sl.get("parameters"), sbase, where))
+
+    recipe = Recipe(path, text, method, spec, base, models, slices, data.get("parameters"), data.get("dtype"),
+                    data.get("out_dtype"), tok, warnings)
+    _validate_parameters(recipe)
+    _validate_structure(recipe)
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# parameter validation
+# ---------------------------------------------------------------------------------------------------
+def _validate_setting(path: Path, where: str, value: Any) -> list[float | bool | str]:
+    """Check a setting's shape; return every leaf value (for range checks)."""
+    if isinstance(value, (bool, int, float, str)):
+        return [value]
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(e, (bool, int, float, str)) for e in value):
+            return list(value)
+        leaves = []
+        for k, cond in enumerate(value):
+            if not isinstance(cond, dict):
+                raise _err(path, f"{where}[{k}]", "mix of values and filter entries; use a list of numbers or of {filter, value}")
+            for ck in cond:
+                if ck not in ("filter", "value"):
+                    raise _unknown_key(path, f"{where}[{k}].{ck}", ck, {"filter", "value"})
+            if "value" not in cond:
+                raise _err(path, f"{where}[{k}]", "filter entry without 'value'")
+            if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                raise _err(path, f"{where}[{k}].filter", "expected a string")
+            leaves += _validate_setting(path, f"{where}[{k}].value", cond["value"])
+        return leaves
+    raise _err(path, where, f"expected a number, a list of numbers, or a filter list; got {value!r}")
+
+
+def _check_scope(recipe: Recipe, where: str, params: Any, *, per_model_scope: bool, shared_scope: bool) -> None:
+    if params is None:
+        return
+    path, spec = recipe.path, recipe.spec
+    if not isinstance(params, dict):
+        raise _err(path, where, "expected a mapping of parameter names to values")
+    used = (set(spec.per_model) if per_model_scope else set()) | (set(spec.shared) if shared_scope else set())
+    for name, value in params.items():
+        w = f"{where}.{name}"
+        if name not in used:
+            if name in KNOWN_PARAMETERS or name in spec.per_model or name in spec.shared:
+                recipe.warnings.append(f"{path}: {w}: parameter '{name}' is not used by {spec.name} here; ignored")
+                continue
+            raise _unknown_key(path, w, name, used | KNOWN_PARAMETERS)
+        leaves = _validate_setting(path, w, value)
+        numeric = [v for v in leaves if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if name in ("weight", "density", "lambda", "t", "gamma", "epsilon") and len(numeric) != len(leaves):
+            raise _err(path, w, f"'{name}' must be numeric")
+        if name in ("normalize", "rescale", "int8_mask") and not all(isinstance(v, bool) for v in leaves):
+            raise _err(path, w, f"'{name}' must be true or false")
+        if name == "density" and any(not (0 < v <= 1) for v in numeric):
+            raise _err(path, w, f"density must be in (0, 1], got {value!r}")
+        if name == "t" and any(not (0 <= v <= 1) for v in numeric):
+            raise _err(path, w, f"t must be in [0, 1], got {value!r}")
+
+
+def _validate_parameters(recipe: Recipe) -> None:
+    _check_scope(recipe, "parameters", recipe.parameters, per_model_scope=True, shared_scope=True)
+    for sl in recipe.slices or []:
+        _check_scope(recipe, f"{sl.where}.parameters", sl.parameters, per_model_scope=True, shared_scope=True)
+    for s in recipe.all_sources():
+        _check_scope(recipe, f"{s.where}.parameters", s.parameters, per_model_scope=True, shared_scope=False)
+
+
+def _is_base(recipe: Recipe, model: str, slice_base: str | None = None) -> bool:
+    return model == (slice_base or recipe.base_model)
+
+
+def _validate_structure(recipe: Recipe) -> None:
+    path, spec = recipe.path, recipe.spec
+    groups: list[tuple[str, list[Source], dict | None, str | None]]
+    if recipe.models is not None:
+        groups = [("models", recipe.models, None, recipe.base_model)]
+    else:
+        groups = [(sl.where, sl.sources, sl.parameters, sl.base_model or recipe.base_model) for sl in recipe.slices]
+    for where, sources, slice_params, base in groups:
+        if spec.needs_base and not base:
+            raise _err(path, "base_model", f"{spec.name} needs a base_model")
+        models = [s.model for s in sources]
+        if recipe.models is not None and base and base not in models:
+            models = models + [base]
+        elif recipe.slices is not None and spec.needs_base and base not in models:
+            raise _err(path, where, f"the base model '{base}' must be one of the slice's sources")
+        if len(models) < spec.min_models or (spec.max_models and len(models) > spec.max_models):
+            want = f"exactly {spec.max_models}" if spec.max_models == spec.min_models else f"at least {spec.min_models}"
+            raise _err(path, where, f"{spec.name} needs {want} models (base included), got {len(models)}")
+        # required parameters must be reachable from some scope
+        for pname, default in spec.shared.items():
+            if default is REQUIRED and not any(sc and pname in sc for sc in (slice_params, recipe.parameters)):
+                raise _err(path, "parameters", f"missing required parameter '{pname}' for {spec.name}")
+        for s in sources:
+            if not spec.per_model_applies_to_base and _is_base(recipe, s.model, base):
+                continue
+            for pname, default in spec.per_model.items():
+                if default is REQUIRED and not any(sc and pname in sc for sc in (s.parameters, slice_params, recipe.parameters)):
+                    raise _err(path, f"{s.where}.parameters", f"missing required parameter '{pname}' for model '{s.model}'")
+        # weights summing to zero with normalize (checked statically when all weights are scalars)
+        normalize = _static([slice_params, recipe.parameters], "normalize", spec.shared.get("normalize"))
+        if normalize is True and "weight" in spec.per_model:
+            ws = []
+            for s in sources:
+                if not spec.per_model_applies_to_base and _is_base(recipe, s.model, base):
+                    continue
+                w = _static([s.parameters, slice_params, recipe.parameters], "weight", None)
+                ws.append(w)
+            if ws and all(isinstance(w, (int, float)) for w in ws) and abs(sum(ws)) < 1e-8:
+                raise _err(path, "weight", f"weights sum to 0 with normalize: true (weights {ws}); set normalize: false or change the weights")
+
+
+def _static(scopes: list, name: str, default):
+    """First scalar value of a parameter over scopes in precedence order; None when it is a
+    gradient or filter list (not statically known); ``default`` when no scope sets it."""
+    for sc in scopes:
+        if sc and name in sc:
+            v = sc[name]
+            return v if isinstance(v, (bool, int, float)) else None
+    return default
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    return bool(HUB_ID_RE.match(ref)) and not ref.startswith((".", "/", "~"))
