@@ -10,9 +10,12 @@ from mergequant import __version__
 from mergequant.recipe import looks_like_hub_id
 
 
-def hub_parents(refs: list[str]) -> list[str]:
-    """The references that are Hub ids (not local directories): only these may go in ``base_model``."""
-    return [r.split("@")[0] for r in refs if looks_like_hub_id(r) and not Path(r).exists()]
+def hub_parents(refs: list[str], base_dir: Path | None = None) -> list[str]:
+    """The references that are Hub ids (not local directories): only these may go in ``base_model``.
+
+    ``base_dir`` is the recipe's folder: references are also resolved relative to it (as the merge does)."""
+    return [r.split("@")[0] for r in refs if looks_like_hub_id(r) and not Path(r).exists()
+            and not (base_dir is not None and (base_dir / r).exists())]
 
 
 def front_matter(meta: dict) -> str:
@@ -20,10 +23,11 @@ def front_matter(meta: dict) -> str:
 
 
 def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], base_model: str | None,
-               recipe_text: str, out_dtype: str | None, num_parameters: int, license: str | None = None) -> str:
+               recipe_text: str, out_dtype: str | None, num_parameters: int, license: str | None = None,
+               base_dir: Path | None = None) -> str:
     """A model card for a merge: every Hub parent in ``base_model`` with relation ``merge``, the method
     and its paper, and the recipe verbatim (so the merge can be reproduced)."""
-    parents = hub_parents(models)
+    parents = hub_parents(models, base_dir)
     meta: dict = {}
     if parents:
         meta["base_model"] = parents

@@ -25,6 +25,7 @@ app = typer.Typer(
 
 
 def _fail(msg: str, code: int = 2):
+    msg = " ".join(part.strip() for part in str(msg).splitlines() if part.strip())  # always one line
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
 

@@ -124,7 +124,12 @@ def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+        # One line: PyYAML's own message spans several lines with a source snippet.
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        context = getattr(e, "context", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise RecipeError(f"{path}: invalid YAML: {where}{problem}" + (f" ({context})" if context else "")) from None
     data = _check_keys(path, "", data, TOP_KEYS)
     for key, why in UNSUPPORTED_TOP.items():
         if key in data:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,9 +214,21 @@ def _weight_files(path: Path) -> list[str]:
 
 def _load_bin(fpath: Path) -> dict[str, torch.Tensor]:
     try:
-        sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            # legacy (pre-zip) torch.save format: no mmap, but still weights_only
+            sd = torch.load(fpath, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, forbidden globals
-        raise CheckpointError(f"{fpath}: cannot load safely with weights_only=True ({type(e).__name__}: {e})") from None
+        # torch's messages span several lines (and suggest weights_only=False); keep the line that says why.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else "")
+        if "weights_only" in why and "False" in why:
+            why = "unsafe pickle content"
+        what = "refusing to unpickle code or non-tensor objects" if isinstance(e, pickle.UnpicklingError) else "cannot load"
+        raise CheckpointError(f"{fpath}: {what} with torch.load(weights_only=True) ({type(e).__name__}: {why})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

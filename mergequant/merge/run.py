@@ -4,6 +4,7 @@ tokenizer and model card, all inside a temporary directory renamed into place at
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import threading
@@ -138,6 +139,10 @@ def _execute(plan: MergePlan, writer: ShardedWriter, device: torch.device, opts:
 
     # Largest tensors first keeps the two workers busy to the end (no long tail on lm_head).
     order = sorted(plan.tensors, key=lambda t: -t.numel)
+    # Parallelism comes from the workers; give each an equal share of torch's intra-op threads so
+    # they do not oversubscribe the cores (OpenMP spin-waiting would then cost more than it gains).
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, opts.workers)))
     try:
         with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
             pending = set()
@@ -158,6 +163,7 @@ def _execute(plan: MergePlan, writer: ShardedWriter, device: torch.device, opts:
                         pending.add(pool.submit(job, nxt))
     finally:
         bar.close()
+        torch.set_num_threads(threads_before)
     return sorted(bad)
 
 
@@ -188,7 +194,8 @@ def _write_metadata(plan: MergePlan, out: Path, opts: MergeOptions) -> None:
     (out / "README.md").write_text(merge_card(
         method=plan.spec.name, pretty_name=plan.spec.pretty_name, paper=plan.spec.paper, models=models,
         base_model=plan.recipe.base_model, recipe_text=plan.recipe.text, out_dtype=dtype_name,
-        num_parameters=sum(t.numel for t in plan.tensors), license=_common_license(plan)))
+        num_parameters=sum(t.numel for t in plan.tensors), license=_common_license(plan),
+        base_dir=plan.recipe.path.parent))
 
 
 def _common_license(plan: MergePlan) -> str | None:

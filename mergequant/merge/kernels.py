@@ -1,0 +1,168 @@
+"""Fused CPU kernels for the task-arithmetic family (numba), with exact top-k statistics.
+
+Why: in eager torch, TIES on one chunk is ~25 separate elementwise passes (delta, abs, compare,
+where, weight, sign, elect, agree, sum, divide, ...), each streaming the chunk through memory.
+One compiled loop does all of it per element in registers. The kernels work on float32 arrays
+(the engine converts each input chunk once) and release the GIL, so the engine's worker threads
+run them in parallel. When numba is not installed (or on CUDA) the engine uses the torch path in
+``methods.py``; tests check that both give the same result.
+
+Exact top-k without sorting (``topk_threshold``): a small block sample of |delta| brackets the
+k-th largest value in [lo, hi]; one fused pass counts the elements above ``hi`` and collects the
+(value, flat index) of those inside the bracket; the exact threshold and the tie cut-off are then
+read from the few candidates. If the sample's bracket misses (rare), a wider pass repeats it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+try:  # numba is a dependency, but keep working (slower) where it cannot be installed
+    from numba import njit
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover
+    AVAILABLE = False
+
+    def njit(*args, **kwargs):
+        def wrap(f):
+            return f
+        return wrap(args[0]) if args and callable(args[0]) else wrap
+
+
+MODE_ALL, MODE_THRESHOLD, MODE_MASK = 0, 1, 2
+
+
+@njit(nogil=True, cache=True)
+def _bracket_pass(base, x, lo, hi, offset, cand_val, cand_idx, ncand):
+    """Count |x - base| > hi; append values in [lo, hi] (and their flat index) to the candidate buffers."""
+    above = 0
+    cap = cand_val.shape[0]
+    for j in range(base.shape[0]):
+        a = abs(x[j] - base[j])
+        if a > hi:
+            above += 1
+        elif a >= lo:
+            if ncand < cap:
+                cand_val[ncand] = a
+                cand_idx[ncand] = offset + j
+            ncand += 1
+    return above, ncand
+
+
+@njit(nogil=True, cache=True, inline="always", error_model="numpy")
+def _sparse_delta(x, b, w, f, mode, thr, cutoff, keep_mask, flat_index):
+    """w * f * (x - b), or 0 where the sparsification drops it. Scalars only (array arguments would
+    cost reference counting per element) and no data-dependent branches (mispredictions dominate)."""
+    d = x - b
+    a = abs(d)
+    keep = (mode == 0) | ((mode == 1) & ((a > thr) | ((a == thr) & (flat_index <= cutoff)))) | ((mode == 2) & (keep_mask != 0))
+    return ((d * f) * w) * np.float32(keep)  # multiply by 0/1: numba turns `x if c else y` into slow branches
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, consensus, normalize, lam, out):
+    """out = base + lam * combine(sparsified, weighted deltas) for one chunk, element by element.
+
+    Operation order follows the reference formulas (delta, mask, rescale, weight, elect sign,
+    agreeing sum, divide, lambda, add base), all in float32. With consensus the (cheap, cache-hot)
+    deltas are computed twice: once to elect the sign, once to sum the agreeing ones. A delta
+    agrees when its sign equals the elected one (sign(total), 0 counting as +); zeros never agree.
+    """
+    k = xs.shape[0]
+    use_masks = masks.shape[1] > 1
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for j in range(base.shape[0]):
+        b = base[j]
+        mixed = zero
+        div = zero
+        mj = j if use_masks else 0
+        if consensus:
+            total = zero
+            for i in range(k):
+                total += _sparse_delta(xs[i, j], b, weights[i], factors[i], mode[i], thr[i], cutoff[i], masks[i, mj], offset + j)
+            positive = total >= zero
+            for i in range(k):
+                d = _sparse_delta(xs[i, j], b, weights[i], factors[i], mode[i], thr[i], cutoff[i], masks[i, mj], offset + j)
+                agree = np.float32((d != zero) & ((d > zero) == positive))
+                mixed += d * agree
+                div += weights[i] * agree
+            div += np.float32(div == zero)  # no agreeing input: divide by 1
+        else:
+            for i in range(k):
+                mixed += _sparse_delta(xs[i, j], b, weights[i], factors[i], mode[i], thr[i], cutoff[i], masks[i, mj], offset + j)
+                div += weights[i]
+            if abs(div) < 1e-8:
+                div = one
+        if normalize:
+            mixed = mixed / div
+        if lam != one:
+            mixed = mixed * lam
+        out[j] = b + mixed
+
+
+def combine_chunk(base: np.ndarray, xs: np.ndarray, weights, factors, mode, thr, cutoff, masks, offset: int, *,
+                  consensus: bool, normalize: bool, lam: float) -> np.ndarray:
+    out = np.empty_like(base)
+    _combine(base, xs, np.asarray(weights, np.float32), np.asarray(factors, np.float32), np.asarray(mode, np.int8),
+             np.asarray(thr, np.float32), np.asarray(cutoff, np.int64), masks, offset, consensus, normalize,
+             np.float32(lam), out)
+    return out
+
+
+class Selection:
+    """Exact top-k as (threshold, cutoff): keep |d| > threshold, and |d| == threshold at flat index <= cutoff."""
+
+    def __init__(self, threshold: float, cutoff: int, keep_all: bool = False):
+        self.threshold, self.cutoff, self.keep_all = threshold, cutoff, keep_all
+
+
+def _select_from_candidates(vals: np.ndarray, idx: np.ndarray, rank: int) -> Selection:
+    """The rank-th largest among candidates (1-based), ties broken by smaller flat index first."""
+    order = np.lexsort((idx, -vals))  # value descending, then index ascending
+    thr = vals[order[rank - 1]]
+    kept = order[:rank]
+    cutoff = int(idx[kept][vals[kept] == thr].max())
+    return Selection(float(thr), cutoff)
+
+
+def topk_threshold(chunks, n: int, k: int, sample: np.ndarray) -> Selection:
+    """Exact selection of the k largest |delta| over a tensor delivered as ``chunks()`` -> (offset, base, x).
+
+    ``sample`` is a representative sample of |delta| used only to guess the bracket.
+    """
+    if k >= n:
+        return Selection(-1.0, -1, keep_all=True)
+    s = np.sort(sample.astype(np.float32))
+    m = s.shape[0]
+    q = (n - k) / n  # ascending quantile of the threshold
+    margin = int(8 * math.sqrt(max(m * q * (1 - q), 1.0))) + 16
+    pos = int(q * m)
+    brackets = [(s[max(0, pos - margin)], s[min(m - 1, pos + margin)])] if m else []
+    brackets.append((np.float32(0.0), np.float32(np.inf)))  # fallback: everything is a candidate
+    for lo, hi in brackets:
+        expected = max(1 << 16, int(n * (2 * margin + 1) / max(m, 1) * 4)) if np.isfinite(hi) else n
+        cap = min(n, expected)
+        vals = np.empty(cap, np.float32)
+        idx = np.empty(cap, np.int64)
+        above = ncand = 0
+        for offset, base, x in chunks():
+            a, ncand = _bracket_pass(base, x, np.float32(lo), np.float32(hi), offset, vals, idx, ncand)
+            above += a
+        if ncand > cap:  # buffer overflowed: widen to the exact fallback
+            continue
+        if above < k <= above + ncand:
+            return _select_from_candidates(vals[:ncand], idx[:ncand], k - above)
+    raise AssertionError("unreachable: the full bracket always contains the threshold")
+
+
+def to_numpy_f32(t: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
+    """A float32 numpy copy of a (possibly bf16, memory-mapped) tensor chunk, optionally into ``out``."""
+    if out is None:
+        return t.to(torch.float32).numpy()
+    torch.from_numpy(out).copy_(t)
+    return out
