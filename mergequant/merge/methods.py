@@ -115,7 +115,7 @@ def combine_deltas(base: torch.Tensor, deltas: list[torch.Tensor], weights: list
         mixed = weighted[0].clone()
         for d in weighted[1:]:
             mixed.add_(d)
-        divisor = sum(weights)
+        divisor = float(torch.tensor(weights, dtype=base.dtype).sum())  # summed in the compute dtype, as the kernel does
         if abs(divisor) < 1e-8:
             divisor = 1.0
     if normalize:
