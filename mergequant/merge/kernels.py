@@ -53,56 +53,93 @@ def _bracket_pass(base, x, lo, hi, offset, cand_val, cand_idx, ncand):
     return above, ncand
 
 
-@njit(nogil=True, cache=True, inline="always", error_model="numpy")
-def _sparse_delta(x, b, w, f, mode, thr, cutoff, keep_mask, flat_index):
-    """w * f * (x - b), or 0 where the sparsification drops it. Scalars only (array arguments would
-    cost reference counting per element) and no data-dependent branches (mispredictions dominate)."""
-    d = x - b
-    a = abs(d)
-    keep = (mode == 0) | ((mode == 1) & ((a > thr) | ((a == thr) & (flat_index <= cutoff)))) | ((mode == 2) & (keep_mask != 0))
-    return ((d * f) * w) * np.float32(keep)  # multiply by 0/1: numba turns `x if c else y` into slow branches
+_BLOCK = 4096  # elements per inner block: the per-input scratch rows stay in L1/L2
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, consensus, normalize, lam, out):
-    """out = base + lam * combine(sparsified, weighted deltas) for one chunk, element by element.
+    """out = base + lam * combine(sparsified, weighted deltas) for one chunk.
 
-    Operation order follows the reference formulas (delta, mask, rescale, weight, elect sign,
-    agreeing sum, divide, lambda, add base), all in float32. With consensus the (cheap, cache-hot)
-    deltas are computed twice: once to elect the sign, once to sum the agreeing ones. A delta
-    agrees when its sign equals the elected one (sign(total), 0 counting as +); zeros never agree.
+    Operation order follows the reference formulas (delta, mask, rescale, weight, elect sign from
+    the sum, agreeing sum, divide, lambda, add base), all in float32. Work proceeds in small blocks
+    with one simple loop per step over contiguous elements, which LLVM vectorizes; masks are
+    applied by multiplying with 0/1 rather than branching (data-dependent branches mispredict).
+    A delta agrees when its sign equals the elected one (sign of the total, 0 counting as +);
+    zeros never agree.
     """
     k = xs.shape[0]
-    use_masks = masks.shape[1] > 1
+    n = base.shape[0]
     one = np.float32(1.0)
     zero = np.float32(0.0)
-    for j in range(base.shape[0]):
-        b = base[j]
-        mixed = zero
-        div = zero
-        mj = j if use_masks else 0
+    use_masks = masks.shape[1] > 1
+    D = np.empty((k, _BLOCK), np.float32)
+    total = np.empty(_BLOCK, np.float32)
+    mixed = np.empty(_BLOCK, np.float32)
+    div = np.empty(_BLOCK, np.float32)
+    wsum = zero
+    for i in range(k):
+        wsum += weights[i]
+    if abs(wsum) < 1e-8:
+        wsum = one
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        for i in range(k):
+            w = weights[i]
+            f = factors[i]
+            t = thr[i]
+            c = cutoff[i] - offset - s  # tie cut-off as an index into this block
+            md = mode[i]
+            Di = D[i]
+            xi = xs[i]
+            if md == 1:
+                for j in range(m):
+                    d = xi[s + j] - base[s + j]
+                    a = abs(d)
+                    keep = (a > t) | ((a == t) & (j <= c))
+                    Di[j] = ((d * f) * w) * np.float32(keep)
+            elif md == 2 and use_masks:
+                mi = masks[i]
+                for j in range(m):
+                    Di[j] = (((xi[s + j] - base[s + j]) * f) * w) * np.float32(mi[s + j] != 0)
+            else:
+                for j in range(m):
+                    Di[j] = ((xi[s + j] - base[s + j]) * f) * w
         if consensus:
-            total = zero
+            for j in range(m):
+                total[j] = D[0, j]
+            for i in range(1, k):
+                Di = D[i]
+                for j in range(m):
+                    total[j] += Di[j]
+            for j in range(m):
+                mixed[j] = zero
+                div[j] = zero
             for i in range(k):
-                total += _sparse_delta(xs[i, j], b, weights[i], factors[i], mode[i], thr[i], cutoff[i], masks[i, mj], offset + j)
-            positive = total >= zero
-            for i in range(k):
-                d = _sparse_delta(xs[i, j], b, weights[i], factors[i], mode[i], thr[i], cutoff[i], masks[i, mj], offset + j)
-                agree = np.float32((d != zero) & ((d > zero) == positive))
-                mixed += d * agree
-                div += weights[i] * agree
-            div += np.float32(div == zero)  # no agreeing input: divide by 1
+                Di = D[i]
+                w = weights[i]
+                for j in range(m):
+                    d = Di[j]
+                    agree = np.float32((d != zero) & ((d > zero) == (total[j] >= zero)))
+                    mixed[j] += d * agree
+                    div[j] += w * agree
+            for j in range(m):
+                div[j] += np.float32(div[j] == zero)  # no agreeing input: divide by 1
         else:
-            for i in range(k):
-                mixed += _sparse_delta(xs[i, j], b, weights[i], factors[i], mode[i], thr[i], cutoff[i], masks[i, mj], offset + j)
-                div += weights[i]
-            if abs(div) < 1e-8:
-                div = one
+            for j in range(m):
+                mixed[j] = D[0, j]
+                div[j] = wsum
+            for i in range(1, k):
+                Di = D[i]
+                for j in range(m):
+                    mixed[j] += Di[j]
         if normalize:
-            mixed = mixed / div
+            for j in range(m):
+                mixed[j] = mixed[j] / div[j]
         if lam != one:
-            mixed = mixed * lam
-        out[j] = b + mixed
+            for j in range(m):
+                mixed[j] = mixed[j] * lam
+        for j in range(m):
+            out[s + j] = base[s + j] + mixed[j]
 
 
 def combine_chunk(base: np.ndarray, xs: np.ndarray, weights, factors, mode, thr, cutoff, masks, offset: int, *,
