@@ -66,9 +66,9 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, write: Callable[[torch.Tensor,
 
     finite = True
 
-    def emit(out: torch.Tensor, a: int) -> None:
+    def emit(out: torch.Tensor, a: int, checked_finite: bool | None = None) -> None:
         nonlocal finite
-        if finite and not bool(torch.isfinite(out).all()):
+        if checked_finite is False or (checked_finite is None and finite and not bool(torch.isfinite(out).all())):
             finite = False
         write(out.to(device="cpu", dtype=tp.out_dtype), a)
 
@@ -242,6 +242,6 @@ def _task_family_fused(plan, tp, flat, n, emit, seed):
             for r, i in enumerate(others):
                 if mode[r] == K.MODE_MASK:
                     masks[r] = M.bernoulli_mask(b - a, densities[r], M.chunk_generator(seed, tp.name, i, c)).numpy()
-        out = K.combine_chunk(base, xs, weights, factors, mode, thr, cutoff, masks, a, consensus=spec.consensus,
-                              normalize=bool(tp.shared["normalize"]), lam=lam)
-        emit(torch.from_numpy(out), a)
+        out, nonfinite = K.combine_chunk(base, xs, weights, factors, mode, thr, cutoff, masks, a,
+                                         consensus=spec.consensus, normalize=bool(tp.shared["normalize"]), lam=lam)
+        emit(torch.from_numpy(out), a, checked_finite=nonfinite == 0)

@@ -36,24 +36,42 @@ except ImportError:  # pragma: no cover
 MODE_ALL, MODE_THRESHOLD, MODE_MASK = 0, 1, 2
 
 
-@njit(nogil=True, cache=True)
+_BLOCK = 4096  # elements per inner block: the per-input scratch rows stay in L1/L2
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def _bracket_pass(base, x, lo, hi, offset, cand_val, cand_idx, ncand):
-    """Count |x - base| > hi; append values in [lo, hi] (and their flat index) to the candidate buffers."""
+    """Count |x - base| > hi; append values in [lo, hi] (and their flat index) to the candidate buffers.
+
+    Returns (count above, candidates so far); a candidate count beyond the buffer's capacity means
+    it overflowed (the caller widens the search). Blocked and branch-free: one vectorizable loop
+    computes |delta| and the count, a second compacts candidates by always writing the current slot
+    and advancing only when the element is inside (in-bracket elements are few but scattered, so a
+    branch would mispredict on each)."""
     above = 0
     cap = cand_val.shape[0]
-    for j in range(base.shape[0]):
-        a = abs(x[j] - base[j])
-        if a > hi:
-            above += 1
-        elif a >= lo:
-            if ncand < cap:
-                cand_val[ncand] = a
-                cand_idx[ncand] = offset + j
-            ncand += 1
+    n = base.shape[0]
+    a = np.empty(_BLOCK, np.float32)
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        xb = x[s:s + m]  # views indexed from 0: `arr[s + j]` would defeat vectorization (negative-index checks)
+        bb = base[s:s + m]
+        for j in range(m):
+            v = abs(xb[j] - bb[j])
+            a[j] = v
+            above += v > hi
+        if ncand + m <= cap:
+            for j in range(m):
+                v = a[j]
+                cand_val[ncand] = v
+                cand_idx[ncand] = offset + s + j
+                ncand += (v >= lo) & (v <= hi)
+        else:  # no room to compact into: only count (the caller sees ncand > cap)
+            for j in range(m):
+                v = a[j]
+                ncand += (v >= lo) & (v <= hi)
+            ncand = max(ncand, cap + 1)
     return above, ncand
-
-
-_BLOCK = 4096  # elements per inner block: the per-input scratch rows stay in L1/L2
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -76,6 +94,7 @@ def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, conse
     total = np.empty(_BLOCK, np.float32)
     mixed = np.empty(_BLOCK, np.float32)
     div = np.empty(_BLOCK, np.float32)
+    nonfinite = 0
     wsum = zero
     for i in range(k):
         wsum += weights[i]
@@ -83,6 +102,8 @@ def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, conse
         wsum = one
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
+        bb = base[s:s + m]  # views indexed from 0, so the loops vectorize
+        ob = out[s:s + m]
         for i in range(k):
             w = weights[i]
             f = factors[i]
@@ -90,20 +111,20 @@ def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, conse
             c = cutoff[i] - offset - s  # tie cut-off as an index into this block
             md = mode[i]
             Di = D[i]
-            xi = xs[i]
+            xi = xs[i, s:s + m]
             if md == 1:
                 for j in range(m):
-                    d = xi[s + j] - base[s + j]
+                    d = xi[j] - bb[j]
                     a = abs(d)
                     keep = (a > t) | ((a == t) & (j <= c))
                     Di[j] = ((d * f) * w) * np.float32(keep)
             elif md == 2 and use_masks:
-                mi = masks[i]
+                mi = masks[i, s:s + m]
                 for j in range(m):
-                    Di[j] = (((xi[s + j] - base[s + j]) * f) * w) * np.float32(mi[s + j] != 0)
+                    Di[j] = (((xi[j] - bb[j]) * f) * w) * np.float32(mi[j] != 0)
             else:
                 for j in range(m):
-                    Di[j] = ((xi[s + j] - base[s + j]) * f) * w
+                    Di[j] = ((xi[j] - bb[j]) * f) * w
         if consensus:
             for j in range(m):
                 total[j] = D[0, j]
@@ -139,16 +160,20 @@ def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, conse
             for j in range(m):
                 mixed[j] = mixed[j] * lam
         for j in range(m):
-            out[s + j] = base[s + j] + mixed[j]
+            v = bb[j] + mixed[j]
+            ob[j] = v
+            nonfinite += (v - v) != zero  # NaN or inf
+    return nonfinite
 
 
 def combine_chunk(base: np.ndarray, xs: np.ndarray, weights, factors, mode, thr, cutoff, masks, offset: int, *,
-                  consensus: bool, normalize: bool, lam: float) -> np.ndarray:
+                  consensus: bool, normalize: bool, lam: float) -> tuple[np.ndarray, int]:
+    """Returns the merged chunk and how many of its values are NaN or inf."""
     out = np.empty_like(base)
-    _combine(base, xs, np.asarray(weights, np.float32), np.asarray(factors, np.float32), np.asarray(mode, np.int8),
+    bad = _combine(base, xs, np.asarray(weights, np.float32), np.asarray(factors, np.float32), np.asarray(mode, np.int8),
              np.asarray(thr, np.float32), np.asarray(cutoff, np.int64), masks, offset, consensus, normalize,
              np.float32(lam), out)
-    return out
+    return out, int(bad)
 
 
 class Selection:
@@ -183,7 +208,7 @@ def topk_threshold(chunks, n: int, k: int, sample: np.ndarray) -> Selection:
     brackets.append((np.float32(0.0), np.float32(np.inf)))  # fallback: everything is a candidate
     for lo, hi in brackets:
         expected = max(1 << 16, int(n * (2 * margin + 1) / max(m, 1) * 4)) if np.isfinite(hi) else n
-        cap = min(n, expected)
+        cap = min(n, expected + _BLOCK)
         vals = np.empty(cap, np.float32)
         idx = np.empty(cap, np.int64)
         above = ncand = 0
