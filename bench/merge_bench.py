@@ -53,7 +53,8 @@ SIZES = {
     # ~100M parameters (0.19 GiB per checkpoint): for developing / smoke-testing the benchmark.
     "small": dict(hidden=768, intermediate=2048, layers=8, heads=12, kv_heads=4, vocab=32000),
 }
-GENERATOR_VERSION = 1  # bump when the synthetic weights change, so cached checkpoints are rebuilt
+SHARDS = 2  # shard files per synthetic checkpoint
+GENERATOR_VERSION = 2  # bump when the synthetic weights change, so cached checkpoints are rebuilt
 
 RECIPES = {
     "linear": """\
@@ -133,12 +134,28 @@ def _sync_dir(path: Path) -> None:
                 os.close(fd)
 
 
+def _shards_arg(shapes: dict, want: int) -> float:
+    """The ``shards`` value for ``write_checkpoint`` that yields exactly ``want`` files: it caps shards at
+    total/shards bytes and packs greedily, so an exact split can spill into one more file; a little
+    headroom avoids that."""
+    from mergequant.io.writer import PlannedTensor, plan_shards
+
+    planned = [PlannedTensor(n, torch.bfloat16, s) for n, s in shapes.items()]
+    total = sum(p.nbytes for p in planned)
+    for tenth in range(0, 10):
+        arg = want - tenth / 10
+        if len(plan_shards(planned, max(1, math.ceil(total / arg)))) == want:
+            return arg
+    return want
+
+
 def build_models(root: Path, cfg: dict, *, rebuild: bool, log) -> dict[str, Path]:
     """base, ft1, ft2 under ``root`` (reused when a previous run built the same spec)."""
     from mergequant.io.checkpoint import Checkpoint
 
-    spec = {"generator": GENERATOR_VERSION, "config": cfg, "shards": 2}
+    spec = {"generator": GENERATOR_VERSION, "config": cfg, "shards": SHARDS}
     shapes = llama_tensor_shapes(cfg)
+    shards_arg = _shards_arg(shapes, SHARDS)
     paths = {m: root / m for m in ("base", "ft1", "ft2")}
     for m, path in paths.items():
         marker = path / "bench_spec.json"
@@ -155,7 +172,9 @@ def build_models(root: Path, cfg: dict, *, rebuild: bool, log) -> dict[str, Path
             seed = {"ft1": 1, "ft2": 2}[m]
             tensors = {n: _LazyTensor(lambda n=n: _finetune_tensor(base_ck.get(n), n, seed), s, torch.bfloat16)
                        for n, s in shapes.items()}
-        write_checkpoint(tmp, cfg, tensors, shards=2)
+        write_checkpoint(tmp, cfg, tensors, shards=shards_arg)
+        if len(shard_files(tmp)) != SHARDS:
+            raise SystemExit(f"expected {SHARDS} shard files in {tmp}, got {len(shard_files(tmp))}")
         _sync_dir(tmp)  # no dirty pages from the build left to be written back during the timed runs
         (tmp / "bench_spec.json").write_text(json.dumps(spec, indent=2) + "\n")
         os.rename(tmp, path)
@@ -363,6 +382,15 @@ def compare_outputs(a_dir: Path, b_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------
+def source_digest() -> str:
+    """A digest of mergequant's source files: ties each run's numbers to the code it measured."""
+    src = Path(__import__("mergequant").__file__).parent
+    digest = hashlib.sha256()
+    for f in sorted(src.rglob("*.py")):
+        digest.update(f.relative_to(src).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def machine_info(work: Path) -> dict:
     cpu = ""
     try:
@@ -387,9 +415,6 @@ def machine_info(work: Path) -> dict:
             return None
 
     src = Path(__import__("mergequant").__file__).parent
-    digest = hashlib.sha256()
-    for f in sorted(src.rglob("*.py")):
-        digest.update(f.relative_to(src).as_posix().encode() + b"\0" + f.read_bytes())
     git = lambda *a: subprocess.run(["git", "-C", str(src), *a], capture_output=True, text=True).stdout.strip()
     fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(work)], capture_output=True, text=True).stdout.strip()
     return {
@@ -399,7 +424,7 @@ def machine_info(work: Path) -> dict:
         "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "mergekit": ver("mergekit"), "mergequant": ver("mergequant"),
         "safetensors": ver("safetensors"), "transformers": ver("transformers"), "numba": ver("numba"),
-        "filesystem": fs, "mergequant_source_sha256": digest.hexdigest()[:16], "git_head": git("rev-parse", "--short", "HEAD"),
+        "filesystem": fs, "mergequant_source_sha256": source_digest(), "git_head": git("rev-parse", "--short", "HEAD"),
         "git_dirty_mergequant": bool(git("status", "--porcelain", "--", ".")),
     }
 
@@ -536,6 +561,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 read_all(inputs)  # keep the inputs hot (cheap when they already are)
                 la = loadavg()
+                src = source_digest()
                 r = run_measured(command(tool, method, out), run_dir / f"{method}-{tool}.log", args.poll_ms / 1000, env)
                 if r["returncode"] != 0:
                     log((run_dir / f"{method}-{tool}.log").read_text()[-3000:])
@@ -544,13 +570,18 @@ def main(argv=None) -> int:
                 _sync_dir(out)  # flush what the tool left dirty (mergekit does not fsync) before the next contender
                 r["post_fsync_s"] = time.perf_counter() - t0
                 r["out_bytes"], r["out_allocated_bytes"] = dir_bytes(out)
-                r.update(method=method, tool=tool, repeat=rep, loadavg_before=la)
+                r.update(method=method, tool=tool, repeat=rep, loadavg_before=la, mergequant_source=src)
+                if src != source_digest():
+                    log(f"warning: mergequant's source changed during this run ({src} -> {source_digest()})")
                 runs.append(r)
                 log(f"[{rep + 1}/{args.repeat}] {method:6s} {tool:10s} {r['wall_s']:7.2f} s  "
                     f"RssAnon {r['peak_rss_anon'] / GiB:.2f} GiB (at {r['peak_rss_anon_at_s']:.1f} s)  "
                     f"VmRSS {r['peak_vmrss'] / GiB:.2f} GiB  user {r['user_s']:.1f} s sys {r['sys_s']:.1f} s  "
                     f"flush after {r['post_fsync_s']:.2f} s  load {la[0] if la else '?'}")
 
+    sources = sorted({r["mergequant_source"] for r in runs if r["tool"] == "mergequant"})
+    if len(sources) > 1:
+        log(f"warning: mergequant's source changed between runs ({', '.join(sources)}): the numbers mix versions")
     floor = min(f["total_s"] for f in floors)
     rows = []
     for method in methods:

@@ -73,13 +73,20 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, write: Callable[[torch.Tensor,
         write(out.to(device="cpu", dtype=tp.out_dtype), a)
 
     spec = plan.spec
-    if spec.name == "linear":
+    fused = K.AVAILABLE and device.type == "cpu" and rounding is None and acc == torch.float32
+    if spec.name == "linear" and fused:
+        weights = [p["weight"] for p in tp.per_model]
+        for _, a, b in _ranges(n):
+            out, t = K.raw_out(tp.out_dtype, b - a)
+            bad = K.linear_chunk(tuple(K.raw(x[a:b]) for x in flat), weights, bool(tp.shared["normalize"]), out)
+            emit(t, a, checked_finite=bad == 0)
+    elif spec.name == "linear":
         weights = [p["weight"] for p in tp.per_model]
         for _, a, b in _ranges(n):
             emit(M.linear([load(i, a, b, acc) for i in range(len(flat))], weights, tp.shared["normalize"]), a)
     elif spec.name == "slerp":
         _slerp(tp, flat, load, acc, n, emit)
-    elif K.AVAILABLE and device.type == "cpu" and task_dtype == torch.float32:
+    elif fused:
         _task_family_fused(plan, tp, flat, n, emit, seed)
     else:
         _task_family(plan, tp, flat, load, task_dtype, n, emit, seed)
@@ -196,16 +203,13 @@ def _task_family_fused(plan, tp, flat, n, emit, seed):
     factors = [1.0] * k
     base_flat = flat[bi]
 
-    def f32(t):
-        return K.to_numpy_f32(t)
-
     for r, (i, density) in enumerate(zip(others, densities)):
         if density >= 1:
             continue
         if spec.sparsify == "magnitude":
             def chunks(i=i):
                 for _, a, b in _ranges(n):
-                    yield a, f32(base_flat[a:b]), f32(flat[i][a:b])
+                    yield a, K.raw(base_flat[a:b]), K.raw(flat[i][a:b])
             sel = K.topk_threshold(chunks, n, M.topk_count(n, density), _sample_abs_delta(base_flat, flat[i], n))
             if not sel.keep_all:
                 mode[r], thr[r], cutoff[r] = K.MODE_THRESHOLD, sel.threshold, sel.cutoff
@@ -232,16 +236,14 @@ def _task_family_fused(plan, tp, flat, n, emit, seed):
     need_masks = any(m == K.MODE_MASK for m in mode)
     empty_masks = np.zeros((k, 1), np.uint8)
     for c, a, b in _ranges(n):
-        base = f32(base_flat[a:b])
-        xs = np.empty((k, b - a), np.float32)
-        for r, i in enumerate(others):
-            K.to_numpy_f32(flat[i][a:b], xs[r])
         masks = empty_masks
         if need_masks:
             masks = np.zeros((k, b - a), np.uint8)
             for r, i in enumerate(others):
                 if mode[r] == K.MODE_MASK:
                     masks[r] = M.bernoulli_mask(b - a, densities[r], M.chunk_generator(seed, tp.name, i, c)).numpy()
-        out, nonfinite = K.combine_chunk(base, xs, weights, factors, mode, thr, cutoff, masks, a,
-                                         consensus=spec.consensus, normalize=bool(tp.shared["normalize"]), lam=lam)
-        emit(torch.from_numpy(out), a, checked_finite=nonfinite == 0)
+        out, t = K.raw_out(tp.out_dtype, b - a)
+        nonfinite = K.combine_chunk(K.raw(base_flat[a:b]), tuple(K.raw(flat[i][a:b]) for i in others), weights, factors,
+                                    mode, thr, cutoff, masks, a, out, consensus=spec.consensus,
+                                    normalize=bool(tp.shared["normalize"]), lam=lam)
+        emit(t, a, checked_finite=nonfinite == 0)

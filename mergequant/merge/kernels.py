@@ -34,9 +34,60 @@ except ImportError:  # pragma: no cover
 
 
 MODE_ALL, MODE_THRESHOLD, MODE_MASK = 0, 1, 2
+_BLOCK = 4096  # elements per inner block: the scratch rows stay in L1/L2
+
+# Inputs and outputs are "raw" numpy arrays: float32, or uint16 holding bfloat16 bits (the usual
+# on-disk dtype, read straight from the memory map with no conversion pass). ``_decode``/``_encode``
+# convert one block; numba compiles a specialization per dtype combination.
 
 
-_BLOCK = 4096  # elements per inner block: the per-input scratch rows stay in L1/L2
+def _decode(src, s, m, f32, u32):
+    """Block src[s:s+m] -> float32 scratch ``f32`` (``u32`` is the same memory viewed as uint32).
+    Compiled per source dtype through the overloads below."""
+    raise NotImplementedError
+
+
+def _encode(f32, u32, dst, s, m):
+    """float32 block -> dst[s:s+m]; for bfloat16, round to nearest even, NaN as 0xFFFF (as torch's CPU conversion does)."""
+    raise NotImplementedError
+
+
+if AVAILABLE:
+    from numba import types
+    from numba.extending import overload
+
+    @overload(_decode, inline="always")
+    def _decode_impl(src, s, m, f32, u32):
+        if src.dtype == types.uint16:  # bfloat16 bits: the float32 with the same top 16 bits
+            def decode_bf16(src, s, m, f32, u32):
+                v = src[s:s + m]
+                for j in range(m):
+                    u32[j] = np.uint32(v[j]) << np.uint32(16)
+            return decode_bf16
+
+        def decode_float(src, s, m, f32, u32):
+            v = src[s:s + m]
+            for j in range(m):
+                f32[j] = v[j]
+        return decode_float
+
+    @overload(_encode, inline="always")
+    def _encode_impl(f32, u32, dst, s, m):
+        if dst.dtype == types.uint16:
+            def encode_bf16(f32, u32, dst, s, m):
+                d = dst[s:s + m]
+                for j in range(m):
+                    u = u32[j]
+                    r = (u + ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16)
+                    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+                    d[j] = np.uint16(r + np.uint32(nan) * (np.uint32(0xFFFF) - r))
+            return encode_bf16
+
+        def encode_float(f32, u32, dst, s, m):
+            d = dst[s:s + m]
+            for j in range(m):
+                d[j] = f32[j]
+        return encode_float
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -51,24 +102,27 @@ def _bracket_pass(base, x, lo, hi, offset, cand_val, cand_idx, ncand):
     above = 0
     cap = cand_val.shape[0]
     n = base.shape[0]
-    a = np.empty(_BLOCK, np.float32)
+    ub = np.empty(_BLOCK, np.uint32)
+    fb = ub.view(np.float32)
+    ux = np.empty(_BLOCK, np.uint32)
+    fx = ux.view(np.float32)
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
-        xb = x[s:s + m]  # views indexed from 0: `arr[s + j]` would defeat vectorization (negative-index checks)
-        bb = base[s:s + m]
-        for j in range(m):
-            v = abs(xb[j] - bb[j])
-            a[j] = v
+        _decode(base, s, m, fb, ub)
+        _decode(x, s, m, fx, ux)
+        for j in range(m):  # fx becomes |delta|
+            v = abs(fx[j] - fb[j])
+            fx[j] = v
             above += v > hi
         if ncand + m <= cap:
             for j in range(m):
-                v = a[j]
+                v = fx[j]
                 cand_val[ncand] = v
                 cand_idx[ncand] = offset + s + j
                 ncand += (v >= lo) & (v <= hi)
         else:  # no room to compact into: only count (the caller sees ncand > cap)
             for j in range(m):
-                v = a[j]
+                v = fx[j]
                 ncand += (v >= lo) & (v <= hi)
             ncand = max(ncand, cap + 1)
     return above, ncand
@@ -76,7 +130,7 @@ def _bracket_pass(base, x, lo, hi, offset, cand_val, cand_idx, ncand):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, consensus, normalize, lam, out):
-    """out = base + lam * combine(sparsified, weighted deltas) for one chunk.
+    """out = base + lam * combine(sparsified, weighted deltas) for one chunk; returns the NaN/inf count.
 
     Operation order follows the reference formulas (delta, mask, rescale, weight, elect sign from
     the sum, agreeing sum, divide, lambda, add base), all in float32. Work proceeds in small blocks
@@ -85,12 +139,16 @@ def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, conse
     A delta agrees when its sign equals the elected one (sign of the total, 0 counting as +);
     zeros never agree.
     """
-    k = xs.shape[0]
+    k = len(xs)
     n = base.shape[0]
     one = np.float32(1.0)
     zero = np.float32(0.0)
     use_masks = masks.shape[1] > 1
     D = np.empty((k, _BLOCK), np.float32)
+    ub = np.empty(_BLOCK, np.uint32)
+    fb = ub.view(np.float32)
+    ux = np.empty(_BLOCK, np.uint32)
+    fx = ux.view(np.float32)
     total = np.empty(_BLOCK, np.float32)
     mixed = np.empty(_BLOCK, np.float32)
     div = np.empty(_BLOCK, np.float32)
@@ -102,29 +160,28 @@ def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, conse
         wsum = one
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
-        bb = base[s:s + m]  # views indexed from 0, so the loops vectorize
-        ob = out[s:s + m]
+        _decode(base, s, m, fb, ub)
         for i in range(k):
+            _decode(xs[i], s, m, fx, ux)
             w = weights[i]
             f = factors[i]
             t = thr[i]
             c = cutoff[i] - offset - s  # tie cut-off as an index into this block
             md = mode[i]
             Di = D[i]
-            xi = xs[i, s:s + m]
             if md == 1:
                 for j in range(m):
-                    d = xi[j] - bb[j]
+                    d = fx[j] - fb[j]
                     a = abs(d)
                     keep = (a > t) | ((a == t) & (j <= c))
                     Di[j] = ((d * f) * w) * np.float32(keep)
             elif md == 2 and use_masks:
                 mi = masks[i, s:s + m]
                 for j in range(m):
-                    Di[j] = (((xi[j] - bb[j]) * f) * w) * np.float32(mi[j] != 0)
+                    Di[j] = (((fx[j] - fb[j]) * f) * w) * np.float32(mi[j] != 0)
             else:
                 for j in range(m):
-                    Di[j] = ((xi[j] - bb[j]) * f) * w
+                    Di[j] = ((fx[j] - fb[j]) * f) * w
         if consensus:
             for j in range(m):
                 total[j] = D[0, j]
@@ -160,20 +217,77 @@ def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, conse
             for j in range(m):
                 mixed[j] = mixed[j] * lam
         for j in range(m):
-            v = bb[j] + mixed[j]
-            ob[j] = v
+            v = fb[j] + mixed[j]
+            fb[j] = v
             nonfinite += (v - v) != zero  # NaN or inf
+        _encode(fb, ub, out, s, m)
     return nonfinite
 
 
-def combine_chunk(base: np.ndarray, xs: np.ndarray, weights, factors, mode, thr, cutoff, masks, offset: int, *,
-                  consensus: bool, normalize: bool, lam: float) -> tuple[np.ndarray, int]:
-    """Returns the merged chunk and how many of its values are NaN or inf."""
-    out = np.empty_like(base)
-    bad = _combine(base, xs, np.asarray(weights, np.float32), np.asarray(factors, np.float32), np.asarray(mode, np.int8),
-             np.asarray(thr, np.float32), np.asarray(cutoff, np.int64), masks, offset, consensus, normalize,
-             np.float32(lam), out)
-    return out, int(bad)
+@njit(nogil=True, cache=True, error_model="numpy")
+def _linear(xs, weights, normalize, out):
+    """out = sum_i w_i x_i (/ sum_i w_i), accumulated in float32 in input order; returns the NaN/inf count."""
+    k = len(xs)
+    n = out.shape[0]
+    zero = np.float32(0.0)
+    wsum = zero
+    for i in range(k):
+        wsum += weights[i]
+    ua = np.empty(_BLOCK, np.uint32)
+    fa = ua.view(np.float32)
+    ux = np.empty(_BLOCK, np.uint32)
+    fx = ux.view(np.float32)
+    nonfinite = 0
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        for j in range(m):
+            fa[j] = zero
+        for i in range(k):
+            _decode(xs[i], s, m, fx, ux)
+            w = weights[i]
+            for j in range(m):
+                fa[j] += fx[j] * w
+        if normalize:
+            for j in range(m):
+                fa[j] = fa[j] / wsum
+        for j in range(m):
+            v = fa[j]
+            nonfinite += (v - v) != zero
+        _encode(fa, ua, out, s, m)
+    return nonfinite
+
+
+def raw(t: torch.Tensor) -> np.ndarray:
+    """A numpy view the kernels accept: bfloat16 as its uint16 bits and float32 as is (zero-copy, also
+    over a memory map); any other dtype is converted to float32."""
+    t = t.reshape(-1)
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float32:
+        return t.numpy()
+    return t.to(torch.float32).numpy()
+
+
+def raw_out(dtype: torch.dtype, n: int) -> tuple[np.ndarray, torch.Tensor]:
+    """An output buffer the kernels can write directly for ``dtype`` (bf16 bits or float32), and the
+    torch tensor to hand to the writer (converted afterwards when ``dtype`` is neither)."""
+    if dtype == torch.bfloat16:
+        t = torch.empty(n, dtype=torch.bfloat16)
+        return t.view(torch.int16).numpy().view(np.uint16), t
+    t = torch.empty(n, dtype=torch.float32)
+    return t.numpy(), t
+
+
+def combine_chunk(base: np.ndarray, xs: tuple, weights, factors, mode, thr, cutoff, masks, offset: int, out: np.ndarray, *,
+                  consensus: bool, normalize: bool, lam: float) -> int:
+    """Merge one chunk into ``out`` (a raw buffer from ``raw_out``); returns how many values are NaN or inf."""
+    return int(_combine(base, tuple(xs), np.asarray(weights, np.float32), np.asarray(factors, np.float32),
+                        np.asarray(mode, np.int8), np.asarray(thr, np.float32), np.asarray(cutoff, np.int64), masks,
+                        offset, consensus, normalize, np.float32(lam), out))
+
+
+def linear_chunk(xs: tuple, weights, normalize: bool, out: np.ndarray) -> int:
+    return int(_linear(tuple(xs), np.asarray(weights, np.float32), normalize, out))
 
 
 class Selection:
@@ -220,11 +334,3 @@ def topk_threshold(chunks, n: int, k: int, sample: np.ndarray) -> Selection:
         if above < k <= above + ncand:
             return _select_from_candidates(vals[:ncand], idx[:ncand], k - above)
     raise AssertionError("unreachable: the full bracket always contains the threshold")
-
-
-def to_numpy_f32(t: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
-    """A float32 numpy copy of a (possibly bf16, memory-mapped) tensor chunk, optionally into ``out``."""
-    if out is None:
-        return t.to(torch.float32).numpy()
-    torch.from_numpy(out).copy_(t)
-    return out

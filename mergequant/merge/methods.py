@@ -83,7 +83,7 @@ def linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool = 
     for x, w in zip(tensors, weights):
         out.add_(x, alpha=w)
     if normalize:
-        out.div_(sum(weights))
+        out.div_(float(torch.tensor(weights, dtype=out.dtype).sum()))  # the weight sum in the compute dtype
     return out
 
 
@@ -98,23 +98,20 @@ def combine_deltas(base: torch.Tensor, deltas: list[torch.Tensor], weights: list
     entries whose sign agrees contribute, and the normalizer counts only their weights (pruned
     zeros have sign 0 and never agree). Without it the normalizer is sum_i w_i.
     """
-    weighted = [d * w for d, w in zip(deltas, weights)]
+    # Weights are rounded to the compute dtype and the sums over inputs are single reductions over a
+    # stacked tensor (torch accumulates bf16/fp16 sums in float32 and rounds once), as mergekit does:
+    # in float32 this is the plain sequential sum; with --mergekit-dtype bf16 it makes the result
+    # identical to mergekit's (summing in bf16 input by input rounded after every addition).
+    w_t = torch.tensor(weights, dtype=base.dtype, device=base.device)
+    weighted = torch.stack([d * w for d, w in zip(deltas, w_t)])
     if consensus:
-        total = weighted[0].clone()
-        for d in weighted[1:]:
-            total.add_(d)
-        elected = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for d, w in zip(weighted, weights):
-            agree = d.sign() == elected
-            mixed.add_(torch.where(agree, d, 0))
-            divisor.add_(agree.to(base.dtype), alpha=w)
+        elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(base.dtype)
+        agree = weighted.sign() == elected
+        mixed = torch.where(agree, weighted, 0).sum(0)
+        divisor = (w_t.reshape((-1,) + (1,) * base.dim()) * agree.to(base.dtype)).sum(0)
         divisor[divisor == 0] = 1
     else:
-        mixed = weighted[0].clone()
-        for d in weighted[1:]:
-            mixed.add_(d)
+        mixed = weighted.sum(0)
         divisor = float(torch.tensor(weights, dtype=base.dtype).sum())  # summed in the compute dtype, as the kernel does
         if abs(divisor) < 1e-8:
             divisor = 1.0
