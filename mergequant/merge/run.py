@@ -66,11 +66,17 @@ def pick_device(name: str) -> torch.device:
 
 
 def estimate_peak_bytes(plan: MergePlan, workers: int) -> int:
-    """Working memory beyond the memory-mapped inputs: per worker a few float32 chunks per input, plus
-    (TIES) one float32 |delta| buffer for the largest tensor and the selection's copy of it."""
+    """Working memory beyond the memory-mapped inputs and the interpreter: per worker a few float32
+    chunks per input, plus TIES's candidate buffer (fused kernel: ~6% of the largest tensor, 12 bytes
+    each) or, on the torch path, one float32 |delta| buffer and the selection's copy of it."""
+    from mergequant.merge import kernels
+
     n_in = max(len(t.inputs) for t in plan.tensors)
     per_worker = (2 * n_in + 4) * CHUNK * 4
-    big = max(t.numel for t in plan.tensors) * 4 * 2 if plan.spec.sparsify == "magnitude" else 0
+    largest = max(t.numel for t in plan.tensors)
+    big = 0
+    if plan.spec.sparsify == "magnitude":
+        big = int(largest * 0.06 * 12) * workers if kernels.AVAILABLE else largest * 4 * 2
     return workers * per_worker + big
 
 
