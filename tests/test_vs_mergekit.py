@@ -8,7 +8,10 @@ TIES is the one method where the two may legitimately differ: mergekit picks the
 with an unstable argsort, so when several entries tie at the k-th largest magnitude the choice among them
 is arbitrary. For TIES we therefore recompute, from the inputs and an independent evaluation of the recipe's
 parameters, which entries sit exactly at the k-th largest |delta| of their (tensor, input) and require
-every differing output element to be such a tied entry.
+every differing output element to be such a tied entry, and the count to stay within what tie choices
+can explain.
+
+bf16 recipes run with our --mergekit-dtype flag must give mergekit's exact bytes (linear, task arithmetic).
 
 Starting mergekit costs ~6 s (imports), so all its merges run in one Python process that calls the
 `mergekit-yaml` command (`mergekit.scripts.run_yaml.main`) once per recipe, concurrently with our CLI runs.
@@ -22,7 +25,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from string import Template
@@ -83,15 +85,16 @@ F32_RECIPES: dict[str, str] = {
             - value: 0.5
         dtype: float32
     """,
-    # two slices [0,2) and [2,4); per-source beats slice-level beats top-level parameters
-    "linear_two_slices": """
+    # layer 1 of a dropped, layers 2-3 used twice (5 output layers); the second slice's sources come from
+    # different input layers of a and b; per-source beats slice-level beats top-level parameters
+    "linear_drop_duplicate_layers_precedence": """
         merge_method: linear
         slices:
           - sources:
               - model: $a
-                layer_range: [0, 2]
+                layer_range: [0, 1]
               - model: $b
-                layer_range: [0, 2]
+                layer_range: [0, 1]
                 parameters: {weight: 2.0}
             parameters: {weight: 0.3}
           - sources:
@@ -99,31 +102,14 @@ F32_RECIPES: dict[str, str] = {
                 layer_range: [2, 4]
                 parameters: {weight: [0.1, 0.9]}
               - model: $b
-                layer_range: [2, 4]
-        parameters: {weight: 1.0}
-        dtype: float32
-    """,
-    # layer 1 of a dropped, layers 2-3 used twice (5 output layers); one slice's sources come from
-    # different input layers of a and b
-    "linear_drop_duplicate_layers": """
-        merge_method: linear
-        slices:
-          - sources:
-              - model: $a
-                layer_range: [0, 1]
-              - model: $b
-                layer_range: [0, 1]
-          - sources:
-              - model: $a
-                layer_range: [2, 4]
-              - model: $b
                 layer_range: [1, 3]
           - sources:
               - model: $a
                 layer_range: [2, 4]
               - model: $b
                 layer_range: [2, 4]
-        parameters: {weight: [0.25, 0.75]}
+            parameters: {weight: [{filter: mlp, value: 0.2}, {value: [0.25, 0.75]}]}
+        parameters: {weight: 1.0}
         dtype: float32
     """,
     # TIES in the slices form, a density gradient within each slice, slice-level lambda
@@ -210,7 +196,7 @@ OUR_FLAGS = {n: ["--mergekit-dtype"] for n in ("bf16_linear_mergekit_dtype", "bf
                                                 "ties_bf16_mergekit_dtype")}
 # the dtype TIES selects its top-k in (mergekit: the recipe dtype; ours: float32 unless --mergekit-dtype)
 DELTA_DTYPE = {"ties_bf16_mergekit_dtype": torch.bfloat16}
-EXPECTED_LAYERS = {"linear_drop_duplicate_layers": 5, "linear_two_slices": 4}
+EXPECTED_LAYERS = {"linear_drop_duplicate_layers_precedence": 5, "ties_two_slices": 4}
 ALL = {**F32_RECIPES, **BF16_RECIPES}
 
 MERGEKIT_BATCH = textwrap.dedent("""
@@ -288,7 +274,7 @@ def _outputs(merged, name):
 
 
 # ------------------------------------------------------------------------------------------------------
-# non-TIES: every element within 1e-6 (float32), or within bf16 rounding for the bf16 recipe
+# non-TIES: every element within 1e-6 (float32 recipes), identical bytes (bf16 with --mergekit-dtype)
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", [n for n in F32_RECIPES if not n.startswith("ties")])
 def test_matches_mergekit_f32(merged, name):
@@ -434,6 +420,6 @@ def test_ties_matches_mergekit_up_to_ties(merged, name):
     assert sparsified > 0
     assert differing <= bound
     if name in BF16_RECIPES:
-        assert differing <= total * 0.05  # bf16 inputs: coarse deltas, many ties
+        assert differing <= total * 0.1  # bf16 inputs: coarse deltas, |delta| ties by the thousand
     else:
         assert differing <= max(10, total * 1e-4)  # float32 inputs: ties are rare
