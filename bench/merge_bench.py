@@ -361,21 +361,103 @@ def compare_outputs(a_dir: Path, b_dir: Path) -> dict:
         if x.shape != y.shape:
             res["shape_mismatch"].append(name)
             continue
-        xf, yf = x.float().reshape(-1), y.float().reshape(-1)
-        diff = (xf - yf).abs()
+        x, y = x.reshape(-1), y.reshape(-1)
+        numel = x.numel()
+        if x.dtype == y.dtype and x.element_size() == 2:  # cheap bitwise pre-filter, then values where bits differ
+            where = (x.view(torch.int16) != y.view(torch.int16)).nonzero().reshape(-1)
+            xf, yf = x[where].float(), y[where].float()
+        else:
+            xf, yf = x.float(), y.float()
         nd = int((xf != yf).sum())
         res["tensors"] += 1
-        res["elements"] += xf.numel()
+        res["elements"] += numel
         res["differing"] += nd
         if nd:
-            m = float(diff.max())
-            rel = m / max(float(yf.abs().max()), 1e-30)  # relative to the tensor's largest magnitude
+            m = float((xf - yf).abs().max())
+            rel = m / max(float(y.abs().max().float()), 1e-30)  # relative to the tensor's largest magnitude
             if m > res["max_abs_diff"]:
                 res["max_abs_diff"], res["worst_tensor"] = m, name
             res["max_rel_diff"] = max(res["max_rel_diff"], rel)
-            if nd / xf.numel() > res["worst_fraction"]:
-                res["worst_fraction"], res["worst_fraction_tensor"] = nd / xf.numel(), name
+            if nd / numel > res["worst_fraction"]:
+                res["worst_fraction"], res["worst_fraction_tensor"] = nd / numel, name
     res["fraction_differing"] = res["differing"] / max(1, res["elements"])
+    return res
+
+
+def _reference_tensor(method: str, xs: list[torch.Tensor]) -> torch.Tensor:
+    """The recipes' merge of one tensor, written from the papers' formulas (not mergequant's code), in float64.
+
+    linear: sum_i w_i x_i / sum_i w_i.  TIES: d_i = x_i - base; keep the k = int(0.5 n) largest |d_i|, ties at
+    the threshold kept in flat-index order; elected sign = sign(sum_i w_i d_i) (0 -> +); average the
+    agreeing w_i d_i over the agreeing weights; add to base.
+    """
+    xs = [x.double().reshape(-1) for x in xs]
+    if method == "linear":
+        w = [0.4, 0.3, 0.3]
+        out = xs[0] * w[0]
+        for x, wi in zip(xs[1:], w[1:]):
+            out = out + x * wi
+        return out / sum(w)
+    base, w, kept = xs[0], 0.5, []
+    for x in xs[1:]:
+        d = x - base
+        a = d.abs()
+        n = a.numel()
+        k = max(1, int(0.5 * n))
+        thr = torch.kthvalue(a, n - k + 1).values
+        keep = a > thr
+        eq = a == thr
+        keep |= eq & (torch.cumsum(eq, 0) <= k - int(keep.sum()))
+        kept.append(torch.where(keep, d, 0) * w)
+    total = kept[0] + kept[1]
+    positive = total >= 0
+    mixed = torch.zeros_like(base)
+    div = torch.zeros_like(base)
+    for d in kept:
+        agree = (d != 0) & ((d > 0) == positive)
+        mixed += torch.where(agree, d, 0)
+        div += agree.double() * w
+    div[div == 0] = 1
+    return base + mixed / div
+
+
+def _ulps(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> float:
+    """Largest |y - ref| in units of the bf16 spacing at the largest input magnitude of that element (1 = one rounding
+    step of the inputs; measuring at the output's own magnitude would blow up where inputs cancel to ~0)."""
+    mag = torch.maximum(torch.maximum(y.abs(), ref.abs()), scale).clamp_min(2.0**-126)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 7)
+    return float(((y - ref).abs() / ulp).max())
+
+
+def reference_check(method: str, models: dict[str, Path], outs: dict[str, Path], cfg: dict) -> dict:
+    """Compare each tool's output with ``_reference_tensor`` on a sample of tensors: every tensor kind of the
+    first and last layer, the embeddings, lm_head and the final norm."""
+    from mergequant.io.checkpoint import Checkpoint
+
+    last = cfg["num_hidden_layers"] - 1
+    names = [n for n in llama_tensor_shapes(cfg)
+             if not n.startswith("model.layers.") or n.startswith(("model.layers.0.", f"model.layers.{last}."))]
+    ins = [Checkpoint.open(models[m]) for m in ("base", "ft1", "ft2")]
+    got = {t: _open_model(p) for t, p in outs.items()}
+    res = {"tensors": names, "elements": 0}
+    for t in outs:
+        res[t] = {"differing": 0, "max_abs_diff": 0.0, "max_ulps": 0, "worst_tensor": None}
+    for name in names:
+        xs = [c.get(name).reshape(-1) for c in ins]
+        scale = torch.stack([x.float().abs() for x in xs]).amax(0)
+        ref = _reference_tensor(method, xs).to(torch.bfloat16).float()
+        res["elements"] += ref.numel()
+        for t, handles in got.items():
+            y = handles[name].get_tensor(name).reshape(-1).float()
+            nd = int((y != ref).sum())
+            res[t]["differing"] += nd
+            if nd:
+                res[t]["max_ulps"] = max(res[t]["max_ulps"], _ulps(y, ref, scale))
+                m = float((y - ref).abs().max())
+                if m > res[t]["max_abs_diff"]:
+                    res[t]["max_abs_diff"], res[t]["worst_tensor"] = m, name
+    for t in outs:
+        res[t]["fraction_differing"] = res[t]["differing"] / max(1, res["elements"])
     return res
 
 
@@ -491,8 +573,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mergequant-args", default="", help="extra arguments for `mergequant merge` (e.g. '--workers 1')")
     ap.add_argument("--mergekit-args", default="", help="extra arguments for `mergekit-yaml`")
     ap.add_argument("--no-verify", action="store_true", help="skip comparing the two tools' outputs")
-    ap.add_argument("--no-mergekit-dtype-check", action="store_true",
-                    help="skip the extra (untabulated) `mergequant --mergekit-dtype` run whose output is also compared "
+    ap.add_argument("--mergekit-dtype-check", action="store_true",
+                    help="also run `mergequant --mergekit-dtype` (untabulated; slow for TIES) and compare its output "
                          "with mergekit's, to tell rounding differences from real ones")
     args = ap.parse_args(argv)
 
@@ -609,7 +691,15 @@ def main(argv=None) -> int:
             log(f"verify {method}: {v['tensors']} tensors, names equal {v['same_names']}, "
                 f"{v['fraction_differing'] * 100:.4f}% of elements differ, max |diff| {v['max_abs_diff']:.3g} "
                 f"(max rel {v['max_rel_diff']:.3g}; worst tensor {v['worst_tensor']}) [{time.perf_counter() - t0:.1f} s]")
-            if args.no_mergekit_dtype_check:
+            t0 = time.perf_counter()
+            ref = reference_check(method, models, {t: outs / f"{method}-{t}" for t in tools}, cfg)
+            verify[f"{method} vs reference"] = ref
+            log(f"reference {method} ({len(ref['tensors'])} tensors, {ref['elements']} elements, "
+                f"{time.perf_counter() - t0:.1f} s): " + ", ".join(
+                    f"{t} {ref[t]['fraction_differing'] * 100:.4f}% differ (max {ref[t]['max_ulps']:.3g} ulp, "
+                    f"|diff| {ref[t]['max_abs_diff']:.3g})"
+                    for t in tools))
+            if not args.mergekit_dtype_check:
                 continue
             out = outs / f"{method}-mergequant-mkdtype"
             shutil.rmtree(out, ignore_errors=True)
@@ -639,6 +729,13 @@ def main(argv=None) -> int:
     print("startup (interpreter + imports, included in the wall times): " +
           ", ".join(f"{t} {v['wall_s']:.2f} s" for t, v in startup.items()))
     for method, v in verify.items():
+        if method.endswith("vs reference"):
+            print(f"{method} (independent float64 formula; TIES: exact top-k, threshold ties kept in index order; "
+                  f"{len(v['tensors'])} tensors): " + ", ".join(
+                      f"{t} {v[t]['fraction_differing'] * 100:.4f}% differ (max {v[t]['max_ulps']:.3g} bf16 ulp, "
+                      f"|diff| {v[t]['max_abs_diff']:.3g})"
+                      for t in tools))
+            continue
         print(f"agreement with mergekit, {method}: {v['fraction_differing'] * 100:.4f}% of elements differ, "
               f"max |diff| {v['max_abs_diff']:.3g} ({v['max_rel_diff']:.3g} of the tensor's max |x|; "
               f"worst: {v['worst_tensor']})")

@@ -116,10 +116,14 @@ def demo(
     except ImportError:
         typer.echo("(install transformers to load and run the merged model)")
         return
+    from transformers import AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(out)
-    ids = torch.tensor([[0, 72, 101, 108]])
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("To be, or not", return_tensors="pt").input_ids
     gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=1)
-    typer.echo(f"loaded with transformers {type(model).__name__}; generated token ids: {gen[0].tolist()}")
+    typer.echo(f"loaded with transformers ({type(model).__name__}); greedy continuation of 'To be, or not' "
+               f"(random tiny weights, so gibberish): {tok.decode(gen[0][ids.shape[1]:])!r}")
 
 
 @app.command()
