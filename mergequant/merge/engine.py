@@ -180,14 +180,6 @@ class _Null:
         return False
 
 
-def _sample_abs_delta(base: torch.Tensor, x: torch.Tensor, n: int, blocks: int = 64, block: int = 4096) -> np.ndarray:
-    """|x - base| on ``blocks`` evenly spaced contiguous blocks: enough to bracket a quantile, cheap to read."""
-    if n <= blocks * block:
-        return (x[:n].float() - base[:n].float()).abs().numpy()
-    starts = np.linspace(0, n - block, blocks).astype(np.int64)
-    return torch.cat([(x[s:s + block].float() - base[s:s + block].float()).abs() for s in starts]).numpy()
-
-
 def _task_family_fused(plan, tp, flat, n, emit, seed):
     """The task-arithmetic family with the fused numba kernel (float32 compute on CPU)."""
     spec = plan.spec
@@ -210,7 +202,7 @@ def _task_family_fused(plan, tp, flat, n, emit, seed):
             def chunks(i=i):
                 for _, a, b in _ranges(n):
                     yield a, K.raw(base_flat[a:b]), K.raw(flat[i][a:b])
-            sel = K.topk_threshold(chunks, n, M.topk_count(n, density), _sample_abs_delta(base_flat, flat[i], n))
+            sel = K.topk_threshold(chunks, n, M.topk_count(n, density))
             if not sel.keep_all:
                 mode[r], thr[r], cutoff[r] = K.MODE_THRESHOLD, sel.threshold, sel.cutoff
             if rescale:

@@ -7,10 +7,12 @@ One compiled loop does all of it per element in registers. The kernels work on f
 run them in parallel. When numba is not installed (or on CUDA) the engine uses the torch path in
 ``methods.py``; tests check that both give the same result.
 
-Exact top-k without sorting (``topk_threshold``): a small block sample of |delta| brackets the
-k-th largest value in [lo, hi]; one fused pass counts the elements above ``hi`` and collects the
-(value, flat index) of those inside the bracket; the exact threshold and the tie cut-off are then
-read from the few candidates. If the sample's bracket misses (rare), a wider pass repeats it.
+Exact top-k without sorting (``topk_threshold``): |delta| is non-negative, so its float32 bit
+pattern orders like its value. A histogram of the top 16 bits finds the bin holding the k-th largest
+value; a histogram of the low 16 bits inside that bin gives the exact threshold and how many entries
+equal it; when only some of those equal entries fit in k, a last pass (stopping early) finds the flat
+index of the last one kept. O(n) time, 1 MiB of memory, whatever the value distribution (bf16
+inputs produce heavy ties at the threshold, which sample-based brackets choke on).
 """
 
 from __future__ import annotations
@@ -91,16 +93,17 @@ if AVAILABLE:
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _bracket_pass(base, x, lo, hi, offset, cand_val, cand_idx, ncand):
-    """Count |x - base| > hi; append values in [lo, hi] (and their flat index) to the candidate buffers.
+def _abs_delta_bits(base, x, s, m, fb, ub, fx, ux):
+    """|x - base| of block [s, s+m) into fx; its bits are in ux (same memory)."""
+    _decode(base, s, m, fb, ub)
+    _decode(x, s, m, fx, ux)
+    for j in range(m):
+        fx[j] = abs(fx[j] - fb[j])
 
-    Returns (count above, candidates so far); a candidate count beyond the buffer's capacity means
-    it overflowed (the caller widens the search). Blocked and branch-free: one vectorizable loop
-    computes |delta| and the count, a second compacts candidates by always writing the current slot
-    and advancing only when the element is inside (in-bracket elements are few but scattered, so a
-    branch would mispredict on each)."""
-    above = 0
-    cap = cand_val.shape[0]
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _hist_high(base, x, hist):
+    """hist[top 16 bits of |x - base|] += 1 for every element."""
     n = base.shape[0]
     ub = np.empty(_BLOCK, np.uint32)
     fb = ub.view(np.float32)
@@ -108,24 +111,50 @@ def _bracket_pass(base, x, lo, hi, offset, cand_val, cand_idx, ncand):
     fx = ux.view(np.float32)
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
-        _decode(base, s, m, fb, ub)
-        _decode(x, s, m, fx, ux)
-        for j in range(m):  # fx becomes |delta|
-            v = abs(fx[j] - fb[j])
-            fx[j] = v
-            above += v > hi
-        if ncand + m <= cap:
-            for j in range(m):
-                v = fx[j]
-                cand_val[ncand] = v
-                cand_idx[ncand] = offset + s + j
-                ncand += (v >= lo) & (v <= hi)
-        else:  # no room to compact into: only count (the caller sees ncand > cap)
-            for j in range(m):
-                v = fx[j]
-                ncand += (v >= lo) & (v <= hi)
-            ncand = max(ncand, cap + 1)
-    return above, ncand
+        _abs_delta_bits(base, x, s, m, fb, ub, fx, ux)
+        for j in range(m):
+            hist[ux[j] >> np.uint32(16)] += 1
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _hist_low(base, x, high, hist):
+    """hist[low 16 bits] += 1 for the elements whose top 16 bits equal ``high`` (branch-free: adds 0 or 1)."""
+    n = base.shape[0]
+    ub = np.empty(_BLOCK, np.uint32)
+    fb = ub.view(np.float32)
+    ux = np.empty(_BLOCK, np.uint32)
+    fx = ux.view(np.float32)
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        _abs_delta_bits(base, x, s, m, fb, ub, fx, ux)
+        for j in range(m):
+            u = ux[j]
+            hist[u & np.uint32(0xFFFF)] += (u >> np.uint32(16)) == high
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _nth_equal(base, x, bits, remaining, offset):
+    """Scan for the ``remaining``-th element whose |x - base| has exactly ``bits``. Returns
+    (flat index or -1, how many are still to find after this chunk)."""
+    n = base.shape[0]
+    ub = np.empty(_BLOCK, np.uint32)
+    fb = ub.view(np.float32)
+    ux = np.empty(_BLOCK, np.uint32)
+    fx = ux.view(np.float32)
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        _abs_delta_bits(base, x, s, m, fb, ub, fx, ux)
+        count = 0
+        for j in range(m):
+            count += ux[j] == bits
+        if count < remaining:
+            remaining -= count
+            continue
+        for j in range(m):
+            remaining -= ux[j] == bits
+            if remaining == 0:
+                return offset + s + j, 0
+    return -1, remaining
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -297,40 +326,35 @@ class Selection:
         self.threshold, self.cutoff, self.keep_all = threshold, cutoff, keep_all
 
 
-def _select_from_candidates(vals: np.ndarray, idx: np.ndarray, rank: int) -> Selection:
-    """The rank-th largest among candidates (1-based), ties broken by smaller flat index first."""
-    order = np.lexsort((idx, -vals))  # value descending, then index ascending
-    thr = vals[order[rank - 1]]
-    kept = order[:rank]
-    cutoff = int(idx[kept][vals[kept] == thr].max())
-    return Selection(float(thr), cutoff)
+def _kth_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and how many elements lie in higher bins."""
+    above = np.cumsum(hist[::-1])[::-1]  # above[b] = elements in bins >= b
+    b = int(np.nonzero(above >= k)[0][-1])
+    return b, int(above[b] - hist[b])
 
 
-def topk_threshold(chunks, n: int, k: int, sample: np.ndarray) -> Selection:
-    """Exact selection of the k largest |delta| over a tensor delivered as ``chunks()`` -> (offset, base, x).
-
-    ``sample`` is a representative sample of |delta| used only to guess the bracket.
-    """
+def topk_threshold(chunks, n: int, k: int) -> Selection:
+    """Exact selection of the k largest |x - base| of a tensor delivered as ``chunks()`` -> (offset, base, x)
+    raw arrays, ties at the threshold broken by flat position (lowest first)."""
     if k >= n:
         return Selection(-1.0, -1, keep_all=True)
-    s = np.sort(sample.astype(np.float32))
-    m = s.shape[0]
-    q = (n - k) / n  # ascending quantile of the threshold
-    margin = int(8 * math.sqrt(max(m * q * (1 - q), 1.0))) + 16
-    pos = int(q * m)
-    brackets = [(s[max(0, pos - margin)], s[min(m - 1, pos + margin)])] if m else []
-    brackets.append((np.float32(0.0), np.float32(np.inf)))  # fallback: everything is a candidate
-    for lo, hi in brackets:
-        expected = max(1 << 16, int(n * (2 * margin + 1) / max(m, 1) * 4)) if np.isfinite(hi) else n
-        cap = min(n, expected + _BLOCK)
-        vals = np.empty(cap, np.float32)
-        idx = np.empty(cap, np.int64)
-        above = ncand = 0
-        for offset, base, x in chunks():
-            a, ncand = _bracket_pass(base, x, np.float32(lo), np.float32(hi), offset, vals, idx, ncand)
-            above += a
-        if ncand > cap:  # buffer overflowed: widen to the exact fallback
-            continue
-        if above < k <= above + ncand:
-            return _select_from_candidates(vals[:ncand], idx[:ncand], k - above)
-    raise AssertionError("unreachable: the full bracket always contains the threshold")
+    hist = np.zeros(1 << 16, np.int64)
+    for _, base, x in chunks():
+        _hist_high(base, x, hist)
+    high, above_high = _kth_bin(hist, k)
+    hist[:] = 0
+    for _, base, x in chunks():
+        _hist_low(base, x, np.uint32(high), hist)
+    low, above = _kth_bin(hist, k - above_high)
+    above += above_high
+    bits = np.uint32((high << 16) | low)
+    threshold = float(np.array([bits], np.uint32).view(np.float32)[0])
+    quota, equal = k - above, int(hist[low])
+    if quota == equal:
+        return Selection(threshold, n)  # every equal element is kept
+    remaining = quota
+    for offset, base, x in chunks():
+        found, remaining = _nth_equal(base, x, bits, remaining, offset)
+        if found >= 0:
+            return Selection(threshold, int(found))
+    raise AssertionError("unreachable: the histogram counted these elements")
