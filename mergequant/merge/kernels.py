@@ -92,6 +92,14 @@ if AVAILABLE:
         return encode_float
 
 
+@njit(nogil=True, cache=True)
+def _scratch():
+    """Two block buffers, each viewed as uint32 bits and as float32 values (for _decode/_encode)."""
+    ub = np.empty(_BLOCK, np.uint32)
+    ux = np.empty(_BLOCK, np.uint32)
+    return ub, ub.view(np.float32), ux, ux.view(np.float32)
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def _abs_delta_bits(base, x, s, m, fb, ub, fx, ux):
     """|x - base| of block [s, s+m) into fx; its bits are in ux (same memory)."""
@@ -105,10 +113,7 @@ def _abs_delta_bits(base, x, s, m, fb, ub, fx, ux):
 def _hist_high(base, x, hist):
     """hist[top 16 bits of |x - base|] += 1 for every element."""
     n = base.shape[0]
-    ub = np.empty(_BLOCK, np.uint32)
-    fb = ub.view(np.float32)
-    ux = np.empty(_BLOCK, np.uint32)
-    fx = ux.view(np.float32)
+    ub, fb, ux, fx = _scratch()
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
         _abs_delta_bits(base, x, s, m, fb, ub, fx, ux)
@@ -120,10 +125,7 @@ def _hist_high(base, x, hist):
 def _hist_low(base, x, high, hist):
     """hist[low 16 bits] += 1 for the elements whose top 16 bits equal ``high`` (branch-free: adds 0 or 1)."""
     n = base.shape[0]
-    ub = np.empty(_BLOCK, np.uint32)
-    fb = ub.view(np.float32)
-    ux = np.empty(_BLOCK, np.uint32)
-    fx = ux.view(np.float32)
+    ub, fb, ux, fx = _scratch()
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
         _abs_delta_bits(base, x, s, m, fb, ub, fx, ux)
@@ -137,10 +139,7 @@ def _nth_equal(base, x, bits, remaining, offset):
     """Scan for the ``remaining``-th element whose |x - base| has exactly ``bits``. Returns
     (flat index or -1, how many are still to find after this chunk)."""
     n = base.shape[0]
-    ub = np.empty(_BLOCK, np.uint32)
-    fb = ub.view(np.float32)
-    ux = np.empty(_BLOCK, np.uint32)
-    fx = ux.view(np.float32)
+    ub, fb, ux, fx = _scratch()
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
         _abs_delta_bits(base, x, s, m, fb, ub, fx, ux)
@@ -174,10 +173,7 @@ def _combine(base, xs, weights, factors, mode, thr, cutoff, masks, offset, conse
     zero = np.float32(0.0)
     use_masks = masks.shape[1] > 1
     D = np.empty((k, _BLOCK), np.float32)
-    ub = np.empty(_BLOCK, np.uint32)
-    fb = ub.view(np.float32)
-    ux = np.empty(_BLOCK, np.uint32)
-    fx = ux.view(np.float32)
+    ub, fb, ux, fx = _scratch()
     total = np.empty(_BLOCK, np.float32)
     mixed = np.empty(_BLOCK, np.float32)
     div = np.empty(_BLOCK, np.float32)
@@ -262,10 +258,7 @@ def _linear(xs, weights, normalize, out):
     wsum = zero
     for i in range(k):
         wsum += weights[i]
-    ua = np.empty(_BLOCK, np.uint32)
-    fa = ua.view(np.float32)
-    ux = np.empty(_BLOCK, np.uint32)
-    fx = ux.view(np.float32)
+    ua, fa, ux, fx = _scratch()
     nonfinite = 0
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
