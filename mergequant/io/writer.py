@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
 import threading
 import uuid
@@ -97,15 +98,26 @@ def _with_header(shard: Shard) -> Shard:
 
 
 class ShardedWriter:
-    """Writes planned shards into ``directory``; thread-safe ``write`` of chunks at element offsets."""
+    """Writes planned shards into ``directory``; thread-safe ``write`` of chunks at element offsets.
 
-    def __init__(self, directory: Path, shards: list[Shard]):
+    With ``writeback_every`` set, a background thread ``fdatasync``s a shard each time that many
+    bytes have been written to it since its last sync, so the disk works while tensors are still
+    being computed and the final ``fsync`` has little left to flush (the kernel would otherwise
+    keep gigabytes dirty until the end).
+    """
+
+    def __init__(self, directory: Path, shards: list[Shard], *, writeback_every: int | None = None):
         self.directory = directory
         self.shards = shards
         self._where: dict[str, tuple[int, PlannedTensor, int]] = {}
         self._written: dict[str, int] = {}
         self._lock = threading.Lock()
         self._fds: list[int] = []
+        self._writeback_every = writeback_every
+        self._unsynced = [0] * len(shards)
+        self._sync_pending = [False] * len(shards)
+        self._sync_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._syncer: threading.Thread | None = None
         for i, shard in enumerate(shards):
             fd = os.open(directory / shard.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
@@ -131,12 +143,36 @@ class ShardedWriter:
             pos += n
         with self._lock:
             self._written[name] += data.nbytes
+            self._unsynced[i] += data.nbytes
+            if self._writeback_every and self._unsynced[i] >= self._writeback_every and not self._sync_pending[i]:
+                self._unsynced[i] = 0
+                self._sync_pending[i] = True
+                if self._syncer is None:
+                    self._syncer = threading.Thread(target=self._sync_loop, name="mergequant-writeback", daemon=True)
+                    self._syncer.start()
+                self._sync_queue.put(i)
+
+    def _sync_loop(self) -> None:
+        while (i := self._sync_queue.get()) is not None:
+            try:
+                os.fdatasync(self._fds[i])
+            except OSError:
+                pass  # the final fsync in finish() reports real errors
+            with self._lock:
+                self._sync_pending[i] = False
+
+    def _stop_syncer(self) -> None:
+        if self._syncer is not None:
+            self._sync_queue.put(None)
+            self._syncer.join()
+            self._syncer = None
 
     def finish(self, fsync: bool = True) -> dict:
         """Check every tensor was fully written, sync and close; write the index if sharded. Returns the index."""
         missing = [n for n, (_, t, _) in self._where.items() if self._written[n] != t.nbytes]
         if missing:
             raise RuntimeError(f"internal error: tensors not fully written: {missing[:5]}")
+        self._stop_syncer()
         for fd in self._fds:
             if fsync:
                 os.fsync(fd)
@@ -151,6 +187,7 @@ class ShardedWriter:
         return index
 
     def close(self) -> None:
+        self._stop_syncer()
         for fd in self._fds:
             os.close(fd)
         self._fds = []

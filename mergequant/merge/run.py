@@ -113,7 +113,7 @@ def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeRe
 
     warnings = list(plan.warnings)
     with atomic_output_dir(opts.out) as tmp:
-        writer = ShardedWriter(tmp, shards)
+        writer = ShardedWriter(tmp, shards, writeback_every=256 * 2**20 if opts.fsync else None)
         try:
             bad = _execute(plan, writer, device, opts)
             writer.finish(fsync=opts.fsync)
