@@ -503,3 +503,23 @@ def test_subprocess_error_has_no_traceback(f32_models, tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
     assert "densty" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists() and leftovers(out) == []
+
+
+def test_hub_id_offline_is_a_clear_error(f32_models, tmp_path, monkeypatch):
+    """A model reference that is not a local path is a Hub id; offline and not cached, say so."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {f32_models['base']}\n    parameters: {{weight: 1}}\n"
+                      "  - model: some-org/not-downloaded\n    parameters: {weight: 1}\n")
+    out = tmp_path / "out"
+    res = merge_cli(recipe, out)
+    assert_clean_error(res, out, "some-org/not-downloaded", "HF_HUB_OFFLINE", "models[1].model", str(recipe))
+
+
+def test_missing_local_path_that_is_not_a_hub_id(f32_models, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {f32_models['base']}\n    parameters: {{weight: 1}}\n"
+                      "  - model: ./no/such/dir\n    parameters: {weight: 1}\n")
+    out = tmp_path / "out"
+    assert_clean_error(merge_cli(recipe, out), out, "./no/such/dir", "does not exist")
