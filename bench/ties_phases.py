@@ -6,14 +6,17 @@ bench/work/runs/<tag>/ties.yaml) with timers wrapped, at runtime, around the eng
 installed mergequant has them (nothing under mergequant/ is modified):
 
 - ``kernels.topk_threshold``          exact top-k selection for one (tensor, model): bracket passes + select
-- ``kernels._bracket_pass``           one chunk of the candidate-collecting pass (counted per call)
+- ``kernels._bracket_pass``           one chunk of the candidate-collecting pass (older, sample-bracket top-k)
 - ``kernels._select_from_candidates`` picking the threshold among the collected candidates (+ candidate count)
+- ``kernels._hist_high/_hist_low/_nth_equal``  one chunk of each pass of the histogram top-k (newer kernels)
 - ``kernels.combine_chunk``           the fused per-chunk combine
 - ``engine._sample_abs_delta``        the |delta| sample that brackets the threshold
 
 Times are per thread and summed (two workers run concurrently, so sums exceed wall time).
 
     python bench/ties_phases.py bench/work/runs/1b-22/ties.yaml [--workers 1] [--top 10]
+
+The wrapped names follow mergequant's internals and change with them; whatever is absent is skipped.
 """
 
 from __future__ import annotations
@@ -67,17 +70,21 @@ def main() -> int:
     K = getattr(E, "K", None)
     wrapped = []
     if K is not None:
+        # Python-level names the engine/kernels look up at call time (numba dispatchers included); each is wrapped
+        # only when this version of mergequant has it. Extras pick counts out of the arguments where known.
         for attr, key, extra in [
-            ("topk_threshold", "topk", lambda chunks, n, k, sample: {"n": n}),
-            ("_select_from_candidates", "select", lambda vals, idx, rank: {"candidates": len(vals)}),
+            ("topk_threshold", "topk", lambda chunks, n, *a, **kw: {"n": n}),
+            ("_select_from_candidates", "select", lambda vals, *a, **kw: {"candidates": len(vals)}),
             ("combine_chunk", "combine", None),
+            ("linear_chunk", "linear", None),
+            ("_bracket_pass", "bracket_chunk", None),  # sample-bracket top-k (older kernels)
+            ("_hist_high", "hist_high_chunk", None),   # two-level histogram top-k (newer kernels)
+            ("_hist_low", "hist_low_chunk", None),
+            ("_nth_equal", "nth_equal_chunk", None),
         ]:
             if hasattr(K, attr):
                 setattr(K, attr, _timed(getattr(K, attr), key, extra))
                 wrapped.append(f"kernels.{attr}")
-        if hasattr(K, "_bracket_pass"):  # numba dispatcher: wrap the Python-level name the caller looks up
-            K._bracket_pass = _timed(K._bracket_pass, "bracket_chunk")
-            wrapped.append("kernels._bracket_pass")
     if hasattr(E, "_sample_abs_delta"):
         E._sample_abs_delta = _timed(E._sample_abs_delta, "sample")
         wrapped.append("engine._sample_abs_delta")
@@ -107,30 +114,41 @@ def main() -> int:
         for k, v in s.items():
             total[k] += v
     print(f"run_merge wall {wall:.1f} s with {args.workers} worker(s); summed over threads:")
-    for k in ("tensor_s", "topk_s", "select_s", "bracket_chunk_s", "combine_s", "sample_s"):
+    for k in ("tensor_s", "topk_s", "select_s", "bracket_chunk_s", "hist_high_chunk_s", "hist_low_chunk_s",
+              "nth_equal_chunk_s", "combine_s", "linear_s", "sample_s"):
         if k in total:
             print(f"  {k:18s} {total[k]:8.1f} s  ({total[k] / max(total['tensor_s'], 1e-9) * 100:5.1f}% of tensor time)")
-    if "bracket_chunk_calls" in total:
-        print(f"  bracket-pass chunk calls: {int(total['bracket_chunk_calls'])}")
-    print(f"\n{'tensor':48s} {'numel':>11s} {'total s':>8s} {'topk s':>7s} {'select s':>8s} {'cand':>11s} "
-          f"{'cand/n':>7s} {'bracket':>8s} {'combine':>8s}")
-    for name, s in rows[: args.top]:
-        n = s.get("numel", 0)
-        cand = s.get("candidates", 0)
-        print(f"{name:48s} {int(n):11d} {s.get('tensor_s', 0):8.2f} {s.get('topk_s', 0):7.2f} {s.get('select_s', 0):8.2f} "
-              f"{int(cand):11d} {cand / max(2 * n, 1):7.3f} {s.get('bracket_chunk_s', 0):8.2f} {s.get('combine_s', 0):8.2f}")
+    for k in ("bracket_chunk_calls", "hist_high_chunk_calls", "hist_low_chunk_calls", "nth_equal_chunk_calls"):
+        if k in total:
+            print(f"  {k}: {int(total[k])}")
+    cols = [k for k in ("topk_s", "select_s", "bracket_chunk_s", "hist_high_chunk_s", "hist_low_chunk_s",
+                        "nth_equal_chunk_s", "combine_s", "linear_s") if k in total]
+    show_cand = "candidates" in total
+
+    def line(label, width, st, count=None):
+        cells = [f"{label:{width}s}"] + ([f"{int(count):5d}"] if count is not None else [])
+        cells += [f"{int(st.get('numel', 0)):11d}", f"{st.get('tensor_s', 0):8.2f}"]
+        cells += [f"{st.get(k, 0):{max(8, len(k) - 2)}.2f}" for k in cols]
+        if show_cand:  # candidates per (tensor, model) as a fraction of the tensor (2 models in merge_bench's recipe)
+            cells.append(f"{st.get('candidates', 0) / max(2 * st.get('numel', 0), 1):7.3f}")
+        return " ".join(cells)
+
+    heads = [f"{k[:-2]:>{max(8, len(k) - 2)}s}" for k in cols] + ([f"{'cand/n':>7s}"] if show_cand else [])
+    print(f"\n{'tensor':48s} {'numel':>11s} {'total s':>8s} " + " ".join(heads))
+    for name, st in rows[: args.top]:
+        print(line(name, 48, st))
     kinds = collections.defaultdict(lambda: collections.defaultdict(float))
     for name, st in rows:
         kind = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
         kinds[kind]["count"] += 1
         for k, v in st.items():
             kinds[kind][k] += v
-    print(f"\nby kind:\n{'kind':34s} {'count':>5s} {'numel':>11s} {'total s':>8s} {'topk s':>7s} {'select s':>8s} "
-          f"{'cand/n':>7s} {'combine':>8s}")
+    print(f"\nby kind (seconds summed over the tensors of that kind):\n{'kind':34s} {'count':>5s} {'numel':>11s} "
+          f"{'total s':>8s} " + " ".join(heads))
     for kind, st in sorted(kinds.items(), key=lambda kv: -kv[1].get("tensor_s", 0)):
-        print(f"{kind:34s} {int(st['count']):5d} {int(st['numel']):11d} {st.get('tensor_s', 0):8.2f} {st.get('topk_s', 0):7.2f} "
-              f"{st.get('select_s', 0):8.2f} {st.get('candidates', 0) / max(2 * st['numel'], 1):7.3f} {st.get('combine_s', 0):8.2f}")
-    print("cand/n: candidates handed to the selection, per (tensor, model), as a fraction of the tensor's elements")
+        print(line(kind, 34, st, st["count"]))
+    if show_cand:
+        print("cand/n: candidates handed to the selection per (tensor, model), as a fraction of the tensor's elements")
     if args.json:
         args.json.write_text(json.dumps({"wall_s": wall, "workers": args.workers, "totals": total,
                                          "tensors": {k: dict(v) for k, v in rows}}, indent=1) + "\n")
