@@ -1,20 +1,21 @@
 """Compute one output tensor from lazy inputs, chunk by chunk, writing each chunk straight to disk.
 
-Inputs are memory-mapped views, so a chunk reads only its slice of each input file. Peak
-memory per tensor is a few chunks (``CHUNK`` elements in float32) per input, except for
-TIES, whose exact top-k threshold needs one float32 copy of |delta| for the whole tensor.
-Nothing here depends on how many layers the model has.
+Inputs are memory-mapped views, so a chunk reads only its slice of each input file. Two paths
+compute the same formulas: fused numba kernels (CPU, float32 compute; see ``kernels.py``) and
+plain torch operations (CUDA, float64 inputs, ``--mergekit-dtype``, or no numba). Peak memory per
+tensor is a few chunks per input; only the torch path's TIES threshold needs one float32 copy of
+|delta| for a whole tensor. Nothing here depends on how many layers the model has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Callable
 
-import torch
-
 import numpy as np
+import torch
 
 from mergequant.merge import kernels as K
 from mergequant.merge import methods as M
@@ -89,8 +90,19 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, write: Callable[[torch.Tensor,
     elif fused:
         _task_family_fused(plan, tp, flat, n, emit, seed)
     else:
-        _task_family(plan, tp, flat, load, task_dtype, n, emit, seed)
+        _task_family(plan, tp, flat, load, task_dtype, n, emit, seed, device)
     return finite
+
+
+def _l1_rescale(abs_delta: Callable, keep: Callable, n: int) -> float:
+    """DARE-style rescale factor sum|d| / sum|kept d| over a whole tensor, chunk by chunk.
+    ``abs_delta(a, b)`` gives |d| of a chunk, ``keep(c, a, b, d)`` its boolean keep-mask."""
+    before = after = 0.0
+    for c, a, b in _ranges(n):
+        d = abs_delta(a, b)
+        before += float(d.double().sum())
+        after += float(d[keep(c, a, b, d)].double().sum())
+    return M.l1_rescale_factor(before, after)
 
 
 def _slerp(tp, flat, load, acc, n, emit):
@@ -107,7 +119,7 @@ def _slerp(tp, flat, load, acc, n, emit):
         emit(c0 * load(bi, a, b, acc) + c1 * load(oi, a, b, acc), a)
 
 
-def _task_family(plan, tp, flat, load, dtype, n, emit, seed):
+def _task_family(plan, tp, flat, load, dtype, n, emit, seed, device):
     spec = plan.spec
     bi = tp.base_index
     others = [i for i in range(len(flat)) if i != bi]
@@ -129,27 +141,25 @@ def _task_family(plan, tp, flat, load, dtype, n, emit, seed):
         if density >= 1:
             continue
         if spec.sparsify == "magnitude":
-            with _BIG_BUFFER if n > CHUNK else _Null():
-                mags = torch.empty(n, dtype=torch.float32, device=load(i, 0, 0, dtype).device)
+            with _BIG_BUFFER if n > CHUNK else contextlib.nullcontext():
+                mags = torch.empty(n, dtype=torch.float32, device=device)
                 for _, a, b in _ranges(n):
                     mags[a:b] = delta(i, a, b).abs()
-                sel = M.topk_stats(mags, density)
-                selections[k] = sel
+                sel = selections[k] = M.topk_stats(mags, density)
                 if rescale:
-                    seen, kept = 0, 0.0
-                    for _, a, b in _ranges(n):
-                        m, seen = M.topk_mask_chunk(mags[a:b], sel, seen)
-                        kept += float(mags[a:b][m].double().sum())
-                    factors[k] = M.l1_rescale_factor(float(mags.double().sum()), kept)
+                    seen = [0]
+
+                    def keep_topk(c, a, b, d, sel=sel, seen=seen):
+                        m, seen[0] = M.topk_mask_chunk(d, sel, seen[0])
+                        return m
+
+                    factors[k] = _l1_rescale(lambda a, b: mags[a:b], keep_topk, n)
                 del mags
         elif spec.sparsify == "random" and rescale:
-            before = after = 0.0
-            for c, a, b in _ranges(n):
-                d = delta(i, a, b).abs()
-                keep = M.bernoulli_mask(b - a, density, M.chunk_generator(seed, tp.name, i, c)).to(d.device)
-                before += float(d.double().sum())
-                after += float(d[keep].double().sum())
-            factors[k] = M.l1_rescale_factor(before, after)
+            factors[k] = _l1_rescale(
+                lambda a, b, i=i: delta(i, a, b).abs(),
+                lambda c, a, b, d, i=i, density=density: M.bernoulli_mask(
+                    b - a, density, M.chunk_generator(seed, tp.name, i, c)).to(d.device), n)
 
     # ---- pass 2: combine chunk by chunk -----------------------------------------------------------
     seen = [0] * len(others)
@@ -170,14 +180,6 @@ def _task_family(plan, tp, flat, load, dtype, n, emit, seed):
             deltas.append(d)
         emit(M.combine_deltas(base, deltas, weights, consensus=spec.consensus, normalize=bool(tp.shared["normalize"]),
                               lam=lam), a)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _task_family_fused(plan, tp, flat, n, emit, seed):
@@ -206,23 +208,17 @@ def _task_family_fused(plan, tp, flat, n, emit, seed):
             if not sel.keep_all:
                 mode[r], thr[r], cutoff[r] = K.MODE_THRESHOLD, sel.threshold, sel.cutoff
             if rescale:
-                before = after = 0.0
-                for _, a, b in _ranges(n):
-                    d = (flat[i][a:b].float() - base_flat[a:b].float()).abs()
-                    kept = (d > thr[r]) | ((d == thr[r]) & (torch.arange(a, b) <= cutoff[r])) if mode[r] else d == d
-                    before += float(d.double().sum())
-                    after += float(d[kept].double().sum())
-                factors[r] = M.l1_rescale_factor(before, after)
+                factors[r] = _l1_rescale(
+                    lambda a, b, i=i: (flat[i][a:b].float() - base_flat[a:b].float()).abs(),
+                    lambda c, a, b, d, r=r: (d > thr[r]) | ((d == thr[r]) & (torch.arange(a, b) <= cutoff[r]))
+                    if mode[r] else torch.ones_like(d, dtype=torch.bool), n)
         elif spec.sparsify == "random":
             mode[r] = K.MODE_MASK
             if rescale:
-                before = after = 0.0
-                for c, a, b in _ranges(n):
-                    d = (flat[i][a:b].float() - base_flat[a:b].float()).abs()
-                    keep = M.bernoulli_mask(b - a, density, M.chunk_generator(seed, tp.name, i, c))
-                    before += float(d.double().sum())
-                    after += float(d[keep].double().sum())
-                factors[r] = M.l1_rescale_factor(before, after)
+                factors[r] = _l1_rescale(
+                    lambda a, b, i=i: (flat[i][a:b].float() - base_flat[a:b].float()).abs(),
+                    lambda c, a, b, d, i=i, density=density: M.bernoulli_mask(
+                        b - a, density, M.chunk_generator(seed, tp.name, i, c)), n)
 
     lam = float(tp.shared.get("lambda", 1.0))
     need_masks = any(m == K.MODE_MASK for m in mode)
