@@ -90,7 +90,6 @@ def demo(
 
     Needs no download: the models are generated on the spot (~1 MB each).
     """
-    import torch
 
     from mergequant.demo import DEMO_RECIPE, build_demo_models
     from mergequant.inspect_model import format_inspection, inspect_model

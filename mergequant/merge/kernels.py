@@ -17,7 +17,6 @@ inputs produce heavy ties at the threshold, which sample-based brackets choke on
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch

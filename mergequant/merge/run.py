@@ -3,7 +3,6 @@ tokenizer and model card, all inside a temporary directory renamed into place at
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -228,7 +227,3 @@ def summary(result: MergeResult) -> str:
     return (f"wrote {result.out}: {result.tensors} tensors, {format_bytes(result.bytes_written)} in "
             f"{len(result.shards)} shard(s) (read {format_bytes(result.bytes_read)})")
 
-
-def dumps(result: MergeResult) -> str:
-    return json.dumps({"out": str(result.out), "tensors": result.tensors, "bytes_read": result.bytes_read,
-                       "bytes_written": result.bytes_written, "shards": result.shards, "warnings": result.warnings})
