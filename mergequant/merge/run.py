@@ -88,7 +88,8 @@ def describe_plan(plan: MergePlan, shards, workers: int) -> str:
         f"tensors:       {len(plan.tensors)}",
         f"read:          {format_bytes(plan.bytes_to_read)}",
         f"write:         {format_bytes(plan.bytes_to_write)} in {len(shards)} shard(s)",
-        f"peak memory:   ~{format_bytes(estimate_peak_bytes(plan, workers))} working set (inputs are memory-mapped)",
+        f"peak memory:   ~{format_bytes(estimate_peak_bytes(plan, workers))} working set + ~0.2 GiB for Python and torch "
+        "(inputs are memory-mapped, not loaded)",
     ]
     for s in shards:
         lines.append(f"  {s.file}: {len(s.tensors)} tensors, {format_bytes(s.data_bytes)}")
