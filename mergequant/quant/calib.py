@@ -1,0 +1,175 @@
+"""Calibration data: local text/JSONL/Parquet files or a Hub dataset -> fixed-size token windows.
+
+Quantizers need a few hundred thousand representative tokens, not a dataset pipeline. Every source
+is reduced to a list of documents (strings), tokenized once, concatenated into one stream with the
+tokenizer's EOS between documents, and ``samples`` windows of ``seqlen`` tokens are drawn at
+seeded random offsets, so the same (source, tokenizer, samples, seqlen, seed) always gives the same
+batch.
+
+Sources (``--calib``):
+  path.txt               the whole file is one document (split on blank lines into documents)
+  path.jsonl             one JSON object per line with ``text``, or ``messages`` rendered with the
+                         tokenizer's chat template
+  path.parquet           the ``text`` column (else the only string column)
+  hf:NAME[:CONFIG]:SPLIT[:COLUMN]   a Hub dataset through ``datasets`` (online, or cached)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergequant.errors import MergeQuantError
+
+KNOWN_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
+
+
+class CalibrationError(MergeQuantError):
+    """Calibration data that cannot be used: missing, empty, too short, undecodable."""
+
+
+@dataclass(frozen=True)
+class HubSource:
+    name: str
+    config: str | None
+    split: str
+    column: str
+
+
+def parse_hub_source(spec: str) -> HubSource:
+    """``hf:NAME[:CONFIG]:SPLIT[:COLUMN]``. With three fields, the middle one is a split when it looks
+    like one (train/test/validation/... or a slice like ``train[:1000]``), else a config."""
+    parts, depth, cur = [], 0, ""
+    for ch in spec.removeprefix("hf:"):  # split on ':' outside brackets ("train[:1000]" is one field)
+        depth += (ch == "[") - (ch == "]")
+        if ch == ":" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    if len(parts) == 2:
+        return HubSource(parts[0], None, parts[1], "text")
+    if len(parts) == 3:
+        if parts[1].split("[")[0] in KNOWN_SPLITS:
+            return HubSource(parts[0], None, parts[1], parts[2])
+        return HubSource(parts[0], parts[1], parts[2], "text")
+    if len(parts) == 4:
+        return HubSource(*parts)
+    raise CalibrationError(f"{spec}: expected hf:NAME[:CONFIG]:SPLIT[:COLUMN], e.g. hf:wikitext:wikitext-2-raw-v1:train")
+
+
+def load_documents(source: str, *, chat_template=None) -> list[str]:
+    """The documents of a calibration source. ``chat_template`` renders ``messages`` records
+    (a callable list[dict] -> str, usually ``tokenizer.apply_chat_template(..., tokenize=False)``)."""
+    if source.startswith("hf:"):
+        return _hub_documents(parse_hub_source(source))
+    path = Path(source)
+    if not path.exists():
+        raise CalibrationError(f"{path}: calibration file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        docs = _jsonl_documents(path, chat_template)
+    elif suffix == ".parquet":
+        docs = _parquet_documents(path)
+    else:
+        docs = [d for d in _read_text(path).split("\n\n") if d.strip()]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise CalibrationError(f"{path}: calibration data is empty")
+    return docs
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _jsonl_documents(path: Path, chat_template) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            docs.append(record["text"])
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            if chat_template is None:
+                raise CalibrationError(f"{path}:{lineno}: 'messages' records need a tokenizer with a chat template")
+            docs.append(chat_template(record["messages"]))
+        else:
+            raise CalibrationError(f"{path}:{lineno}: expected an object with a 'text' string or a 'messages' list")
+    return docs
+
+
+def _parquet_documents(path: Path) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CalibrationError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # corrupt file
+        raise CalibrationError(f"{path}: cannot read Parquet ({e})") from None
+    strings = [f.name for f in table.schema if str(f.type) in ("string", "large_string")]
+    column = "text" if "text" in table.column_names else (strings[0] if len(strings) == 1 else None)
+    if column is None:
+        raise CalibrationError(f"{path}: no 'text' column (string columns: {strings or 'none'})")
+    return [v for v in table.column(column).to_pylist() if isinstance(v, str)]
+
+
+def _hub_documents(src: HubSource) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError("hub calibration data needs the 'datasets' package (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(src.name, src.config, split=src.split)
+    except Exception as e:  # offline, not found, gated
+        raise CalibrationError(f"hf:{src.name}: cannot load the dataset ({type(e).__name__}: {e}); "
+                               "offline? give a local .txt/.jsonl/.parquet file instead") from None
+    if src.column not in ds.column_names:
+        raise CalibrationError(f"hf:{src.name}: no column '{src.column}' (columns: {', '.join(ds.column_names)})")
+    return [v for v in ds[src.column] if isinstance(v, str) and v.strip()]
+
+
+def token_stream(documents: list[str], encode, eos_token_id: int | None) -> torch.Tensor:
+    """All documents tokenized (``encode(str) -> list[int]``, no special tokens) and joined by EOS."""
+    ids: list[int] = []
+    for doc in documents:
+        ids.extend(encode(doc))
+        if eos_token_id is not None:
+            ids.append(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(stream: torch.Tensor, *, samples: int, seqlen: int, seed: int, source: str = "calibration data") -> torch.Tensor:
+    """``samples`` windows of ``seqlen`` tokens at seeded random offsets: a [samples, seqlen] LongTensor."""
+    if samples < 1 or seqlen < 1:
+        raise CalibrationError(f"--samples and --seqlen must be positive (got {samples}, {seqlen})")
+    n = stream.numel()
+    if n < seqlen:
+        raise CalibrationError(f"{source}: only {n} tokens, fewer than --seqlen {seqlen}; give more text or lower --seqlen")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - seqlen + 1, (samples,), generator=gen)
+    return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+
+
+def calibration_batch(source: str, tokenizer, *, samples: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
+    """End to end: source -> documents -> token stream -> [samples, seqlen] token ids."""
+    template = None
+    if getattr(tokenizer, "chat_template", None):
+        def template(messages):
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+    docs = load_documents(source, chat_template=template)
+    stream = token_stream(docs, lambda s: tokenizer(s, add_special_tokens=False)["input_ids"],
+                          getattr(tokenizer, "eos_token_id", None))
+    return sample_windows(stream, samples=samples, seqlen=seqlen, seed=seed, source=source)
