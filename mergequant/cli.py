@@ -81,6 +81,32 @@ def inspect(
     typer.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
+@app.command(name="eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="Model directory (full precision, loaded with transformers)."),
+    data: str = typer.Option(..., "--data", help="Held-out text: .txt, .jsonl (text), .parquet, or hf:NAME[:CONFIG]:SPLIT[:COLUMN]."),
+    seqlen: int = typer.Option(2048, help="Window length in tokens (capped by the model's max_position_embeddings)."),
+    stride: Optional[int] = typer.Option(None, help="Window step; smaller than --seqlen gives every token more context (default: --seqlen)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Evaluate only the first N tokens of the text."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Held-out perplexity of MODEL on --data (sliding window, each token scored once)."""
+    from mergequant.evaluate import evaluate_model
+
+    try:
+        res = evaluate_model(str(model), data, seqlen=seqlen, stride=stride, device=device, max_tokens=max_tokens,
+                             progress=not quiet)
+    except MergeQuantError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps({"model": str(model), "data": data, **res.as_dict()}))
+    else:
+        typer.echo(f"perplexity {res.perplexity:.4f} (nll {res.nll:.4f} nats/token) over {res.tokens} tokens, "
+                   f"{res.windows} windows of {res.seqlen} (stride {res.stride})")
+
+
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("mergequant-demo"), "--dir", help="Where to build the tiny models and the merge."),

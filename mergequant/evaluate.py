@@ -1,0 +1,89 @@
+"""Held-out perplexity with a sliding window.
+
+The text is tokenized once. The first window scores tokens 1..seqlen-1; every later window ends
+``stride`` tokens further (at most ``seqlen - 1``, so each window keeps at least one token of
+context) and scores only its new tokens, so every token after the first is scored exactly once and,
+outside the first window, with at least ``seqlen - stride`` tokens of context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from mergequant.errors import MergeQuantError
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # tokens scored
+    windows: int
+    seqlen: int
+    stride: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, *, seqlen: int, stride: int | None = None, device: str | torch.device = "cpu",
+               progress: bool = False) -> Perplexity:
+    """Perplexity of ``model`` (a causal LM returning ``.logits``) on the token ids ``ids`` [N]."""
+    stride = stride or seqlen
+    if not (0 < stride <= seqlen):
+        raise MergeQuantError(f"--stride must be in [1, --seqlen]; got stride {stride}, seqlen {seqlen}")
+    n = ids.numel()
+    if n < 2:
+        raise MergeQuantError("evaluation text has fewer than 2 tokens")
+    total, count, windows = 0.0, 0, 0
+    step = min(stride, seqlen - 1)  # new tokens per window; at least one token of context for each
+    scored_until = 1  # tokens [0, scored_until) are done; token 0 has no context
+    bar = tqdm(total=n - 1, desc="eval", disable=not progress, unit="tok")
+    while scored_until < n:
+        end = min(seqlen if windows == 0 else scored_until + step, n)
+        begin = max(0, end - seqlen)
+        window = ids[begin:end].unsqueeze(0).to(device)
+        logits = model(window).logits[0].float()
+        first = scored_until - begin  # first target position inside the window (>= 1)
+        logp = torch.log_softmax(logits[first - 1:end - begin - 1], dim=-1)
+        targets = window[0, first:]
+        total += float(-logp.gather(1, targets.unsqueeze(1)).sum())
+        count += targets.numel()
+        windows += 1
+        bar.update(end - scored_until)
+        scored_until = end
+    bar.close()
+    nll = total / count
+    return Perplexity(math.exp(nll), nll, count, windows, seqlen, stride)
+
+
+def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int | None = None, device: str = "auto",
+                   max_tokens: int | None = None, progress: bool = True) -> Perplexity:
+    """Load ``model_dir`` with transformers and measure perplexity on ``data`` (any calibration source)."""
+    from mergequant.io.checkpoint import Checkpoint
+    from mergequant.quant.calib import load_documents
+
+    Checkpoint.open(model_dir)  # clear errors for missing/corrupt directories before transformers
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise MergeQuantError("mergequant eval needs transformers (pip install 'mergequant[hf]')") from None
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(dev).eval()
+    limit = getattr(model.config, "max_position_embeddings", None)
+    seqlen = min(seqlen, limit) if limit else seqlen
+    text = "\n\n".join(load_documents(data))
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    return perplexity(model, ids, seqlen=seqlen, stride=stride, device=dev, progress=progress)

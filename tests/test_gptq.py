@@ -1,0 +1,223 @@
+"""GPTQ: error vs RTN, blocked float32 vs an unblocked float64 reference, act order, edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergequant.quant.gptq import HessianAccumulator, gptq_quantize, quantize_rtn
+
+K, N, T = 256, 128, 512
+
+
+def _data(seed=0, channel_scales=None):
+    """Correlated activations X = Z @ A (random mixing) and a random weight W."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(T, K, generator=g, dtype=torch.float64)
+    A = torch.randn(K, K, generator=g, dtype=torch.float64) / K**0.5 + torch.eye(K, dtype=torch.float64)
+    X = Z @ A
+    if channel_scales is not None:
+        X = X * channel_scales
+    W = torch.randn(N, K, generator=g, dtype=torch.float64) * 0.05
+    return X, W.to(torch.float32)
+
+
+def _hessian(X):
+    acc = HessianAccumulator()
+    for chunk in X.split(100):  # several uneven batches exercise the running average
+        acc.add(chunk.to(torch.float32))
+    return acc.hessian
+
+
+def _out_err(X, W, W_hat):
+    """||X W^T - X W_hat^T||_F in float64."""
+    X = X.to(torch.float64)
+    return float(torch.linalg.norm(X @ W.to(torch.float64).T - X @ W_hat.to(torch.float64).T))
+
+
+def _dequant(r):
+    """The GPTQ checkpoint dequant formula, written independently of the module."""
+    g = r.g_idx.long()
+    return r.scales[g].T * (r.qweight.float() - r.zeros[g].T.float())
+
+
+def _rtn_dequant(W, bits, gs, sym=True):
+    q, s, z = quantize_rtn(W, bits, gs, sym)
+    g = (torch.arange(W.shape[1]) // (W.shape[1] if gs == -1 else gs)).long()
+    return s[g].T * (q.float() - z[g].T.float())
+
+
+def test_hessian_accumulator_matches_direct_formula():
+    X, _ = _data()
+    H = _hessian(X)
+    ref = 2.0 / X.shape[0] * X.T @ X
+    assert H.dtype == torch.float32
+    torch.testing.assert_close(H.double(), ref, rtol=1e-5, atol=1e-5)
+    acc = HessianAccumulator()
+    acc.add(X[:7].float().reshape(7, 1, K))
+    acc.add(X[7:20].float())
+    assert acc.nsamples == 20
+
+
+def test_rtn_conventions():
+    W = torch.tensor([[-1.0, 0.5, 0.25, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    q, s, z = quantize_rtn(W, 4, -1, sym=True)
+    assert s.shape == (1, 3) and z.shape == (1, 3)
+    assert (z == 8).all()  # sym zero point = 2^(bits-1)
+    assert torch.allclose(s[0], torch.tensor([2 / 15, 2 / 15, 6 / 15]))  # all-zero row: scale 2/maxq, not 0
+    assert (q[1] == 8).all()
+    assert q.min() >= 0 and q.max() <= 15
+    q, s, z = quantize_rtn(W, 4, 2, sym=False)
+    assert s.shape == (2, 3)
+    assert torch.allclose(s[:, 0], torch.tensor([1.5 / 15, 1.0 / 15]))
+    assert z[0, 0] == 10 and z[1, 0] == 0
+    W_hat = s[torch.tensor([0, 0, 1, 1])].T * (q.float() - z[torch.tensor([0, 0, 1, 1])].T.float())
+    assert (W_hat[1] == 0).all()
+    assert (W_hat - W).abs().max() <= s.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 128), (3, 128), (3, -1)])
+def test_gptq_beats_rtn(bits, gs):
+    X, W = _data()
+    H = _hessian(X)
+    r = gptq_quantize(W, H, bits=bits, group_size=gs)
+    assert not r.fallback_rtn
+    e_gptq = _out_err(X, W, r.W_hat)
+    e_rtn = _out_err(X, W, _rtn_dequant(W, bits, gs))
+    ratio = e_gptq / e_rtn
+    print(f"bits={bits} gs={gs}: GPTQ/RTN output error ratio {ratio:.3f}")
+    assert ratio < 0.8, ratio
+    assert torch.equal(_dequant(r), r.W_hat)  # exact checkpoint dequant identity
+    # error field is the proxy loss tr(dW H dW^T) = (2/n)||X dW^T||^2
+    assert r.error == pytest.approx(2.0 / T * e_gptq**2, rel=1e-3)
+
+
+def _reference_gptq(W, H, bits, gs, damp=0.01):
+    """Textbook unblocked GPTQ in float64: quantize a column, push its error onto all later columns."""
+    W = W.double().clone()
+    H = H.double().clone()
+    n, k = W.shape
+    maxq = 2**bits - 1
+    H += damp * torch.diag(H).mean() * torch.eye(k, dtype=torch.float64)
+    Hinv = torch.linalg.inv(H)
+    Uc = torch.linalg.cholesky(Hinv).T  # upper factor of H^-1, via the lower one
+    W_hat = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
+    size = k if gs == -1 else gs
+    for j in range(k):
+        if j % size == 0:
+            blk = W[:, j : j + size]
+            amax = torch.maximum(blk.min(1).values.clamp(max=0).abs(), blk.max(1).values.clamp(min=0))
+            amax[amax == 0] = 1
+            scale = 2 * amax / maxq
+            zero = (maxq + 1) / 2
+        q = torch.clamp(torch.round(W[:, j] / scale) + zero, 0, maxq)
+        codes[:, j] = q
+        W_hat[:, j] = scale * (q - zero)
+        err = (W[:, j] - W_hat[:, j]) / Uc[j, j]
+        W[:, j + 1 :] -= err[:, None] * Uc[j, j + 1 :][None, :]
+    return codes, W_hat
+
+
+@pytest.mark.parametrize("bits,gs,block", [(4, 128, 128), (4, -1, 128), (3, 32, 128), (4, 128, 48)])
+def test_blocked_float32_matches_unblocked_float64_reference(bits, gs, block):
+    X, W = _data(seed=1)
+    H = _hessian(X)
+    codes_ref, W_hat_ref = _reference_gptq(W, H, bits, gs)
+    r = gptq_quantize(W, H, bits=bits, group_size=gs, block_size=block)
+    same = (r.qweight.double() == codes_ref).double().mean().item()
+    assert same > 0.98, same
+    # the few code flips are float32 rounding ties; the weights still agree to ~one step in a few places
+    close = torch.isclose(r.W_hat.double(), W_hat_ref, atol=1e-6, rtol=1e-5).double().mean().item()
+    assert close > 0.98, close
+    assert _out_err(X, W, r.W_hat) == pytest.approx(_out_err(X, W, W_hat_ref.float()), rel=0.02)
+
+
+def _unequal_scales():
+    g = torch.Generator().manual_seed(12)
+    return torch.exp(2.0 * torch.randn(K, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("gs", [-1, 128, 32])
+def test_desc_act(gs):
+    X, W = _data(seed=2, channel_scales=_unequal_scales())
+    H = _hessian(X)
+    plain = gptq_quantize(W, H, bits=4, group_size=gs)
+    act = gptq_quantize(W, H, bits=4, group_size=gs, desc_act=True)
+    e_plain, e_act = _out_err(X, W, plain.W_hat), _out_err(X, W, act.W_hat)
+    print(f"gs={gs}: act-order / plain error {e_act / e_plain:.3f}")
+    if gs == -1:  # one group: only the order changes; no group bookkeeping to check
+        assert e_act < e_plain
+        assert torch.equal(act.g_idx, torch.zeros(K, dtype=torch.int32))
+        assert torch.equal(_dequant(act), act.W_hat)
+        return
+    # measured 0.85-0.88 here; with small groups act order is not guaranteed to win on every input
+    # (other seeds gave up to ~1.05 at gs=32), so this fixed input is the check, not a law
+    assert e_act < e_plain
+    # perm sorts diag(H) descending
+    d = torch.diag(H)
+    assert sorted(act.perm.tolist()) == list(range(K))
+    assert (d[act.perm][:-1] >= d[act.perm][1:]).all()
+    # g_idx follows the permuted order: the j-th quantized column is in group j // gs
+    assert torch.equal(act.g_idx[act.perm].long(), torch.arange(K) // gs)
+    assert torch.equal(torch.bincount(act.g_idx.long()), torch.full((K // gs,), gs))
+    assert torch.equal(_dequant(act), act.W_hat)
+    assert not torch.equal(act.g_idx.long(), torch.arange(K) // gs)  # really permuted
+
+    static = gptq_quantize(W, H, bits=4, group_size=gs, desc_act=True, static_groups=True)
+    assert torch.equal(static.g_idx.long(), torch.arange(K) // gs)
+    assert torch.equal(_dequant(static), static.W_hat)
+    assert _out_err(X, W, static.W_hat) < _out_err(X, W, _rtn_dequant(W, 4, gs))
+
+
+def test_dead_channel():
+    X, W = _data(seed=4)
+    X[:, 5] = 0
+    X[:, 200] = 0
+    H = _hessian(X)
+    for desc_act in (False, True):
+        r = gptq_quantize(W, H, bits=4, group_size=128, desc_act=desc_act)
+        assert torch.isfinite(r.W_hat).all()
+        assert (r.W_hat[:, 5] == 0).all() and (r.W_hat[:, 200] == 0).all()
+        assert torch.equal(_dequant(r), r.W_hat)
+
+
+def test_cholesky_retry_with_larger_damp():
+    X, W = _data(seed=5)
+    H = _hessian(X[:40])  # rank 40 < K: singular without damping
+    H[0, 0] = -1e-3 * H[0, 0]  # and indefinite
+    r = gptq_quantize(W, H, bits=4, group_size=128, damp=0.0)
+    assert r.damp_used > 0
+    assert not r.fallback_rtn
+    assert torch.isfinite(r.W_hat).all()
+
+
+def test_rtn_fallback_when_cholesky_always_fails(monkeypatch):
+    X, W = _data(seed=6)
+    # negative definite H: damping by a fraction of its (negative) mean diagonal never helps
+    r = gptq_quantize(W, -torch.eye(K), bits=4, group_size=128)
+    assert r.fallback_rtn and r.perm is None
+    assert torch.equal(r.W_hat, _rtn_dequant(W, 4, 128))
+
+    def boom(*a, **kw):
+        raise torch.linalg.LinAlgError("forced failure")
+
+    monkeypatch.setattr(torch.linalg, "cholesky", boom)
+    r = gptq_quantize(W, _hessian(X), bits=3, group_size=64, desc_act=True)
+    assert r.fallback_rtn
+    assert torch.equal(r.W_hat, _rtn_dequant(W, 3, 64))
+    assert torch.equal(_dequant(r), r.W_hat)
+    assert r.damp_used > 0.01
+
+
+def test_validation():
+    W = torch.randn(8, 96)
+    H = torch.eye(96)
+    with pytest.raises(ValueError, match=r"(?s)(?=.*\b96\b)(?=.*\b40\b)"):
+        gptq_quantize(W, H, bits=4, group_size=40)
+    with pytest.raises(ValueError, match="bits"):
+        gptq_quantize(W, H, bits=5)
+    with pytest.raises(ValueError, match="40"):
+        quantize_rtn(W, 4, 40)
+    with pytest.raises(ValueError):
+        gptq_quantize(W, torch.eye(95), bits=4)
