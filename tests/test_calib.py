@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from importlib import resources
-from pathlib import Path
 
 import pytest
 import torch
