@@ -1,0 +1,332 @@
+"""Layer-by-layer executor shared by the quantization methods (GPTQ now, AWQ later).
+
+CPU/GPU memory stays at about one decoder layer + the calibration activations, never the whole
+model:
+
+1. The model skeleton is built by transformers from the checkpoint's ``config.json`` with every
+   *parameter* on the meta device (``_params_on_meta``: ``nn.Module.register_parameter`` is patched
+   for the duration of ``from_config``, so parameters are allocated uninitialized, moved to meta and
+   their init runs on meta, i.e. costs nothing). *Buffers* stay real: they are things computed from
+   the config in ``__init__`` (rotary ``inv_freq``, Gemma 3's ``embed_scale``) that are not stored
+   in the checkpoint, so keeping them is what lets us run pre-layer code without knowing each
+   architecture.
+2. First-layer capture: every parameter of ``model.model`` outside the decoder layers (embedding,
+   final norm, ...) is loaded from the safetensors, every decoder layer is replaced by a
+   ``_Recorder`` that records its ``(args, kwargs)`` and passes the hidden states through (the last
+   one raises ``_StopForward``), and ``model.model(input_ids=chunk, use_cache=False)`` is called.
+   So the architecture's own forward computes the embedding (with any scaling), position ids,
+   position embeddings and causal masks, and we record exactly what each layer receives -- per layer,
+   because Gemma 2/3 give sliding-window and full-attention layers different masks and rotary
+   embeddings.  No decoder-layer parameter is touched (they are still on meta).
+3. ``run(process_layer)``: for each layer i, load its parameters (``model.layers.{i}.*``), call
+   ``process_layer(i, layer, inputs)`` (collect statistics with hooks, quantize in place), recompute
+   the layer's outputs with the possibly modified weights, feed them to layer i+1, and put the layer's
+   parameters back on meta.
+4. ``logits(hidden)``: final norm + lm_head (+ Gemma's final logit soft-capping).
+
+Calibration ids are processed in chunks of ``batch_size`` samples; the layer kwargs (mask, position
+embeddings, ...) are captured once per distinct chunk size and reused, which is valid because every
+sample has the same length and no padding (``calib_ids`` is a dense [S, T] tensor).
+
+>>> runner = LayerRunner("path/to/model", calib_ids)           # doctest: +SKIP
+>>> def process(i, layer, inputs):                              # doctest: +SKIP
+...     for name, lin in linear_modules(layer).items(): ...
+>>> logits = runner.run(process, finish=True)                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mergequant.errors import MergeQuantError
+from mergequant.io.checkpoint import Checkpoint
+
+__all__ = ["LayerInputs", "LayerRunner", "linear_modules", "run_layer"]
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder to end the shell forward before the (meta) final layers."""
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Build modules with parameters on meta but real buffers (computed from the config)."""
+    orig = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        orig(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
+def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
+    """All ``nn.Linear`` submodules of ``layer`` by qualified name (``self_attn.q_proj``, ...)."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class LayerInputs:
+    """The inputs of one decoder layer: hidden states per chunk and the kwargs the model passes.
+
+    ``hidden[j]`` is [b_j, T, H]; ``kwargs[j]`` the keyword arguments (attention mask, position
+    embeddings, position ids, ...) for chunk j. Iterate to get ``(hidden, kwargs)`` pairs.
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        return iter(zip(self.hidden, self.kwargs))
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def nsamples(self) -> int:
+        return sum(h.shape[0] for h in self.hidden)
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    """Run ``layer`` over all calibration chunks (forward hooks on its modules fire); outputs per chunk."""
+    return [_first_output(layer(h, **kw)) for h, kw in inputs]
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records what it is called with."""
+
+    def __init__(self, orig: nn.Module, sink: list, last: bool):
+        super().__init__()
+        self._orig = [orig]  # a list so it is not registered as a submodule
+        self._sink = sink
+        self._last = last
+
+    def __getattr__(self, name):  # e.g. ``attention_type`` read by the model's forward
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_orig"][0], name)
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        if rest:
+            raise MergeQuantError("decoder layer called with extra positional arguments; architecture unsupported")
+        self._sink.append((hidden, kwargs))
+        if self._last:
+            raise _StopForward
+        return hidden
+
+
+class LayerRunner:
+    """Executes a causal LM one decoder layer at a time over calibration token ids.
+
+    Parameters: ``model_dir`` (a transformers model directory with safetensors), ``calib_ids`` an
+    integer tensor [S, T], ``device`` where layers run, ``dtype`` the compute dtype of loaded weights
+    (float32 by default), ``batch_size`` samples per forward chunk.
+    """
+
+    def __init__(self, model_dir: str | Path, calib_ids: torch.Tensor, device: str | torch.device = "cpu",
+                 *, dtype: torch.dtype = torch.float32, batch_size: int = 8):
+        if calib_ids.dim() != 2:
+            raise MergeQuantError(f"calibration ids must be [samples, tokens], got shape {tuple(calib_ids.shape)}")
+        if batch_size < 1:
+            raise MergeQuantError(f"batch_size must be >= 1, got {batch_size}")
+        self.ckpt = Checkpoint.open(model_dir)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.calib_ids = calib_ids.long()
+        self.model = self._build_skeleton()
+        self.arch = type(self.model).__name__
+        self.layers: nn.ModuleList = self.model.model.layers
+        self.num_layers = len(self.layers)
+        self._layers_path = self._module_path(self.layers)
+        self._inputs: list[LayerInputs] | None = None  # per-layer kwargs after capture (hidden only in [0])
+
+    # ---- skeleton ------------------------------------------------------------------------------------
+    def _build_skeleton(self) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = dict(self.ckpt.config)
+        model_type = config.pop("model_type", None)
+        where = self.ckpt.path / "config.json"
+        if not model_type:
+            raise MergeQuantError(f"{where}: no model_type; cannot build the model")
+        try:
+            cfg = AutoConfig.for_model(model_type, **config)
+        except (ValueError, KeyError) as e:
+            raise MergeQuantError(f"{where}: model_type {model_type!r} is not known to transformers "
+                                  f"({str(e).splitlines()[0]})") from None
+        cfg.use_cache = False
+        try:
+            with _params_on_meta(), torch.device(self.device):
+                model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+        except ValueError as e:
+            raise MergeQuantError(f"{where}: {type(cfg).__name__} ({model_type}) has no causal-LM model in "
+                                  f"transformers ({str(e).splitlines()[0]})") from None
+        model.eval()
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise MergeQuantError(f"{where}: architecture {type(model).__name__} is unsupported "
+                                  "(decoder layers not found at model.model.layers)")
+        return model
+
+    def _module_path(self, module: nn.Module) -> str:
+        for name, m in self.model.named_modules():
+            if m is module:
+                return name
+        raise AssertionError("module not in model")
+
+    # ---- loading / freeing parameters ----------------------------------------------------------------
+    def _load(self, module: nn.Module, prefix: str, *, skip: tuple[nn.Module, ...] = (),
+              fallback: dict[str, str] | None = None) -> None:
+        """Replace every meta parameter of ``module`` (not under ``skip``) by ``prefix + name`` from disk."""
+        skip_ids = {id(m) for s in skip for m in s.modules()}
+        for mod_name, mod in module.named_modules():
+            if id(mod) in skip_ids:
+                continue
+            for pname, p in list(mod._parameters.items()):
+                if p is None:
+                    continue
+                rel = f"{mod_name}.{pname}" if mod_name else pname
+                key = prefix + rel
+                if key not in self.ckpt.tensors and fallback and key in fallback:
+                    key = fallback[key]
+                if key not in self.ckpt.tensors:
+                    raise MergeQuantError(f"{self.ckpt.path}: tensor {key} needed by {self.arch} is missing")
+                t = self.ckpt.get(key)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise MergeQuantError(f"{self.ckpt.path}: tensor {key} has shape {tuple(t.shape)}, "
+                                          f"{self.arch} expects {tuple(p.shape)}")
+                data = t.to(device=self.device, dtype=self.dtype, copy=True)
+                mod._parameters[pname] = nn.Parameter(data, requires_grad=False)
+
+    @staticmethod
+    def _unload(module: nn.Module) -> None:
+        """Put ``module``'s parameters back on meta (frees their memory)."""
+        for mod in module.modules():
+            for pname, p in list(mod._parameters.items()):
+                if p is not None and p.device.type != "meta":
+                    mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+    def load_layer(self, i: int) -> nn.Module:
+        """Materialize decoder layer ``i`` from the checkpoint and return it."""
+        layer = self.layers[i]
+        self._load(layer, f"{self._layers_path}.{i}.")
+        return layer
+
+    def free_layer(self, i: int) -> None:
+        self._unload(self.layers[i])
+
+    # ---- capture ---------------------------------------------------------------------------------------
+    def _chunks(self) -> list[torch.Tensor]:
+        return list(self.calib_ids.split(self.batch_size, dim=0))
+
+    @torch.no_grad()
+    def capture(self) -> LayerInputs:
+        """The inputs of layer 0 (and, kept internally, the kwargs every layer receives)."""
+        if self._inputs is not None:
+            return self._inputs[0]
+        shell = self.model.model
+        self._load(shell, self._module_path(shell) + ".", skip=(self.layers,))
+        originals = list(self.layers)
+        per_layer_kwargs: list[list[dict]] = [[] for _ in originals]
+        hidden0: list[torch.Tensor] = []
+        by_size: dict[int, list[dict]] = {}
+        try:
+            for chunk in self._chunks():
+                sink: list = []
+                for j, layer in enumerate(originals):
+                    self.layers[j] = _Recorder(layer, sink, last=j == len(originals) - 1)
+                try:
+                    shell(input_ids=chunk.to(self.device), use_cache=False)
+                except _StopForward:
+                    pass
+                if len(sink) != len(originals):
+                    raise MergeQuantError(f"{self.arch}: unsupported architecture (its forward called "
+                                          f"{len(sink)} of {len(originals)} decoder layers)")
+                h = sink[0][0]
+                if h.device.type == "meta":
+                    raise MergeQuantError(f"{self.arch}: unsupported architecture (pre-layer computation "
+                                          "uses weights that were not loaded)")
+                hidden0.append(h)
+                b = chunk.shape[0]
+                if b not in by_size:  # same length, no padding: kwargs depend only on the chunk size
+                    by_size[b] = [kw for _, kw in sink]
+                for j in range(len(originals)):
+                    per_layer_kwargs[j].append(by_size[b][j])
+        finally:
+            for j, layer in enumerate(originals):
+                self.layers[j] = layer
+            for m in shell.children():  # free the embedding etc.; logits() reloads norm and lm_head
+                if m is not self.layers:
+                    self._unload(m)
+        self._inputs = [LayerInputs(hidden0 if j == 0 else [], per_layer_kwargs[j]) for j in range(len(originals))]
+        return self._inputs[0]
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, process_layer: Callable[[int, nn.Module, LayerInputs], None] | None = None,
+            *, finish: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Process every layer in order; returns the logits [S, T, V] if ``finish`` else the final
+        hidden states per chunk (before the final norm).
+
+        ``process_layer(i, layer, inputs)`` may run ``run_layer(layer, inputs)`` with hooks to collect
+        statistics and modify the layer's weights in place; the runner then recomputes the layer's
+        outputs with the current weights and feeds them to the next layer.
+        """
+        inputs = self.capture()
+        hidden = inputs.hidden
+        for i in range(self.num_layers):
+            layer_inputs = LayerInputs(hidden, self._inputs[i].kwargs)
+            layer = self.load_layer(i)
+            try:
+                if process_layer is not None:
+                    process_layer(i, layer, layer_inputs)
+                hidden = run_layer(layer, layer_inputs)
+            finally:
+                self.free_layer(i)
+        self._inputs = None  # the recorded hidden states were consumed; capture again for another run
+        if finish:
+            return self.logits(hidden)
+        return hidden
+
+    @torch.no_grad()
+    def logits(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """Final norm + lm_head (+ final logit soft-capping) over the last layer's outputs: [S, T, V]."""
+        shell, head = self.model.model, self.model.get_output_embeddings()
+        norm = getattr(shell, "norm", None)
+        if norm is None or head is None:
+            raise MergeQuantError(f"{self.arch}: unsupported architecture (no model.norm / lm_head)")
+        shell_path, head_path = self._module_path(shell), self._module_path(head)
+        embed_key = f"{shell_path}.embed_tokens.weight"
+        self._load(norm, f"{shell_path}.norm.")
+        self._load(head, f"{head_path}.", fallback={f"{head_path}.weight": embed_key})  # tied embeddings
+        try:
+            out = torch.cat([head(norm(h)) for h in hidden], dim=0)
+        finally:
+            self._unload(norm)
+            self._unload(head)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out

@@ -1,0 +1,169 @@
+"""LayerRunner: layer-by-layer execution must reproduce the full transformers model exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mergequant.errors import MergeQuantError
+from mergequant.quant.gptq import HessianAccumulator
+from mergequant.quant.runner import LayerRunner, linear_modules, run_layer
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM
+
+S, T, V = 3, 16, 128
+
+ARCHS = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},  # q/k/v biases
+    "qwen3": {},  # q_norm / k_norm
+    "gemma": {},  # scaled embedding, (1 + w) norms, tied lm_head
+    "gemma2": {"sliding_window": 4, "final_logit_softcapping": 5.0},
+    # layer 0 sliding (window 4, local rope), layer 1 full attention: different kwargs per layer
+    "gemma3_text": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+}
+
+
+def _config(model_type: str):
+    return AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=V, max_position_embeddings=64, **ARCHS[model_type])
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Random init leaves biases at 0 and norms at 1: make every tensor distinct so a mis-load shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """model_type -> (full float32 model, directory it was saved to, calibration ids)."""
+    out = {}
+    for i, mt in enumerate(ARCHS):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(_config(mt)).float().eval()
+        _perturb(model, 100 + i)
+        d = tmp_path_factory.mktemp(mt)
+        model.save_pretrained(d)
+        ids = torch.randint(0, V, (S, T), generator=torch.Generator().manual_seed(7 + i))
+        out[mt] = (model, d, ids)
+    return out
+
+
+@pytest.mark.parametrize("model_type", list(ARCHS))
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_noop_logits_match_full_model(tiny_models, model_type, batch_size):
+    model, d, ids = tiny_models[model_type]
+    with torch.no_grad():
+        ref = model(ids).logits
+    logits = LayerRunner(d, ids, batch_size=batch_size).run(finish=True)
+    assert logits.shape == (S, T, V)
+    assert logits.abs().max() > 0.1
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_modified_weights_are_fed_forward(tiny_models, model_type):
+    _, d, ids = tiny_models[model_type]
+
+    def zero_down(i, layer, inputs):
+        if i == 0:
+            layer.mlp.down_proj.weight.zero_()
+
+    logits = LayerRunner(d, ids, batch_size=2).run(zero_down, finish=True)
+
+    edited = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        orig = edited(ids).logits
+        edited.model.layers[0].mlp.down_proj.weight.zero_()
+        ref = edited(ids).logits
+    assert (ref - orig).abs().max() > 1e-3  # the edit matters, so the comparison below can fail
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1])
+def test_hessian_of_q_proj_matches_full_model(tiny_models, layer_idx):
+    model, d, ids = tiny_models["qwen2"]
+    got = {}
+
+    def collect(i, layer, inputs):
+        lin = linear_modules(layer)
+        assert {"self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"} <= set(lin)
+        if i != layer_idx:
+            return
+        acc = HessianAccumulator()
+        h = lin["self_attn.q_proj"].register_forward_hook(lambda m, a, o: acc.add(a[0]))
+        try:
+            run_layer(layer, inputs)
+        finally:
+            h.remove()
+        got["H"], got["n"] = acc.hessian.clone(), acc.nsamples
+
+    LayerRunner(d, ids, batch_size=2).run(collect)
+
+    xs = []
+    q = model.model.layers[layer_idx].self_attn.q_proj
+    h = q.register_forward_hook(lambda m, a, o: xs.append(a[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        h.remove()
+    x = torch.cat(xs).reshape(-1, q.in_features).double()
+    ref = (2.0 / x.shape[0]) * x.T @ x
+    assert got["n"] == S * T
+    torch.testing.assert_close(got["H"].double(), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_one_layer_materialized_at_a_time(tiny_models):
+    _, d, ids = tiny_models["mistral"]
+    runner = LayerRunner(d, ids)
+    seen = []
+
+    def check(i, layer, inputs):
+        for j, other in enumerate(runner.layers):
+            devs = {p.device.type for p in other.parameters()}
+            assert devs == ({"cpu"} if j == i else {"meta"}), (i, j, devs)
+        assert runner.model.model.embed_tokens.weight.device.type == "meta"
+        assert runner.model.lm_head.weight.device.type == "meta"
+        seen.append(i)
+
+    runner.run(check)
+    assert seen == [0, 1]
+    assert all(p.device.type == "meta" for p in runner.model.parameters())
+
+
+def test_missing_config(tmp_path, tiny_models):
+    _, d, ids = tiny_models["llama"]
+    for f in d.iterdir():
+        if f.name != "config.json":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(MergeQuantError, match="config.json"):
+        LayerRunner(tmp_path, ids)
+
+
+def test_unknown_model_type(tmp_path, tiny_models):
+    _, d, ids = tiny_models["llama"]
+    for f in d.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "frobnicator"
+    cfg["architectures"] = ["FrobnicatorForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MergeQuantError, match="frobnicator.*not known"):
+        LayerRunner(tmp_path, ids)
+
+
+def test_layers_not_at_model_layers(tmp_path):
+    cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=V, n_positions=32)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    with pytest.raises(MergeQuantError, match="GPT2LMHeadModel.*unsupported"):
+        LayerRunner(tmp_path, torch.zeros(1, 4, dtype=torch.long))
