@@ -58,3 +58,39 @@ def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], 
         "",
     ]
     return "\n".join(lines)
+
+
+def quant_card(*, source: str, method: str, bits: int, group_size: int, desc_act: bool, sym: bool,
+               checkpoint_format: str, calib: str | None, calib_tokens: int, samples: int,
+               fallbacks: list[str], perplexity: dict | None = None) -> str:
+    """A model card for a quantized checkpoint: ``base_model`` is the one source (when it is a Hub id)
+    with relation ``quantized``; the body says how it was made and how to load it."""
+    parents = hub_parents([source])
+    meta: dict = {}
+    if parents:
+        meta["base_model"] = parents
+        meta["base_model_relation"] = "quantized"
+    meta["library_name"] = "transformers"
+    meta["tags"] = ["mergequant", method, f"{bits}bit", "gptq"]
+    gs = "per row (-1)" if group_size == -1 else str(group_size)
+    lines = [
+        front_matter(meta),
+        f"# {Path(source).name or source} ({method.upper()} {bits}-bit)\n",
+        f"Quantized from `{source}` with [mergequant](https://github.com/mergequant/mergequant) {__version__}.\n",
+        "| setting | value |", "|---|---|",
+        f"| method | {method} |", f"| bits | {bits} |", f"| group size | {gs} |",
+        f"| act order (desc_act) | {desc_act} |", f"| symmetric | {sym} |",
+        f"| checkpoint format | {checkpoint_format} |",
+        f"| calibration | {calib + f' ({samples} samples, {calib_tokens:,} tokens)' if calib else 'none'} |",
+        "",
+    ]
+    if fallbacks:
+        lines += [f"Round-to-nearest was used for {len(fallbacks)} module(s) where GPTQ's Cholesky failed: "
+                  + ", ".join(f"`{f}`" for f in fallbacks), ""]
+    if perplexity:
+        lines += ["## Perplexity\n", "| model | perplexity |", "|---|---|",
+                  *[f"| {k} | {v:.4f} |" for k, v in perplexity.items()], ""]
+    lines += ["## Loading\n", "```python", "from transformers import AutoModelForCausalLM  # needs gptqmodel (and optimum)",
+              f"model = AutoModelForCausalLM.from_pretrained(\"{parents[0] if parents else 'PATH'}\", device_map=\"auto\")",
+              "```", ""]
+    return "\n".join(lines)

@@ -81,6 +81,47 @@ def inspect(
     typer.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="Full-precision model directory (safetensors)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (written atomically)."),
+    method: str = typer.Option("gptq", help="gptq (calibrated) or rtn (round-to-nearest baseline, no data)."),
+    bits: int = typer.Option(4, help="2, 3, 4 or 8."),
+    group_size: int = typer.Option(128, help="Input columns per quantization group; -1 for one group per row."),
+    desc_act: bool = typer.Option(False, "--desc-act", help="Act order: quantize columns by decreasing Hessian diagonal."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="With --desc-act, fix group parameters before reordering."),
+    sym: bool = typer.Option(True, "--sym/--no-sym", help="Symmetric (gptq format) or asymmetric (gptq_v2 format)."),
+    damp: float = typer.Option(0.01, help="Hessian damping, as a fraction of its mean diagonal (raised automatically if needed)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data: .txt, .jsonl, .parquet or hf:NAME[:CONFIG]:SPLIT[:COLUMN]."),
+    samples: int = typer.Option(128, help="Calibration windows."),
+    seqlen: int = typer.Option(2048, help="Tokens per window (capped by the model)."),
+    seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    shard_size: str = typer.Option("5GB", help="Maximum shard size."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Quantize MODEL to a GPTQ checkpoint (layer by layer; RAM ~ one layer + activations).
+
+    Example: mergequant quantize ./merged -o ./merged-gptq --bits 4 --group-size 128 --calib data.jsonl
+    """
+    from mergequant.quant.quantize import QuantizeOptions, run_quantize
+    from mergequant.units import parse_size
+
+    try:
+        opts = QuantizeOptions(out=out, method=method, bits=bits, group_size=group_size, desc_act=desc_act,
+                               static_groups=static_groups, sym=sym, damp=damp, calib=calib, samples=samples,
+                               seqlen=seqlen, seed=seed, device=device, force=force, quiet=quiet,
+                               shard_size=parse_size(shard_size))
+        res = run_quantize(model, opts, log=lambda m: typer.echo(m, err=True))
+    except MergeQuantError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; no output was written", 130)
+    typer.echo(f"wrote {res.out}: {res.modules} Linear modules quantized ({method}, {bits}-bit, group {group_size})"
+               + (f"; {len(res.fallbacks)} fell back to round-to-nearest" if res.fallbacks else ""))
+
+
 @app.command(name="eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="Model directory (full precision, loaded with transformers)."),

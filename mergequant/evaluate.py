@@ -79,7 +79,11 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
 
         hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(dev).eval()
+    ck = Checkpoint.open(model_dir)
+    if (ck.config.get("quantization_config") or {}).get("quant_method") == "gptq":
+        model = load_gptq_dequantized(ck).to(dev).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(dev).eval()
     limit = getattr(model.config, "max_position_embeddings", None)
     seqlen = min(seqlen, limit) if limit else seqlen
     text = "\n\n".join(load_documents(data))
@@ -87,3 +91,34 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
     if max_tokens:
         ids = ids[:max_tokens]
     return perplexity(model, ids, seqlen=seqlen, stride=stride, device=dev, progress=progress)
+
+
+def load_gptq_dequantized(ck) -> "torch.nn.Module":
+    """Our own loader for GPTQ checkpoints: a plain float32 transformers model whose Linear weights are
+    the dequantized GPTQ weights. Numerically what a GPTQ kernel computes (up to its fp16 arithmetic),
+    with no dependency on gptqmodel."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mergequant.quant.formats import gptq_dequantize
+
+    qcfg = ck.config["quantization_config"]
+    cfg_dict = {k: v for k, v in ck.config.items() if k != "quantization_config"}
+    cfg = AutoConfig.for_model(**cfg_dict)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    state = {}
+    for name in ck.tensors:
+        if name.endswith(".qweight"):
+            p = name[: -len(".qweight")]
+            state[f"{p}.weight"] = gptq_dequantize(ck.get(name), ck.get(f"{p}.qzeros"), ck.get(f"{p}.scales"),
+                                                   ck.get(f"{p}.g_idx"), qcfg["bits"],
+                                                   qcfg.get("checkpoint_format", "gptq"))
+        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+            state[name] = ck.get(name).float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise MergeQuantError(f"{ck.path}: checkpoint does not match {type(model).__name__}: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model

@@ -1,0 +1,135 @@
+"""`mergequant quantize`: GPTQ/RTN checkpoints whose tensors dequantize to what the solver chose, a model
+closer to full precision with GPTQ than with RTN, and clean failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergequant.demo import build_tiny_llama
+from mergequant.evaluate import load_gptq_dequantized
+from mergequant.io.checkpoint import Checkpoint
+from mergequant.quant import formats
+from mergequant.quant.gptq import quantize_rtn
+from mergequant.quant.quantize import QuantizeOptions, run_quantize
+
+from conftest import run_cli
+
+TEXT = "\n\n".join(f"Chapter {i}. It is a truth universally acknowledged, that a single man in possession of a good "
+                   f"fortune must be in want of a wife; and {i} more words follow here, to be or not to be." for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    # group size 32 divides hidden 64 and intermediate 160 (and 3-bit needs multiples of 32)
+    return build_tiny_llama(tmp_path_factory.mktemp("q") / "m", dtype=torch.float32, hidden=64, intermediate=160, layers=2,
+                            seed=5)
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("c") / "calib.txt"
+    f.write_text(TEXT)
+    return f
+
+
+def _load(d: Path) -> dict[str, torch.Tensor]:
+    sd = {}
+    for f in sorted(d.glob("*.safetensors")):
+        sd.update(load_file(f))
+    return sd
+
+
+def _quantize(model, out, **kw):
+    return run_quantize(model, QuantizeOptions(out=out, quiet=True, fsync=False, **kw), log=lambda m: None)
+
+
+def test_rtn_checkpoint_dequantizes_to_the_rtn_weights(model, tmp_path):
+    out = tmp_path / "rtn"
+    _quantize(model, out, method="rtn", bits=4, group_size=32)
+    sd, src = _load(out), Checkpoint.open(model)
+    name = "model.layers.1.mlp.down_proj"
+    W = src.get(f"{name}.weight").float()
+    q, scales, zeros = quantize_rtn(W, 4, 32, True)
+    g = torch.arange(W.shape[1]) // 32
+    expected = scales[g].T.half().float() * (q - zeros[g].T)  # scales are stored as float16
+    got = formats.gptq_dequantize(sd[f"{name}.qweight"], sd[f"{name}.qzeros"], sd[f"{name}.scales"], sd[f"{name}.g_idx"], 4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert f"{name}.weight" not in sd and sd["model.embed_tokens.weight"].dtype == torch.float16
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"] == json.loads((out / "quantize_config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["quantization_config"]["bits"] == 4
+    assert cfg["quantization_config"]["checkpoint_format"] == "gptq"
+    assert "base_model_relation" not in (out / "README.md").read_text()  # a local source: no Hub parent
+
+
+def _logit_error(model_dir: Path, quant_dir: Path, ids: torch.Tensor) -> float:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    q = load_gptq_dequantized(Checkpoint.open(quant_dir)).eval()
+    with torch.no_grad():
+        return float((ref(ids).logits - q(ids).logits).pow(2).mean())
+
+
+def test_gptq_is_closer_to_full_precision_than_rtn(model, calib, tmp_path):
+    from transformers import AutoTokenizer
+
+    _quantize(model, tmp_path / "rtn", method="rtn", bits=3, group_size=32)
+    res = _quantize(model, tmp_path / "gptq", method="gptq", bits=3, group_size=32, calib=str(calib), samples=16,
+                    seqlen=64)
+    assert res.modules == 14 and res.fallbacks == [] and res.calib_tokens == 16 * 64
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = torch.tensor([tok(TEXT[:2000], add_special_tokens=False)["input_ids"][:128]])
+    e_rtn, e_gptq = _logit_error(model, tmp_path / "rtn", ids), _logit_error(model, tmp_path / "gptq", ids)
+    assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
+    card = (tmp_path / "gptq" / "README.md").read_text()
+    assert "| bits | 3 |" in card and "16 samples, 1,024 tokens" in card
+
+
+def test_asymmetric_writes_gptq_v2_and_desc_act_g_idx(model, calib, tmp_path):
+    out = tmp_path / "v2"
+    _quantize(model, out, method="gptq", bits=4, group_size=32, sym=False, desc_act=True, calib=str(calib), samples=8,
+              seqlen=64)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["checkpoint_format"] == "gptq_v2" and cfg["sym"] is False and cfg["desc_act"] is True
+    g_idx = _load(out)["model.layers.0.mlp.down_proj.g_idx"]
+    assert sorted(torch.bincount(g_idx).tolist()) == [32] * 5  # 160 columns, 5 groups of 32, in permuted order
+    assert not torch.equal(g_idx, torch.arange(160, dtype=torch.int32) // 32)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--method", "rtn", "--group-size", "48"], "--group-size 48 does not divide in_features 64"),
+    (["--method", "gptq", "--group-size", "32"], "--calib is required"),
+    (["--method", "rtn", "--bits", "5", "--group-size", "32"], "--bits 5"),
+])
+def test_bad_options(model, tmp_path, args, needle):
+    out = tmp_path / "out"
+    proc = run_cli("quantize", model, "-o", out, *args)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_bad_inputs(model, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "out"
+    proc = run_cli("quantize", model, "-o", out, "--calib", empty, "--group-size", "32")
+    assert proc.returncode == 2 and "empty" in proc.stderr and str(empty) in proc.stderr and not out.exists()
+    no_cfg = tmp_path / "nocfg"
+    no_cfg.mkdir()
+    (no_cfg / "model.safetensors").write_bytes((Path(model) / "model-00001-of-00002.safetensors").read_bytes()
+                                               if (Path(model) / "model-00001-of-00002.safetensors").exists() else b"")
+    proc = run_cli("quantize", no_cfg, "-o", out, "--method", "rtn")
+    assert proc.returncode == 2 and "config.json" in proc.stderr and not out.exists()
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    from safetensors.torch import save_file
+    save_file({"h.0.attn.c_attn.weight": torch.zeros(4, 12)}, gpt2 / "model.safetensors")
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    proc = run_cli("quantize", gpt2, "-o", out, "--method", "rtn")
+    assert proc.returncode == 2 and "GPT2LMHeadModel is not supported" in proc.stderr and not out.exists()
