@@ -14,6 +14,7 @@ from mergequant.demo import build_tiny_llama, finetune_of
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel refuses to start on 2 cores without it
 
 
 def _family(root: Path, dtype: torch.dtype, **cfg) -> dict[str, Path]:

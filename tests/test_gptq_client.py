@@ -22,12 +22,12 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 pytest.importorskip("gptqmodel")
 pytest.importorskip("optimum")
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
-from mergequant.demo import build_tiny_llama  # noqa: E402
-from mergequant.quant import formats  # noqa: E402
-from mergequant.quant.gptq import quantize_rtn  # noqa: E402
+from mergequant.demo import build_tiny_llama
+from mergequant.quant import formats
+from mergequant.quant.gptq import quantize_rtn
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -58,7 +58,7 @@ def _write_gptq(tmp: Path, *, group_size: int, sym: bool, desc_act: bool, checkp
         if not (name.endswith(".weight") and mod.endswith(LINEARS)):
             tensors[name] = w.to(torch.float16).contiguous()
             continue
-        N, K = w.shape
+        K = w.shape[1]
         if desc_act:
             perm = torch.randperm(K, generator=gen)
             q_p, scales, zeros = quantize_rtn(w[:, perm], bits=BITS, group_size=group_size, sym=sym)

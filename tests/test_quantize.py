@@ -133,3 +133,26 @@ def test_bad_inputs(model, tmp_path):
     (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     proc = run_cli("quantize", gpt2, "-o", out, "--method", "rtn")
     assert proc.returncode == 2 and "GPT2LMHeadModel is not supported" in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("sym, desc_act", [(True, False), (False, True)])
+def test_quantize_output_loads_in_gptqmodel(model, calib, tmp_path, sym, desc_act):
+    """The `quantize` command's own output in a real client (transformers + gptqmodel): same logits as our
+    dequantizing loader, up to the client's float16 arithmetic."""
+    import os
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    _quantize(model, out, method="gptq", bits=4, group_size=32, sym=sym, desc_act=desc_act, calib=str(calib),
+              samples=8, seqlen=64)
+    ids = torch.randint(0, 2048, (1, 24), generator=torch.Generator().manual_seed(0))
+    client = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu").eval()
+    assert len([m for m in client.modules() if hasattr(m, "qweight")]) == 14
+    ours = load_gptq_dequantized(Checkpoint.open(out)).eval()
+    with torch.no_grad():
+        got, ref = client(ids).logits.float(), ours(ids).logits.float()
+    assert (got - ref).abs().max() <= 1e-2 * max(ref.abs().max().item(), 1.0)
