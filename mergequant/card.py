@@ -62,7 +62,7 @@ def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], 
 
 def quant_card(*, source: str, method: str, bits: int, group_size: int, desc_act: bool, sym: bool,
                checkpoint_format: str, calib: str | None, calib_tokens: int, samples: int,
-               fallbacks: list[str], perplexity: dict | None = None) -> str:
+               fallbacks: list[str], perplexity: dict | None = None, eval_data: str | None = None) -> str:
     """A model card for a quantized checkpoint: ``base_model`` is the one source (when it is a Hub id)
     with relation ``quantized``; the body says how it was made and how to load it."""
     parents = hub_parents([source])
@@ -88,7 +88,8 @@ def quant_card(*, source: str, method: str, bits: int, group_size: int, desc_act
         lines += [f"Round-to-nearest was used for {len(fallbacks)} module(s) where GPTQ's Cholesky failed: "
                   + ", ".join(f"`{f}`" for f in fallbacks), ""]
     if perplexity:
-        lines += ["## Perplexity\n", "| model | perplexity |", "|---|---|",
+        lines += ["## Perplexity\n", f"Held-out perplexity on `{eval_data}` (measured by `mergequant eval`):\n",
+                  "| model | perplexity |", "|---|---|",
                   *[f"| {k} | {v:.4f} |" for k, v in perplexity.items()], ""]
     lines += ["## Loading\n", "```python", "from transformers import AutoModelForCausalLM  # needs gptqmodel (and optimum)",
               f"model = AutoModelForCausalLM.from_pretrained(\"{parents[0] if parents else 'PATH'}\", device_map=\"auto\")",

@@ -98,6 +98,7 @@ def quantize(
     seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     shard_size: str = typer.Option("5GB", help="Maximum shard size."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out text: measure perplexity before and after (window --seqlen) and record both in the model card."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
@@ -112,7 +113,7 @@ def quantize(
         opts = QuantizeOptions(out=out, method=method, bits=bits, group_size=group_size, desc_act=desc_act,
                                static_groups=static_groups, sym=sym, damp=damp, calib=calib, samples=samples,
                                seqlen=seqlen, seed=seed, device=device, force=force, quiet=quiet,
-                               shard_size=parse_size(shard_size))
+                               shard_size=parse_size(shard_size), eval_data=eval_data)
         res = run_quantize(model, opts, log=lambda m: typer.echo(m, err=True))
     except MergeQuantError as e:
         _fail(str(e))

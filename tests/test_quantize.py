@@ -156,3 +156,16 @@ def test_quantize_output_loads_in_gptqmodel(model, calib, tmp_path, sym, desc_ac
     with torch.no_grad():
         got, ref = client(ids).logits.float(), ours(ids).logits.float()
     assert (got - ref).abs().max() <= 1e-2 * max(ref.abs().max().item(), 1.0)
+
+
+def test_eval_before_and_after_goes_into_the_card(model, calib, tmp_path):
+    from mergequant.evaluate import evaluate_model
+
+    out = tmp_path / "q"
+    res = _quantize(model, out, method="rtn", bits=4, group_size=32, eval_data=str(calib), seqlen=64)
+    fp, q = res.perplexity["full precision"], res.perplexity["rtn 4-bit"]
+    assert fp == pytest.approx(evaluate_model(str(model), str(calib), seqlen=64, progress=False).perplexity)
+    assert q == pytest.approx(evaluate_model(str(out), str(calib), seqlen=64, progress=False).perplexity)
+    assert fp != q
+    card = (out / "README.md").read_text()
+    assert f"| full precision | {fp:.4f} |" in card and f"| rtn 4-bit | {q:.4f} |" in card

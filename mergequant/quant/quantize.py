@@ -58,6 +58,7 @@ class QuantizeOptions:
     shard_size: int = 5 * 10**9
     batch_size: int = 8
     fsync: bool = True
+    eval_data: str | None = None  # measure perplexity before and after, and put both in the card
 
 
 @dataclass
@@ -67,6 +68,7 @@ class QuantizeResult:
     fallbacks: list[str] = field(default_factory=list)
     calib_tokens: int = 0
     proxy_error: float = 0.0
+    perplexity: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,16 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
         finally:
             writer.close()
         _write_metadata(ck, tmp, opts, fmt, result)
+        if opts.eval_data:  # measured on the finished files, before they are moved into place
+            from mergequant.evaluate import evaluate_model
+
+            kw = dict(seqlen=opts.seqlen, device=opts.device, progress=not opts.quiet)
+            result.perplexity = {
+                "full precision": evaluate_model(str(model_dir), opts.eval_data, **kw).perplexity,
+                f"{opts.method} {opts.bits}-bit": evaluate_model(str(tmp), opts.eval_data, **kw).perplexity,
+            }
+            log("perplexity: " + ", ".join(f"{k} {v:.4f}" for k, v in result.perplexity.items()))
+            _write_metadata(ck, tmp, opts, fmt, result)  # again, now with the numbers in the card
     return result
 
 
@@ -248,4 +260,5 @@ def _write_metadata(ck: Checkpoint, out: Path, opts: QuantizeOptions, fmt: str, 
     (out / "README.md").write_text(quant_card(
         source=str(ck.path), method=opts.method, bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act,
         sym=opts.sym, checkpoint_format=fmt, calib=opts.calib, calib_tokens=result.calib_tokens,
-        samples=opts.samples if opts.method == "gptq" else 0, fallbacks=result.fallbacks))
+        samples=opts.samples if opts.method == "gptq" else 0, fallbacks=result.fallbacks,
+        perplexity=result.perplexity or None, eval_data=opts.eval_data))
