@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_bench import _status, _tree  # noqa: E402  (the same /proc process-tree polling)
 MODEL = Path("/work/shared/models/base")
 CORPUS = Path("/work/shared/corpus")
 WORK = ROOT / "bench" / "work" / "quant"
@@ -97,29 +99,8 @@ def build_data(calib_kb: int, heldout_kb: int) -> tuple[Path, Path, dict]:
 
 # --------------------------------------------------------------------------------------- measurement
 
-def _tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            pass
-    return out
-
-
 def _rss_anon_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+    return _status(pid).get("RssAnon", 0) // 1024
 
 
 def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:

@@ -66,20 +66,20 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
                    max_tokens: int | None = None, progress: bool = True) -> Perplexity:
     """Load ``model_dir`` with transformers and measure perplexity on ``data`` (any calibration source)."""
     from mergequant.io.checkpoint import Checkpoint
+    from mergequant.io.model_files import pick_device
     from mergequant.quant.calib import load_documents
 
-    Checkpoint.open(model_dir)  # clear errors for missing/corrupt directories before transformers
+    ck = Checkpoint.open(model_dir)  # clear errors for missing/corrupt directories before transformers
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise MergeQuantError("mergequant eval needs transformers (pip install 'mergequant[hf]')") from None
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = pick_device(device)
     if not progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ck = Checkpoint.open(model_dir)
     if (ck.config.get("quantization_config") or {}).get("quant_method") == "gptq":
         model = load_gptq_dequantized(ck).to(dev).eval()
     else:

@@ -4,7 +4,6 @@ tokenizer and model card, all inside a temporary directory renamed into place at
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -15,16 +14,13 @@ import torch
 from tqdm import tqdm
 
 from mergequant.card import merge_card
-from mergequant.errors import MergeQuantError
+from mergequant.io.model_files import copy_tokenizer_files, pick_device
 from mergequant.io.writer import PlannedTensor, ShardedWriter, atomic_output_dir, check_output_location, plan_shards, write_json
 from mergequant.merge.engine import CHUNK, merge_tensor
 from mergequant.merge.plan import DTYPE_TO_NAME, MergePlan, build_plan, open_models
 from mergequant.recipe import load_recipe
 from mergequant.units import format_bytes
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt",
-                   "generation_config.json"]
 RECIPE_COPY = "mergequant_recipe.yaml"
 
 
@@ -52,16 +48,6 @@ class MergeResult:
     bytes_written: int
     shards: list[str]
     warnings: list[str] = field(default_factory=list)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MergeQuantError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name not in ("cpu", "cuda"):
-        raise MergeQuantError(f"--device must be cpu, cuda or auto, not {name!r}")
-    return torch.device(name)
 
 
 def estimate_peak_bytes(plan: MergePlan, workers: int) -> int:
@@ -191,10 +177,7 @@ def _write_metadata(plan: MergePlan, out: Path, opts: MergeOptions) -> None:
             per_model = {r: c.config.get(key) for r, c in plan.checkpoints.items()}
             config[key] = [per_model[m][i] if isinstance(per_model[m], list) else value[i] for m, i in plan.layer_sources]
     write_json(out / "config.json", config)
-    for fname in TOKENIZER_FILES:
-        src = ref.path / fname
-        if src.exists():
-            shutil.copyfile(src, out / fname)
+    copy_tokenizer_files(ref.path, out)
     (out / RECIPE_COPY).write_text(plan.recipe.text)
     models = [r for r in plan.recipe.model_refs()]
     (out / "README.md").write_text(merge_card(

@@ -11,8 +11,6 @@ as float16. CPU RAM stays around one layer plus activations.
 
 from __future__ import annotations
 
-import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,8 @@ from tqdm import tqdm
 from mergequant.errors import MergeQuantError
 from mergequant.io.checkpoint import Checkpoint, split_layer_name
 from mergequant.io.writer import PlannedTensor, ShardedWriter, atomic_output_dir, check_output_location, plan_shards, write_json
-from mergequant.merge.run import TOKENIZER_FILES
+from mergequant.io.model_files import copy_tokenizer_files, pick_device
+from mergequant.merge.plan import natural_key
 from mergequant.quant import formats
 from mergequant.quant.gptq import SUPPORTED_BITS, HessianAccumulator, gptq_quantize, quantize_rtn
 
@@ -131,7 +130,7 @@ def _planned(ck: Checkpoint, linears: list[_Linear], bits: int, group_size: int)
             continue
         dtype = torch.float16 if info.dtype.is_floating_point else info.dtype
         out.append(PlannedTensor(name, dtype, info.shape))
-    return sorted(out, key=lambda t: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", t.name)])
+    return sorted(out, key=lambda t: natural_key(t.name))
 
 
 def _write_packed(writer: ShardedWriter, lin: _Linear, q_nk, scales, zeros, g_idx, bits: int, fmt: str) -> None:
@@ -147,8 +146,7 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     validate(opts, linears)
     check_output_location(opts.out, [model_dir], force=opts.force)
     fmt = "gptq" if opts.sym else "gptq_v2"
-    device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if opts.device == "auto" else opts.device))
+    device = pick_device(opts.device)
     calib_ids = None
     if opts.method == "gptq":
         from transformers import AutoTokenizer
@@ -254,9 +252,7 @@ def _write_metadata(ck: Checkpoint, out: Path, opts: QuantizeOptions, fmt: str, 
         config["dtype"] = "float16"
     write_json(out / "config.json", config)
     write_json(out / "quantize_config.json", qcfg)
-    for fname in TOKENIZER_FILES:
-        if (ck.path / fname).exists():
-            shutil.copyfile(ck.path / fname, out / fname)
+    copy_tokenizer_files(ck.path, out)
     (out / "README.md").write_text(quant_card(
         source=str(ck.path), method=opts.method, bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act,
         sym=opts.sym, checkpoint_format=fmt, calib=opts.calib, calib_tokens=result.calib_tokens,
