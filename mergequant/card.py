@@ -60,27 +60,25 @@ def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], 
     return "\n".join(lines)
 
 
-def quant_card(*, source: str, method: str, bits: int, group_size: int, desc_act: bool, sym: bool,
-               checkpoint_format: str, calib: str | None, calib_tokens: int, samples: int,
+def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str, str]], tags: list[str],
+               requirements: str, calib: str | None, calib_tokens: int, samples: int,
                fallbacks: list[str], perplexity: dict | None = None, eval_data: str | None = None) -> str:
     """A model card for a quantized checkpoint: ``base_model`` is the one source (when it is a Hub id)
-    with relation ``quantized``; the body says how it was made and how to load it."""
+    with relation ``quantized``; the body says how it was made (``settings`` rows from the method)
+    and how to load it (``requirements``: what transformers needs installed for this format)."""
     parents = hub_parents([source])
     meta: dict = {}
     if parents:
         meta["base_model"] = parents
         meta["base_model_relation"] = "quantized"
     meta["library_name"] = "transformers"
-    meta["tags"] = ["mergequant", method, f"{bits}bit", "gptq"]
-    gs = "per row (-1)" if group_size == -1 else str(group_size)
+    meta["tags"] = ["mergequant", *dict.fromkeys(tags)]
     lines = [
         front_matter(meta),
         f"# {Path(source).name or source} ({method.upper()} {bits}-bit)\n",
         f"Quantized from `{source}` with [mergequant](https://github.com/mergequant/mergequant) {__version__}.\n",
         "| setting | value |", "|---|---|",
-        f"| method | {method} |", f"| bits | {bits} |", f"| group size | {gs} |",
-        f"| act order (desc_act) | {desc_act} |", f"| symmetric | {sym} |",
-        f"| checkpoint format | {checkpoint_format} |",
+        f"| method | {method} |", *[f"| {k} | {v} |" for k, v in settings],
         f"| calibration | {calib + f' ({samples} samples, {calib_tokens:,} tokens)' if calib else 'none'} |",
         "",
     ]
@@ -91,7 +89,8 @@ def quant_card(*, source: str, method: str, bits: int, group_size: int, desc_act
         lines += ["## Perplexity\n", f"Held-out perplexity on `{eval_data}` (measured by `mergequant eval`):\n",
                   "| model | perplexity |", "|---|---|",
                   *[f"| {k} | {v:.4f} |" for k, v in perplexity.items()], ""]
-    lines += ["## Loading\n", "```python", "from transformers import AutoModelForCausalLM  # needs gptqmodel (and optimum)",
+    needs = f"  # needs {requirements}" if requirements else ""
+    lines += ["## Loading\n", "```python", f"from transformers import AutoModelForCausalLM{needs}",
               f"model = AutoModelForCausalLM.from_pretrained(\"{parents[0] if parents else 'PATH'}\", device_map=\"auto\")",
               "```", ""]
     return "\n".join(lines)

@@ -85,8 +85,8 @@ def inspect(
 def quantize(
     model: Path = typer.Argument(..., help="Full-precision model directory (safetensors)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (written atomically)."),
-    method: str = typer.Option("gptq", help="gptq (calibrated) or rtn (round-to-nearest baseline, no data)."),
-    bits: int = typer.Option(4, help="2, 3, 4 or 8."),
+    method: str = typer.Option("gptq", help="gptq (calibrated, GPTQ format), awq (calibrated, AWQ GEMM format, 4-bit), rtn (round-to-nearest baseline in GPTQ format, no data), int8 (bitsandbytes LLM.int8, no data) or w8a8 (SmoothQuant + int8 weights and activations, compressed-tensors format for vLLM)."),
+    bits: int = typer.Option(4, help="2, 3, 4 or 8 (gptq/rtn); 4 (awq); 8 (int8, w8a8)."),
     group_size: int = typer.Option(128, help="Input columns per quantization group; -1 for one group per row."),
     desc_act: bool = typer.Option(False, "--desc-act", help="Act order: quantize columns by decreasing Hessian diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="With --desc-act, fix group parameters before reordering."),
@@ -99,10 +99,16 @@ def quantize(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     shard_size: str = typer.Option("5GB", help="Maximum shard size."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out text: measure perplexity before and after (window --seqlen) and record both in the model card."),
+    zero_point: bool = typer.Option(True, "--zero-point/--no-zero-point", help="awq: asymmetric groups with a zero point (default) or symmetric."),
+    n_grid: int = typer.Option(20, "--n-grid", help="awq: scale ratios tried per scaling group (fewer is faster, more can be better)."),
+    duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="awq: scales from activation and weight magnitudes (default) or activations only."),
+    alpha: float = typer.Option(0.5, help="w8a8: SmoothQuant migration strength in [0, 1] (how much activation range moves into the weights)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward pass (more is faster, uses more memory)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Quantize MODEL to a GPTQ checkpoint (layer by layer; RAM ~ one layer + activations).
+    """Quantize MODEL (layer by layer; RAM ~ one layer + activations) into a checkpoint that
+    transformers (with gptqmodel, bitsandbytes or compressed-tensors) and vLLM load unchanged.
 
     Example: mergequant quantize ./merged -o ./merged-gptq --bits 4 --group-size 128 --calib data.jsonl
     """
@@ -113,19 +119,21 @@ def quantize(
         opts = QuantizeOptions(out=out, method=method, bits=bits, group_size=group_size, desc_act=desc_act,
                                static_groups=static_groups, sym=sym, damp=damp, calib=calib, samples=samples,
                                seqlen=seqlen, seed=seed, device=device, force=force, quiet=quiet,
-                               shard_size=parse_size(shard_size), eval_data=eval_data)
+                               shard_size=parse_size(shard_size), eval_data=eval_data, zero_point=zero_point,
+                               n_grid=n_grid, duo_scaling=duo_scaling, alpha=alpha, batch_size=batch_size)
         res = run_quantize(model, opts, log=lambda m: typer.echo(m, err=True))
     except MergeQuantError as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; no output was written", 130)
-    typer.echo(f"wrote {res.out}: {res.modules} Linear modules quantized ({method}, {bits}-bit, group {group_size})"
+    grouping = f", group {group_size}" if method in ("gptq", "rtn", "awq") else ""
+    typer.echo(f"wrote {res.out}: {res.modules} Linear modules quantized ({method}, {bits}-bit{grouping})"
                + (f"; {len(res.fallbacks)} fell back to round-to-nearest" if res.fallbacks else ""))
 
 
 @app.command(name="eval")
 def eval_cmd(
-    model: Path = typer.Argument(..., help="Model directory (full precision, loaded with transformers)."),
+    model: Path = typer.Argument(..., help="Model directory: full precision, or quantized by mergequant (any method)."),
     data: str = typer.Option(..., "--data", help="Held-out text: .txt, .jsonl (text), .parquet, or hf:NAME[:CONFIG]:SPLIT[:COLUMN]."),
     seqlen: int = typer.Option(2048, help="Window length in tokens (capped by the model's max_position_embeddings)."),
     stride: Optional[int] = typer.Option(None, help="Window step; smaller than --seqlen gives every token more context (default: --seqlen)."),

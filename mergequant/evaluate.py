@@ -80,8 +80,8 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
 
         hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    if (ck.config.get("quantization_config") or {}).get("quant_method") == "gptq":
-        model = load_gptq_dequantized(ck).to(dev).eval()
+    if ck.config.get("quantization_config"):
+        model = load_dequantized(ck).to(dev).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(dev).eval()
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -93,26 +93,27 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
     return perplexity(model, ids, seqlen=seqlen, stride=stride, device=dev, progress=progress)
 
 
-def load_gptq_dequantized(ck) -> "torch.nn.Module":
-    """Our own loader for GPTQ checkpoints: a plain float32 transformers model whose Linear weights are
-    the dequantized GPTQ weights. Numerically what a GPTQ kernel computes (up to its fp16 arithmetic),
-    with no dependency on gptqmodel."""
+def load_dequantized(ck) -> "torch.nn.Module":
+    """Our own loader for every quantized format mergequant writes: a plain float32 transformers model
+    whose Linear weights are the dequantized ones. Numerically what a quantized kernel computes (up to
+    its fp16 arithmetic), with no dependency on gptqmodel, bitsandbytes or compressed-tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mergequant.quant.formats import gptq_dequantize
+    from mergequant.quant.method import format_for_config
 
     qcfg = ck.config["quantization_config"]
+    fmt = format_for_config(qcfg)
+    if fmt is None:
+        raise MergeQuantError(f"{ck.path}: quantization format {qcfg.get('quant_method')!r} is not one mergequant reads")
     cfg_dict = {k: v for k, v in ck.config.items() if k != "quantization_config"}
     cfg = AutoConfig.for_model(**cfg_dict)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    state = {}
-    for name in ck.tensors:
-        if name.endswith(".qweight"):
-            p = name[: -len(".qweight")]
-            state[f"{p}.weight"] = gptq_dequantize(ck.get(name), ck.get(f"{p}.qzeros"), ck.get(f"{p}.scales"),
-                                                   ck.get(f"{p}.g_idx"), qcfg["bits"],
-                                                   qcfg.get("checkpoint_format", "gptq"))
-        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+    names = list(ck.tensors)
+    prefixes = fmt.quantized_prefixes(names, qcfg)
+    owned = {f"{p}{suf}" for p in prefixes for suf in fmt.storage_suffixes()}
+    state = {f"{p}.weight": fmt.dequantize(ck.get, p, qcfg) for p in prefixes}
+    for name in names:
+        if name not in owned and name not in state:
             state[name] = ck.get(name).float()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
@@ -122,3 +123,6 @@ def load_gptq_dequantized(ck) -> "torch.nn.Module":
     if cfg.tie_word_embeddings:
         model.tie_weights()
     return model
+
+
+load_gptq_dequantized = load_dequantized  # old name

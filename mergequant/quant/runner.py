@@ -159,7 +159,7 @@ class LayerRunner:
         self.arch = type(self.model).__name__
         self.layers: nn.ModuleList = self.model.model.layers
         self.num_layers = len(self.layers)
-        self._layers_path = self._module_path(self.layers)
+        self.layers_path = self._module_path(self.layers)
         self._inputs: list[LayerInputs] | None = None  # per-layer kwargs after capture (hidden only in [0])
 
     # ---- skeleton ------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ class LayerRunner:
     def load_layer(self, i: int) -> nn.Module:
         """Materialize decoder layer ``i`` from the checkpoint and return it."""
         layer = self.layers[i]
-        self._load(layer, f"{self._layers_path}.{i}.")
+        self._load(layer, f"{self.layers_path}.{i}.")
         return layer
 
     def free_layer(self, i: int) -> None:

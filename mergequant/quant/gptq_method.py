@@ -1,0 +1,130 @@
+"""GPTQ and round-to-nearest, both exported in the GPTQ on-disk format (qweight/qzeros/scales/g_idx).
+
+GPTQ runs per decoder layer in true-sequential order (k,v,q | o | up,gate | down): each group's
+input Hessians are accumulated on activations computed with the previous groups already quantized,
+then the group is solved and its dequantized weights put back into the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergequant.errors import MergeQuantError
+from mergequant.io.writer import PlannedTensor
+from mergequant.quant import formats
+from mergequant.quant.gptq import SUPPORTED_BITS, HessianAccumulator, gptq_quantize, quantize_rtn
+from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
+
+# True-sequential order inside a decoder layer: each group is quantized after the previous ones, on
+# inputs computed with the previous groups already quantized.
+SEQUENTIAL_GROUPS = [
+    ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.up_proj", "mlp.gate_proj"],
+    ["mlp.down_proj"],
+]
+
+
+def _fmt(opts) -> str:
+    return "gptq" if opts.sym else "gptq_v2"
+
+
+class RTNMethod(QuantMethod):
+    """Round-to-nearest per group: the no-calibration baseline, same files as GPTQ."""
+
+    name = "rtn"
+    calibrated = False
+    bits_allowed = SUPPORTED_BITS
+
+    def validate(self, opts, linears: list[QuantLinear]) -> None:
+        for lin in linears:
+            if opts.bits == 3 and (lin.in_features % 32 or lin.out_features % 32):
+                raise MergeQuantError(f"3-bit packing needs in/out features divisible by 32; {lin.prefix} is "
+                                      f"{lin.out_features}x{lin.in_features}")
+        if not 0 < opts.damp < 1:
+            raise MergeQuantError(f"--damp must be in (0, 1), got {opts.damp}")
+
+    def planned(self, lin: QuantLinear, opts) -> list[PlannedTensor]:
+        K, N, bits = lin.in_features, lin.out_features, opts.bits
+        G = 1 if opts.group_size == -1 else K // opts.group_size
+        return [PlannedTensor("qweight", torch.int32, (K * bits // 32, N)),
+                PlannedTensor("qzeros", torch.int32, (G, N * bits // 32)),
+                PlannedTensor("scales", torch.float16, (G, N)),
+                PlannedTensor("g_idx", torch.int32, (K,))]
+
+    def write_codes(self, ctx: QuantContext, lin: QuantLinear, q_nk, scales, zeros, g_idx) -> None:
+        ctx.write(lin, formats.gptq_pack(q_nk.T.contiguous(), zeros, scales, g_idx, ctx.opts.bits, _fmt(ctx.opts)))
+
+    def quantize_weight(self, ctx: QuantContext, lin: QuantLinear, W: torch.Tensor) -> None:
+        o = ctx.opts
+        q, scales, zeros = quantize_rtn(W, o.bits, o.group_size, o.sym)
+        self.write_codes(ctx, lin, q, scales, zeros, formats.g_idx_for(lin.in_features, o.group_size))
+
+    def quantization_config(self, opts) -> dict:
+        return formats.gptq_quantize_config(bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act,
+                                            sym=opts.sym, damp_percent=opts.damp, static_groups=opts.static_groups,
+                                            checkpoint_format=_fmt(opts))
+
+    def extra_files(self, opts) -> dict[str, dict]:
+        return {"quantize_config.json": self.quantization_config(opts)}
+
+    def card_settings(self, opts) -> list[tuple[str, str]]:
+        gs = "per row (-1)" if opts.group_size == -1 else str(opts.group_size)
+        return [("bits", str(opts.bits)), ("group size", gs), ("act order (desc_act)", str(opts.desc_act)),
+                ("symmetric", str(opts.sym)), ("checkpoint format", _fmt(opts))]
+
+    def card_tags(self, opts) -> list[str]:
+        return [self.name, f"{opts.bits}bit", "gptq"]
+
+    def loading_requirements(self) -> str:
+        return "gptqmodel (and optimum)"
+
+    # ---- reading back ----------------------------------------------------------------------------------
+    @classmethod
+    def handles(cls, qcfg: dict) -> bool:
+        return qcfg.get("quant_method") == "gptq"
+
+    @classmethod
+    def quantized_prefixes(cls, names, qcfg) -> list[str]:
+        return [n[: -len(".qweight")] for n in names if n.endswith(".qweight")]
+
+    @classmethod
+    def dequantize(cls, get, prefix: str, qcfg: dict) -> torch.Tensor:
+        return formats.gptq_dequantize(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"),
+                                       get(f"{prefix}.g_idx"), qcfg["bits"], qcfg.get("checkpoint_format", "gptq"))
+
+    @classmethod
+    def storage_suffixes(cls) -> tuple[str, ...]:
+        return (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+class GPTQMethod(RTNMethod):
+    name = "gptq"
+    calibrated = True
+
+    def process_layer(self, ctx, i, layer, inputs, todo, modules) -> None:
+        from mergequant.quant.runner import run_layer
+
+        o = ctx.opts
+        for group in SEQUENTIAL_GROUPS:
+            names = [s for s in group if s in todo and s in modules]
+            if not names:
+                continue
+            acc = {s: HessianAccumulator(todo[s].in_features) for s in names}
+            hooks = [modules[s].register_forward_hook(lambda m, args, out, s=s: acc[s].add(args[0].detach()))
+                     for s in names]
+            try:
+                run_layer(layer, inputs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for s in names:
+                mod, lin = modules[s], todo[s]
+                res = gptq_quantize(mod.weight.data.float(), acc[s].hessian, bits=o.bits, group_size=o.group_size,
+                                    desc_act=o.desc_act, static_groups=o.static_groups, sym=o.sym, damp=o.damp)
+                if res.fallback_rtn:
+                    ctx.result.fallbacks.append(lin.prefix)
+                    ctx.log(f"warning: {lin.prefix}: Cholesky failed at every damping; used round-to-nearest")
+                ctx.result.proxy_error += res.error
+                mod.weight.data.copy_(res.W_hat.to(mod.weight.dtype))
+                self.write_codes(ctx, lin, res.qweight, res.scales, res.zeros, res.g_idx)

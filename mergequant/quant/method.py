@@ -1,0 +1,175 @@
+"""The contract between the quantization driver and each method (gptq, rtn, awq, int8, w8a8).
+
+The driver (``quantize.py``) owns everything methods share: finding the decoder Linear modules,
+calibration data, the layer runner, the sharded atomic writer, config/card files and ``--eval``.
+A method only says which tensors replace each quantized ``weight`` (so the shard layout can be
+planned before any work), how it turns weights (and, if calibrated, a materialized decoder layer
+with its inputs) into those tensors, how to describe itself in ``config.json`` and the card, and how
+to turn its tensors back into a float weight (so ``mergequant eval`` reads every format we write).
+
+Methods are found by name through ``METHODS`` (lazy imports: a method's heavy dependencies load
+only when it is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from mergequant.errors import MergeQuantError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from mergequant.io.checkpoint import Checkpoint
+    from mergequant.io.writer import PlannedTensor, ShardedWriter
+    from mergequant.quant.runner import LayerInputs
+
+
+@dataclass(frozen=True)
+class QuantLinear:
+    """One decoder Linear that gets quantized, as found in the checkpoint."""
+
+    prefix: str  # e.g. model.layers.3.self_attn.q_proj
+    layer: int
+    suffix: str  # e.g. self_attn.q_proj
+    out_features: int
+    in_features: int
+    has_bias: bool
+
+
+@dataclass
+class QuantContext:
+    """What a method may use while it runs: options, the writer, a log, and the shared result."""
+
+    opts: "object"  # QuantizeOptions (not imported: avoids a cycle)
+    writer: "ShardedWriter"
+    result: "object"  # QuantizeResult
+    log: Callable[[str], None]
+    extra: dict = field(default_factory=dict)  # per-run scratch space for a method
+
+    def write(self, lin: QuantLinear, tensors: dict[str, torch.Tensor]) -> None:
+        """Write ``{key: tensor}`` as ``<lin.prefix>.<key>`` (each tensor in its planned dtype)."""
+        for key, t in tensors.items():
+            self.writer.write(f"{lin.prefix}.{key}", t.contiguous())
+
+
+class QuantMethod:
+    """Base class; subclasses set ``name`` and override what they need."""
+
+    name: str = ""
+    calibrated: bool = True  # needs --calib and runs through the layer runner
+    bits_allowed: tuple[int, ...] = (2, 3, 4, 8)
+
+    # ---- before any work ---------------------------------------------------------------------------
+    def validate(self, opts, linears: list[QuantLinear]) -> None:
+        """Raise MergeQuantError for options this method cannot honour (before anything is written)."""
+
+    def planned(self, lin: QuantLinear, opts) -> list["PlannedTensor"]:
+        """The tensors (names relative to ``lin.prefix``) that replace ``lin.prefix.weight``.
+        The bias, if any, is written by the driver as a normal float tensor."""
+        raise NotImplementedError
+
+    def float_dtype(self, opts) -> torch.dtype:
+        """dtype of every tensor that is not quantized (embeddings, norms, biases, lm_head)."""
+        return torch.float16
+
+    # ---- the work ----------------------------------------------------------------------------------
+    def quantize_weight(self, ctx: QuantContext, lin: QuantLinear, W: torch.Tensor) -> None:
+        """Uncalibrated methods: quantize one float32 weight [out, in] and ``ctx.write`` its tensors."""
+        raise NotImplementedError
+
+    def process_layer(self, ctx: QuantContext, i: int, layer: "nn.Module", inputs: "LayerInputs",
+                      todo: dict[str, QuantLinear], modules: dict[str, "nn.Linear"]) -> None:
+        """Calibrated methods: quantize the Linear modules ``todo`` (by suffix) of decoder layer ``i``.
+
+        ``layer`` is materialized in float32 on the run device and ``inputs`` are its calibration
+        inputs (computed with every earlier layer already quantized). The method writes each module's
+        tensors with ``ctx.write`` and must leave in ``layer`` the weights the next layers should see
+        (usually the dequantized ones). It may also change other parameters of the layer (AWQ and
+        SmoothQuant fold scales into norms): after this call the driver writes every parameter of
+        the layer that is not a quantized weight from the module, not from the source checkpoint.
+        """
+        raise NotImplementedError
+
+    # ---- describing the result ---------------------------------------------------------------------
+    def quantization_config(self, opts) -> dict:
+        """The ``quantization_config`` entry of config.json that loaders dispatch on."""
+        raise NotImplementedError
+
+    def extra_files(self, opts) -> dict[str, dict]:
+        """Other JSON files to write beside config.json (e.g. GPTQ's quantize_config.json)."""
+        return {}
+
+    def card_settings(self, opts) -> list[tuple[str, str]]:
+        """(setting, value) rows for the model card's table."""
+        return [("bits", str(opts.bits))]
+
+    def card_tags(self, opts) -> list[str]:
+        return [self.name, f"{opts.bits}bit"]
+
+    def loading_requirements(self) -> str:
+        """What a user must install to load the checkpoint with transformers (for the card)."""
+        return ""
+
+    # ---- reading back --------------------------------------------------------------------------------
+    @classmethod
+    def handles(cls, qcfg: dict) -> bool:
+        """Whether a ``quantization_config`` was written by this method's format."""
+        return False
+
+    @classmethod
+    def quantized_prefixes(cls, names: list[str], qcfg: dict) -> list[str]:
+        """Module prefixes in a checkpoint of this format whose weight must be dequantized."""
+        raise NotImplementedError
+
+    @classmethod
+    def dequantize(cls, get: Callable[[str], torch.Tensor], prefix: str, qcfg: dict) -> torch.Tensor:
+        """The float32 weight [out, in] of module ``prefix`` (``get(name)`` reads a tensor)."""
+        raise NotImplementedError
+
+    @classmethod
+    def storage_suffixes(cls) -> tuple[str, ...]:
+        """Tensor name suffixes that belong to a quantized module (skipped when loading floats)."""
+        return ()
+
+
+# name -> "module:Class"; imported on first use
+METHODS: dict[str, str] = {
+    "gptq": "mergequant.quant.gptq_method:GPTQMethod",
+    "rtn": "mergequant.quant.gptq_method:RTNMethod",
+    "awq": "mergequant.quant.awq_method:AWQMethod",
+    "int8": "mergequant.quant.int8_method:Int8Method",
+    "w8a8": "mergequant.quant.w8a8_method:W8A8Method",
+}
+
+
+def _load_class(path: str) -> type[QuantMethod]:
+    mod, _, cls = path.partition(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def get_method(name: str) -> QuantMethod:
+    if name not in METHODS:
+        raise MergeQuantError(f"--method {name}: supported are {', '.join(METHODS)}")
+    try:
+        return _load_class(METHODS[name])()
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("mergequant."):
+            raise MergeQuantError(f"--method {name} is not available in this build of mergequant") from None
+        raise
+
+
+def format_for_config(qcfg: dict) -> type[QuantMethod] | None:
+    """The method class whose on-disk format ``qcfg`` (a config.json quantization_config) describes."""
+    for path in dict.fromkeys(METHODS.values()):
+        try:
+            cls = _load_class(path)
+        except ModuleNotFoundError:
+            continue
+        if cls.handles(qcfg):
+            return cls
+    return None
