@@ -103,7 +103,7 @@ def quantize(
     n_grid: int = typer.Option(20, "--n-grid", help="awq: scale ratios tried per scaling group (fewer is faster, more can be better)."),
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="awq: scales from activation and weight magnitudes (default) or activations only."),
     alpha: float = typer.Option(0.5, help="w8a8: SmoothQuant migration strength in [0, 1] (how much activation range moves into the weights)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward pass (more is faster, uses more memory)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration samples per forward pass (more is faster, uses more memory; default: about 8192 tokens)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
@@ -155,6 +155,39 @@ def eval_cmd(
     else:
         typer.echo(f"perplexity {res.perplexity:.4f} (nll {res.nll:.4f} nats/token) over {res.tokens} tokens, "
                    f"{res.windows} windows of {res.seqlen} (stride {res.stride})")
+
+
+@app.command()
+def push(
+    folder: Path = typer.Argument(..., help="Model folder to upload (as written by merge or quantize)."),
+    repo: str = typer.Option(..., "--repo", help="Hub repo id NS/NAME (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private (refused if it already exists and is public)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created from main if missing)."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request against main instead of committing to it."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit (or PR) title."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN, then the saved login). Never printed."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (default: HF_ENDPOINT, then https://huggingface.co)."),
+    base_model_map: list[str] = typer.Option([], "--base-model-map", help="LOCAL=NS/NAME: a local parent in the card was published as NS/NAME (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the folder and card, list the files, sizes and the card; send nothing."),
+):
+    """Check FOLDER (complete checkpoint, valid card, file sizes) and upload it to the Hub as one commit.
+
+    Example: mergequant push ./merged --repo my-org/my-merge --base-model-map ./poet=my-org/poet
+    """
+    from mergequant.hub import PushOptions, describe_plan, parse_base_model_map
+    from mergequant.hub import push as run_push
+    from mergequant.hub import summary as push_summary
+
+    try:
+        opts = PushOptions(repo=repo, private=private, revision=revision, create_pr=create_pr,
+                           commit_message=commit_message, token=token, endpoint=endpoint, dry_run=dry_run,
+                           base_model_map=parse_base_model_map(base_model_map))
+        res = run_push(folder, opts, log=lambda m: typer.echo(m, err=True))
+    except MergeQuantError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; the commit was not made (files already uploaded are reused next time)", 130)
+    typer.echo(describe_plan(res) if dry_run else push_summary(res))
 
 
 @app.command()

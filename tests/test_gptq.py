@@ -221,3 +221,22 @@ def test_validation():
         quantize_rtn(W, 4, 40)
     with pytest.raises(ValueError):
         gptq_quantize(W, torch.eye(95), bits=4)
+
+
+def test_stacked_rows_solve_like_separate_modules():
+    """GPTQ is row-independent given H: solving q, k, v stacked (what quantize does for modules with
+    one shared input) gives the codes of solving each alone."""
+    X, _ = _data(seed=3)
+    H = _hessian(X)
+    k = H.shape[0]
+    g = torch.Generator().manual_seed(4)
+    Ws = [torch.randn(n, k, generator=g) for n in (32, 16, 16)]
+    stacked = gptq_quantize(torch.cat(Ws), H, bits=4, group_size=32)
+    start = 0
+    for W in Ws:
+        alone = gptq_quantize(W, H, bits=4, group_size=32)
+        rows = slice(start, start + W.shape[0])
+        start += W.shape[0]
+        same = (stacked.qweight[rows] == alone.qweight).float().mean().item()
+        assert same > 0.999, same
+        torch.testing.assert_close(stacked.scales[:, rows], alone.scales)

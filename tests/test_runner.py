@@ -167,3 +167,43 @@ def test_layers_not_at_model_layers(tmp_path):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
     with pytest.raises(MergeQuantError, match="GPT2LMHeadModel.*unsupported"):
         LayerRunner(tmp_path, torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2"])
+def test_capture_module_inputs_matches_full_forward_and_shares_inputs(tiny_models, model_type):
+    """The early-stopping capture sees, chunk by chunk, exactly the inputs a full forward gives each
+    module, reports q/k/v (and gate/up) as one shared input, and does not run past the last module."""
+    from mergequant.quant.runner import capture_module_inputs
+
+    model, d, ids = tiny_models[model_type]
+    groups = [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["self_attn.o_proj"],
+              ["mlp.up_proj", "mlp.gate_proj"], ["mlp.down_proj"]]
+
+    def check(i, layer, inputs):
+        lin = linear_modules(layer)
+        for group in groups:
+            full: dict[str, list] = {n: [] for n in group}
+            hooks = [lin[n].register_forward_hook(lambda m, a, o, n=n: full[n].append(a[0].clone())) for n in group]
+            try:
+                run_layer(layer, inputs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            seen: dict[str, list] = {n: [] for n in group}
+            calls = []
+            after = lin["mlp.down_proj"].register_forward_hook(lambda *a: calls.append("down ran"))
+            try:
+                capture_module_inputs(layer, inputs, {n: lin[n] for n in group},
+                                      lambda names, x: [seen[n].append(x.clone()) for n in names] and None
+                                      or calls.append(tuple(sorted(names))))
+            finally:
+                after.remove()
+            for n in group:
+                assert len(seen[n]) == len(inputs)
+                for a, b in zip(seen[n], full[n]):
+                    torch.testing.assert_close(a, b, atol=0, rtol=0)
+            # one sink call per chunk with every name of the group (the inputs are the same tensor)
+            assert calls.count(tuple(sorted(group))) == len(inputs), calls
+            assert "down ran" not in calls  # the forward stopped at the last needed module
+
+    LayerRunner(d, ids, batch_size=2).run(check)

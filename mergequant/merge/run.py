@@ -183,28 +183,9 @@ def _write_metadata(plan: MergePlan, out: Path, opts: MergeOptions) -> None:
     (out / "README.md").write_text(merge_card(
         method=plan.spec.name, pretty_name=plan.spec.pretty_name, paper=plan.spec.paper, models=models,
         base_model=plan.recipe.base_model, recipe_text=plan.recipe.text, out_dtype=dtype_name,
-        num_parameters=sum(t.numel for t in plan.tensors), license=_common_license(plan),
+        num_parameters=sum(t.numel for t in plan.tensors),
+        parent_dirs={r: c.path for r, c in plan.checkpoints.items()},
         base_dir=plan.recipe.path.parent))
-
-
-def _common_license(plan: MergePlan) -> str | None:
-    """The parents' license when their cards agree on one (read from their README front matter)."""
-    import yaml
-
-    found = set()
-    for c in plan.checkpoints.values():
-        readme = c.path / "README.md"
-        lic = None
-        if readme.exists():
-            text = readme.read_text(errors="replace")
-            if text.startswith("---"):
-                try:
-                    meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-                    lic = meta.get("license") if isinstance(meta, dict) else None
-                except yaml.YAMLError:
-                    lic = None
-        found.add(lic)
-    return found.pop() if len(found) == 1 and None not in found else None
 
 
 def summary(result: MergeResult) -> str:

@@ -103,28 +103,43 @@ class GPTQMethod(RTNMethod):
     calibrated = True
 
     def process_layer(self, ctx, i, layer, inputs, todo, modules) -> None:
-        from mergequant.quant.runner import run_layer
+        from mergequant.quant.runner import capture_module_inputs
 
-        o = ctx.opts
         for group in SEQUENTIAL_GROUPS:
             names = [s for s in group if s in todo and s in modules]
             if not names:
                 continue
-            acc = {s: HessianAccumulator(todo[s].in_features) for s in names}
-            hooks = [modules[s].register_forward_hook(lambda m, args, out, s=s: acc[s].add(args[0].detach()))
-                     for s in names]
-            try:
-                run_layer(layer, inputs)
-            finally:
-                for h in hooks:
-                    h.remove()
+            # one Hessian per distinct input tensor: q/k/v (and gate/up) share theirs
+            accs: dict[str, HessianAccumulator] = {}
+
+            def add(shared: list[str], x):
+                acc = accs.get(shared[0]) or HessianAccumulator(x.shape[-1])
+                acc.add(x)
+                for s in shared:
+                    accs[s] = acc
+
+            capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add)
+            # GPTQ treats rows independently given H, so modules sharing a Hessian are solved as one
+            # stacked weight: one Cholesky and larger, faster matrix products (identical results).
+            by_acc: dict[int, list[str]] = {}
             for s in names:
-                mod, lin = modules[s], todo[s]
-                res = gptq_quantize(mod.weight.data.float(), acc[s].hessian, bits=o.bits, group_size=o.group_size,
-                                    desc_act=o.desc_act, static_groups=o.static_groups, sym=o.sym, damp=o.damp)
-                if res.fallback_rtn:
-                    ctx.result.fallbacks.append(lin.prefix)
-                    ctx.log(f"warning: {lin.prefix}: Cholesky failed at every damping; used round-to-nearest")
-                ctx.result.proxy_error += res.error
-                mod.weight.data.copy_(res.W_hat.to(mod.weight.dtype))
-                self.write_codes(ctx, lin, res.qweight, res.scales, res.zeros, res.g_idx)
+                by_acc.setdefault(id(accs[s]), []).append(s)
+            for shared in by_acc.values():
+                self._solve(ctx, [modules[s] for s in shared], [todo[s] for s in shared], accs[shared[0]].hessian)
+
+    def _solve(self, ctx, mods, lins, H) -> None:
+        o = ctx.opts
+        W = torch.cat([m.weight.data.float() for m in mods], dim=0)
+        res = gptq_quantize(W, H, bits=o.bits, group_size=o.group_size, desc_act=o.desc_act,
+                            static_groups=o.static_groups, sym=o.sym, damp=o.damp)
+        if res.fallback_rtn:
+            ctx.result.fallbacks.extend(lin.prefix for lin in lins)
+            ctx.log(f"warning: {', '.join(lin.prefix for lin in lins)}: Cholesky failed at every damping; "
+                    "used round-to-nearest")
+        ctx.result.proxy_error += res.error
+        start = 0
+        for mod, lin in zip(mods, lins):
+            rows = slice(start, start + lin.out_features)
+            start += lin.out_features
+            mod.weight.data.copy_(res.W_hat[rows].to(mod.weight.dtype))
+            self.write_codes(ctx, lin, res.qweight[rows], res.scales[:, rows], res.zeros[:, rows], res.g_idx)

@@ -47,7 +47,7 @@ from torch import nn
 from mergequant.errors import MergeQuantError
 from mergequant.io.checkpoint import Checkpoint
 
-__all__ = ["LayerInputs", "LayerRunner", "linear_modules", "run_layer"]
+__all__ = ["LayerInputs", "LayerRunner", "StopLayer", "capture_module_inputs", "linear_modules", "run_layer"]
 
 
 class _StopForward(Exception):
@@ -102,10 +102,67 @@ class LayerInputs:
         return sum(h.shape[0] for h in self.hidden)
 
 
+class StopLayer(Exception):
+    """Raised by a hook to end a layer's forward early: the rest of the layer is not needed."""
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
-    """Run ``layer`` over all calibration chunks (forward hooks on its modules fire); outputs per chunk."""
-    return [_first_output(layer(h, **kw)) for h, kw in inputs]
+    """Run ``layer`` over all calibration chunks (forward hooks on its modules fire); outputs per chunk.
+
+    A hook may raise ``StopLayer`` to skip the rest of a chunk's forward (that chunk then has no output)."""
+    outs = []
+    for h, kw in inputs:
+        try:
+            outs.append(_first_output(layer(h, **kw)))
+        except StopLayer:
+            pass
+    return outs
+
+
+@torch.no_grad()
+def capture_module_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[str, nn.Module],
+                          sink: Callable[[list[str], torch.Tensor], None]) -> None:
+    """Feed every calibration chunk through ``layer`` only as far as needed to see the input of each
+    module in ``modules`` (by name), then stop the forward.
+
+    ``sink(names, x)`` receives each distinct input tensor once per chunk together with the names of
+    all modules that received that very tensor (q/k/v, or gate/up, share one input): statistics such
+    as ``XᵀX`` are then computed once per distinct input rather than once per module. Stopping at the
+    last needed module skips the rest of the layer (for the first group of a decoder layer that is
+    almost all of it), which is where most of the time of a layer-by-layer quantizer goes.
+    """
+    pending: dict[str, torch.Tensor] = {}
+
+    def flush():
+        groups: dict[int, tuple[list[str], torch.Tensor]] = {}
+        for name, x in pending.items():
+            groups.setdefault(id(x), ([], x))[0].append(name)
+        pending.clear()
+        for names, x in groups.values():
+            sink(names, x)
+
+    def pre_hook(name):
+        def hook(mod, args):
+            pending[name] = args[0]
+            if len(pending) == len(modules):
+                flush()
+                raise StopLayer
+        return hook
+
+    hooks = [m.register_forward_pre_hook(pre_hook(n)) for n, m in modules.items()]
+    try:
+        for h, kw in inputs:
+            try:
+                layer(h, **kw)
+            except StopLayer:
+                continue
+            missing = sorted(set(modules) - set(pending))
+            pending.clear()
+            raise RuntimeError(f"modules {missing} were not called by the layer's forward")
+    finally:
+        for hk in hooks:
+            hk.remove()
 
 
 class _Recorder(nn.Module):

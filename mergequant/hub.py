@@ -1,0 +1,380 @@
+"""`mergequant push`: check a model folder, fix up its card for the Hub, upload it with huggingface_hub.
+
+Pure helpers (no network): :func:`plan_upload` (files and sizes), :func:`validate_folder` (the
+folder is a complete checkpoint and no file is over the Hub's limit), :func:`rewrite_card` (from
+:mod:`mergequant.card`: local parents -> Hub ids, loading snippet -> the repo). :func:`push` does
+the I/O: ``HfApi(endpoint=, token=)``, ``create_repo(exist_ok=True)``, then one commit made of the
+folder's files plus the rewritten README as an in-memory operation, so the input folder is never
+modified. Files the Hub already has (same content at the same path) are skipped by
+huggingface_hub, so pushing an unchanged folder again uploads nothing.
+
+The token is resolved here (``--token``, else ``HF_TOKEN``, else the saved login) and never
+printed: every message leaving this module has it replaced by ``***``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mergequant.card import CardError, check_mapping, rewrite_card, split_card, validate_meta
+from mergequant.errors import MergeQuantError
+from mergequant.recipe import looks_like_hub_id
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+# The Hub refuses single files over 50 GB stored through LFS (Xet raises it; 50 GB is what every path takes).
+MAX_FILE_BYTES = 50 * 1000**3
+# Never uploaded: VCS and cache folders, editor/OS litter, our own temporary files.
+IGNORE_PATTERNS = (".git/*", ".cache/*", "*/.cache/*", ".huggingface/*", "__pycache__/*", "*/__pycache__/*",
+                   ".DS_Store", "*/.DS_Store", "*.tmp", "*.partial", ".ipynb_checkpoints/*")
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+CARD = "README.md"
+
+
+class PushError(MergeQuantError):
+    """The push cannot proceed (folder incomplete, bad card, offline, auth, network)."""
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    path: str  # posix path inside the repo
+    size: int
+    source: Path  # the file on disk
+
+
+@dataclass
+class PushOptions:
+    repo: str
+    private: bool = False
+    revision: str | None = None
+    create_pr: bool = False
+    commit_message: str | None = None
+    token: str | None = None
+    endpoint: str | None = None
+    dry_run: bool = False
+    base_model_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PushResult:
+    repo: str
+    files: list[PlannedFile]
+    card: str | None  # the README.md that is (or would be) uploaded
+    dry_run: bool = False
+    repo_url: str | None = None
+    commit_url: str | None = None
+    pr_url: str | None = None
+    changed: list[str] = field(default_factory=list)  # paths whose content the Hub did not have yet
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+# ---- pure helpers ------------------------------------------------------------------------------------
+def _ignored(rel: str) -> bool:
+    return any(fnmatch.fnmatch(rel, pat) for pat in IGNORE_PATTERNS)
+
+
+def plan_upload(folder: str | Path) -> list[PlannedFile]:
+    """Every file under ``folder`` that would be uploaded (sorted, ignoring VCS/cache litter), with sizes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PushError(f"{folder}: not a directory" if folder.exists() else f"{folder}: does not exist")
+    out = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(folder).as_posix()
+        if not _ignored(rel):
+            out.append(PlannedFile(rel, p.stat().st_size, p))
+    return sorted(out, key=lambda f: f.path)
+
+
+def _json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PushError(f"{path}: invalid JSON ({e})") from None
+
+
+def validate_folder(folder: str | Path, files: list[PlannedFile] | None = None) -> None:
+    """Raise PushError unless ``folder`` is a complete checkpoint that the Hub will accept.
+
+    config.json parses; weights exist; with a safetensors index, the shards it names are exactly the
+    .safetensors files present, every tensor it lists is in the header of its shard (and no shard
+    holds a tensor the index does not list); every safetensors header parses; no file exceeds
+    :data:`MAX_FILE_BYTES`."""
+    from mergequant.io.safetensors_format import read_header
+
+    folder = Path(folder)
+    files = plan_upload(folder) if files is None else files
+    names = {f.path for f in files}
+    for f in files:
+        if f.size > MAX_FILE_BYTES:
+            raise PushError(f"{f.source}: {f.size / 1e9:.1f} GB is over the Hub's per-file limit of "
+                            f"{MAX_FILE_BYTES / 1e9:.0f} GB; re-shard it (e.g. mergequant merge/quantize --shard-size 5GB)")
+    if "config.json" not in names:
+        raise PushError(f"{folder}: no config.json (is this a model folder?)")
+    if not isinstance(_json(folder / "config.json"), dict):
+        raise PushError(f"{folder / 'config.json'}: expected a JSON object")
+    shards = sorted(n for n in names if n.endswith(".safetensors"))
+    bins = sorted(n for n in names if n.endswith(".bin") and n.rsplit("/", 1)[-1] != "training_args.bin")
+    if SAFE_INDEX in names:
+        index = _json(folder / SAFE_INDEX)
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+            raise PushError(f"{folder / SAFE_INDEX}: invalid index (expected a non-empty weight_map object)")
+        listed = sorted(set(wm.values()))
+        missing = [s for s in listed if s not in names]
+        if missing:
+            raise PushError(f"{folder}: incomplete checkpoint: the index lists {len(missing)} shard(s) that are not in "
+                            f"the folder: {', '.join(missing)}")
+        extra = [s for s in shards if s not in listed]
+        if extra:
+            raise PushError(f"{folder}: shard(s) {', '.join(extra)} are in the folder but not in {SAFE_INDEX} "
+                            "(a leftover from another save?); remove them or fix the index")
+        headers = {s: read_header(folder / s)[0] for s in listed}
+        for name, shard in wm.items():
+            if name not in headers[shard]:
+                raise PushError(f"{folder / shard}: tensor {name} is listed in the index but missing from the shard")
+        for shard, entries in headers.items():
+            stray = [n for n in entries if wm.get(n) != shard]
+            if stray:
+                raise PushError(f"{folder / shard}: holds {len(stray)} tensor(s) the index does not map to it "
+                                f"(e.g. {stray[0]}); the index is stale")
+    elif shards:
+        if len(shards) > 1 and not any(s.endswith(("adapter_model.safetensors",)) for s in shards):
+            raise PushError(f"{folder}: {len(shards)} safetensors files but no {SAFE_INDEX}: loaders cannot find the shards")
+        for s in shards:
+            read_header(folder / s)
+    elif bins:
+        if BIN_INDEX in names:
+            index = _json(folder / BIN_INDEX)
+            wm = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wm, dict):
+                raise PushError(f"{folder / BIN_INDEX}: invalid index (expected a weight_map object)")
+            missing = sorted(set(wm.values()) - names)
+            if missing:
+                raise PushError(f"{folder}: incomplete checkpoint: the index lists shard(s) not in the folder: {', '.join(missing)}")
+    else:
+        raise PushError(f"{folder}: no weights (expected *.safetensors or pytorch_model*.bin)")
+
+
+def prepare_card(folder: str | Path, repo: str, mapping: dict[str, str] | None = None) -> str | None:
+    """The README.md to upload (rewritten for ``repo``), or None when the folder has no card."""
+    path = Path(folder) / CARD
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PushError(f"{path}: not UTF-8 text") from None
+    try:
+        return rewrite_card(text, mapping or {}, repo)
+    except CardError as e:
+        raise PushError(f"{path}: {str(e).removeprefix('README.md: ')}") from None
+
+
+def check_options(opts: PushOptions) -> None:
+    """Option errors found before anything is read or sent."""
+    repo = opts.repo
+    if not repo or "@" in repo or not looks_like_hub_id(repo) or repo.count("/") != 1:
+        raise PushError(f"--repo {repo!r}: expected a Hub repo id namespace/name (e.g. my-org/my-merge)")
+    if opts.create_pr and opts.revision not in (None, "", "main"):
+        raise PushError(f"--create-pr opens a pull request against main; it cannot be combined with --revision "
+                        f"{opts.revision!r} (push to the branch without --create-pr, or drop --revision)")
+    if opts.revision is not None and (not opts.revision.strip() or opts.revision.startswith("refs/pr/")):
+        raise PushError(f"--revision {opts.revision!r}: expected a branch name")
+    if opts.commit_message is not None and not opts.commit_message.strip():
+        raise PushError("--commit-message must not be empty")
+    try:
+        check_mapping(opts.base_model_map)
+    except CardError as e:
+        raise PushError(str(e)) from None
+
+
+def plan_push(folder: str | Path, opts: PushOptions) -> PushResult:
+    """Everything a push checks, without the network: options, folder, card. Returns the plan."""
+    check_options(opts)
+    files = plan_upload(folder)
+    validate_folder(folder, files)
+    card = prepare_card(folder, opts.repo, opts.base_model_map)
+    if card is not None:
+        files = [f for f in files if f.path != CARD] + [PlannedFile(CARD, len(card.encode()), Path(folder) / CARD)]
+        files.sort(key=lambda f: f.path)
+    return PushResult(repo=opts.repo, files=files, card=card, dry_run=True)
+
+
+def describe_plan(res: PushResult) -> str:
+    """What --dry-run prints: the files and sizes, then the card."""
+    from mergequant.units import format_bytes
+
+    width = max((len(f.path) for f in res.files), default=0)
+    lines = [f"would push {len(res.files)} file(s), {format_bytes(res.total_bytes)} to {res.repo}:"]
+    lines += [f"  {f.path:<{width}}  {format_bytes(f.size):>10}" + ("  (card, rewritten for the Hub)" if f.path == CARD else "")
+              for f in res.files]
+    if res.card is not None:
+        lines += ["", "README.md as it would be uploaded:", "", res.card.rstrip("\n")]
+    else:
+        lines += ["", "(no README.md: the repo will have no model card)"]
+    return "\n".join(lines)
+
+
+# ---- I/O ---------------------------------------------------------------------------------------------
+def _truthy(v: str | None) -> bool:
+    return (v or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def offline_mode() -> bool:
+    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
+        return True
+    import huggingface_hub.constants as constants
+
+    return bool(constants.is_offline_mode())
+
+
+def resolve_token(token: str | None) -> str | None:
+    if token:
+        return token
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # a broken token file is the same as none
+        return None
+
+
+def resolve_endpoint(endpoint: str | None) -> str:
+    return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _explain(e: BaseException, *, repo: str, endpoint: str, revision: str | None) -> str:
+    """One line a user can act on, for an exception raised while talking to the Hub."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    cause = e
+    while isinstance(cause, RuntimeError) and cause.__cause__ is not None and not isinstance(cause, HfHubHTTPError):
+        cause = cause.__cause__  # "Error while uploading 'x' to the Hub." wraps the real error
+    if isinstance(cause, OfflineModeIsEnabled):
+        return "offline mode is on (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE to push"
+    if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+        status = cause.response.status_code
+        server = (cause.response.headers.get("X-Error-Message") or "").strip()
+        why = f" ({server})" if server else ""
+        if status == 401:
+            return (f"the Hub at {endpoint} rejected the token for {repo} (401 Unauthorized{why}): pass a valid token "
+                    "with --token or HF_TOKEN, or log in with `hf auth login`")
+        if status == 403:
+            return (f"the token may not write to {repo} (403 Forbidden{why}): use a token with write access to the "
+                    f"'{repo.split('/')[0]}' namespace (fine-grained tokens need the 'write' permission on it)")
+        if status == 404:
+            what = f"revision {revision!r} of {repo}" if cause.response.headers.get("X-Error-Code") == "RevisionNotFound" else repo
+            return (f"{endpoint} answered 404 Not Found for {what} ({cause.response.request.method} "
+                    f"{cause.response.request.url.path}): check --endpoint/HF_ENDPOINT points at a Hugging Face Hub "
+                    "and that the repo exists")
+        if status == 400 and "README" in str(cause):
+            return f"the Hub rejected README.md's metadata for {repo}: {' '.join(str(cause).split())}"
+        return f"the Hub at {endpoint} answered {status} for {repo}{why}: {' '.join(str(cause).split())[:300]}"
+    if isinstance(cause, ValueError) and "metadata in README.md" in str(cause):
+        return f"the Hub rejected README.md's metadata for {repo}: {' '.join(str(cause).split())}"
+    # huggingface_hub 2.x talks through httpx (vendored as httpx2): match its transport errors by name
+    transport = ("Connect", "Network", "Timeout", "Transport", "Protocol")
+    if isinstance(cause, (ConnectionError, OSError)) or any(t in type(cause).__name__ for t in transport):
+        kind = "connection refused" if "refused" in str(cause).lower() else (str(cause) or type(cause).__name__)
+        return (f"cannot reach the Hub endpoint {endpoint} ({' '.join(kind.split())}): check --endpoint/HF_ENDPOINT "
+                "and the network")
+    return f"push to {repo} failed: {type(cause).__name__}: {' '.join(str(cause).split())}"
+
+
+def push(folder: str | Path, opts: PushOptions, log: Callable[[str], None] = print) -> PushResult:
+    """Validate ``folder`` and push it to ``opts.repo`` as one commit (or PR). With ``opts.dry_run``,
+    only the plan (nothing is sent and no token is needed)."""
+    folder = Path(folder)
+    plan = plan_push(folder, opts)
+    if opts.dry_run:
+        return plan
+    if offline_mode():
+        raise PushError("offline mode is on (HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1): nothing was sent; "
+                        "unset it to push")
+    token = resolve_token(opts.token)
+    if not token:
+        raise PushError("no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth login`")
+    endpoint = resolve_endpoint(opts.endpoint)
+    try:
+        return _push(folder, opts, plan, token, endpoint, log)
+    except PushError as e:
+        raise PushError(_scrub(str(e), token)) from None
+    except MergeQuantError:
+        raise
+    except Exception as e:  # translate what the client raises into one line, without the token
+        raise PushError(_scrub(_explain(e, repo=opts.repo, endpoint=endpoint, revision=opts.revision), token)) from None
+
+
+def _push(folder: Path, opts: PushOptions, plan: PushResult, token: str, endpoint: str,
+          log: Callable[[str], None]) -> PushResult:
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    repo = opts.repo
+    repo_url = str(api.create_repo(repo, private=True if opts.private else None, exist_ok=True))
+    if opts.private:
+        info = api.repo_info(repo)
+        if not info.private:
+            raise PushError(f"{repo} already exists and is public: --private cannot make an existing repo private "
+                            "(change its visibility in the repo settings first); nothing was uploaded")
+    revision = opts.revision or None
+    if revision and revision != "main" and not opts.create_pr:
+        api.create_branch(repo, branch=revision, exist_ok=True)
+    ops = []
+    for f in plan.files:
+        if f.path == CARD and plan.card is not None:
+            ops.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=plan.card.encode("utf-8")))
+        else:
+            ops.append(CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.source)))
+    message = opts.commit_message or f"Upload {folder.name or 'model'} with mergequant"
+    log(f"pushing {len(ops)} file(s) to {repo} ({endpoint}) ...")
+    info = api.create_commit(repo, ops, commit_message=message, revision=revision,
+                             create_pr=opts.create_pr or None)
+    changed = [op.path_in_repo for op in ops
+               if getattr(op, "_remote_oid", None) is None or op._remote_oid != op._local_oid]
+    return PushResult(repo=repo, files=plan.files, card=plan.card, repo_url=repo_url,
+                      commit_url=info.commit_url, pr_url=info.pr_url, changed=changed)
+
+
+def summary(res: PushResult) -> str:
+    from mergequant.units import format_bytes
+
+    if res.pr_url:
+        return f"opened pull request {res.pr_url} on {res.repo_url} ({len(res.changed)} file(s) changed)"
+    if not res.changed:
+        return f"{res.repo_url} is up to date: nothing changed, nothing uploaded (commit {res.commit_url})"
+    return (f"pushed {len(res.changed)} changed file(s) of {len(res.files)} ({format_bytes(res.total_bytes)} in the folder) "
+            f"to {res.repo_url}: commit {res.commit_url}")
+
+
+def parse_base_model_map(items: list[str]) -> dict[str, str]:
+    """``LOCAL=NS/NAME`` strings (the CLI's --base-model-map) to a dict."""
+    out = {}
+    for item in items:
+        local, sep, hub_id = item.rpartition("=")
+        if not sep or not local or not hub_id:
+            raise PushError(f"--base-model-map {item!r}: expected LOCAL=NS/NAME")
+        out[local] = hub_id
+    return check_mapping(out) if out else out
+
+
+__all__ = ["MAX_FILE_BYTES", "PlannedFile", "PushOptions", "PushResult", "PushError", "plan_upload", "validate_folder",
+           "rewrite_card", "prepare_card", "plan_push", "push", "summary", "describe_plan", "parse_base_model_map",
+           "split_card", "validate_meta"]
