@@ -134,7 +134,8 @@ def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = Non
 def evaluate(path: Path, heldout: Path, seqlen: int) -> dict:
     from mergequant.evaluate import evaluate_model
 
-    r = evaluate_model(str(path), str(heldout), seqlen=seqlen, device="cpu", progress=False)
+    # one evaluator for every checkpoint (ours and GPTQModel's): the dequantizing loader, float32
+    r = evaluate_model(str(path), str(heldout), seqlen=seqlen, device="cpu", progress=False, backend="dequant")
     return {"perplexity": round(r.perplexity, 4), "nll": round(r.nll, 6), "tokens": r.tokens}
 
 

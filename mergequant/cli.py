@@ -139,6 +139,7 @@ def eval_cmd(
     stride: Optional[int] = typer.Option(None, help="Window step; smaller than --seqlen gives every token more context (default: --seqlen)."),
     max_tokens: Optional[int] = typer.Option(None, help="Evaluate only the first N tokens of the text."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    backend: str = typer.Option("auto", help="Quantized checkpoints: transformers (with the format's client kernels: gptqmodel, bitsandbytes, compressed-tensors), dequant (mergequant's own float loader, no client needed), or auto (transformers when the client is installed)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
@@ -147,14 +148,14 @@ def eval_cmd(
 
     try:
         res = evaluate_model(str(model), data, seqlen=seqlen, stride=stride, device=device, max_tokens=max_tokens,
-                             progress=not quiet)
+                             progress=not quiet, backend=backend, log=lambda m: typer.echo(m, err=True))
     except MergeQuantError as e:
         _fail(str(e))
     if as_json:
         typer.echo(json.dumps({"model": str(model), "data": data, **res.as_dict()}))
     else:
         typer.echo(f"perplexity {res.perplexity:.4f} (nll {res.nll:.4f} nats/token) over {res.tokens} tokens, "
-                   f"{res.windows} windows of {res.seqlen} (stride {res.stride})")
+                   f"{res.windows} windows of {res.seqlen} (stride {res.stride}; {res.backend})")
 
 
 @app.command()

@@ -25,6 +25,7 @@ class Perplexity:
     windows: int
     seqlen: int
     stride: int
+    backend: str = "transformers"  # how the model was run: transformers (its own kernels) or dequant (ours)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,9 +63,21 @@ def perplexity(model, ids: torch.Tensor, *, seqlen: int, stride: int | None = No
     return Perplexity(math.exp(nll), nll, count, windows, seqlen, stride)
 
 
+BACKENDS = ("auto", "transformers", "dequant")
+
+
 def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int | None = None, device: str = "auto",
-                   max_tokens: int | None = None, progress: bool = True) -> Perplexity:
-    """Load ``model_dir`` with transformers and measure perplexity on ``data`` (any calibration source)."""
+                   max_tokens: int | None = None, progress: bool = True, backend: str = "auto",
+                   log=None) -> Perplexity:
+    """Load ``model_dir`` and measure perplexity on ``data`` (any calibration source).
+
+    Full-precision models load with transformers. Quantized checkpoints load with transformers and the
+    format's maintained client kernels (gptqmodel for GPTQ/AWQ, ...) when ``backend`` is
+    ``transformers``, or when it is ``auto`` and the client is installed; otherwise (``dequant``, or
+    ``auto`` without the client, or if the client fails to load it) with our dequantizing loader.
+    The backend used is reported in the result."""
+    if backend not in BACKENDS:
+        raise MergeQuantError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     from mergequant.io.checkpoint import Checkpoint
     from mergequant.io.model_files import pick_device
     from mergequant.quant.calib import load_documents
@@ -80,8 +93,9 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
 
         hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(model_dir)
+    used = "transformers"
     if ck.config.get("quantization_config"):
-        model = load_dequantized(ck).to(dev).eval()
+        model, used = _load_quantized(ck, model_dir, dev, backend, log)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(dev).eval()
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -90,7 +104,40 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if max_tokens:
         ids = ids[:max_tokens]
-    return perplexity(model, ids, seqlen=seqlen, stride=stride, device=dev, progress=progress)
+    res = perplexity(model, ids, seqlen=seqlen, stride=stride, device=dev, progress=progress)
+    res.backend = used
+    return res
+
+
+def _load_quantized(ck, model_dir, dev, backend: str, log):
+    """(model, backend used) for a quantized checkpoint; see ``evaluate_model``."""
+    import importlib.util
+
+    from mergequant.quant.method import format_for_config
+
+    qcfg = ck.config["quantization_config"]
+    fmt = format_for_config(qcfg)
+    client = fmt.client_modules if fmt else ()
+    have_client = bool(client) and all(importlib.util.find_spec(m) for m in client)
+    if backend == "dequant" or (backend == "auto" and not have_client):
+        return load_dequantized(ck).to(dev).eval(), "dequant"
+    if backend == "transformers" and not have_client:
+        need = " and ".join(client) if client else "a client mergequant knows"
+        raise MergeQuantError(f"{ck.path}: loading {qcfg.get('quant_method')} checkpoints with transformers needs "
+                              f"{need} installed (or use --backend dequant)")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=str(dev))
+    except Exception as e:  # a client that cannot run this checkpoint here (e.g. no kernel for the device)
+        if backend == "transformers":
+            raise MergeQuantError(f"{ck.path}: transformers + {'/'.join(client)} could not load it: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if log:
+            log(f"note: transformers + {'/'.join(client)} could not load {ck.path} ({type(e).__name__}); "
+                "using mergequant's dequantizing loader")
+        return load_dequantized(ck).to(dev).eval(), "dequant"
+    return model.eval(), "transformers"
 
 
 def load_dequantized(ck) -> "torch.nn.Module":

@@ -169,3 +169,28 @@ def test_eval_before_and_after_goes_into_the_card(model, calib, tmp_path):
     assert fp != q
     card = (out / "README.md").read_text()
     assert f"| full precision | {fp:.4f} |" in card and f"| rtn 4-bit | {q:.4f} |" in card
+
+
+def test_eval_backends_agree_on_a_gptq_checkpoint(model, calib, tmp_path):
+    """`eval` runs a GPTQ checkpoint through transformers + gptqmodel when installed and through our own
+    dequantizing loader otherwise: same perplexity up to the client's float16 arithmetic, and the
+    result says which one ran. Asking for the client where it is missing is a clear error."""
+    import importlib.util
+
+    from mergequant.errors import MergeQuantError
+    from mergequant.evaluate import evaluate_model
+
+    out = tmp_path / "q"
+    _quantize(model, out, method="rtn", bits=4, group_size=32)
+    ours = evaluate_model(str(out), str(calib), seqlen=64, max_tokens=600, progress=False, backend="dequant")
+    assert ours.backend == "dequant"
+    auto = evaluate_model(str(out), str(calib), seqlen=64, max_tokens=600, progress=False)
+    have = all(importlib.util.find_spec(m) for m in ("gptqmodel", "optimum"))
+    if have:
+        assert auto.backend == "transformers"
+        assert auto.perplexity == pytest.approx(ours.perplexity, rel=5e-3)
+        assert auto.nll != ours.nll  # really a different code path (fp16 kernels), not the same loader twice
+    else:
+        assert auto.backend == "dequant"
+        with pytest.raises(MergeQuantError, match="gptqmodel"):
+            evaluate_model(str(out), str(calib), seqlen=64, progress=False, backend="transformers")

@@ -35,6 +35,7 @@ class RTNMethod(QuantMethod):
     name = "rtn"
     calibrated = False
     bits_allowed = SUPPORTED_BITS
+    client_modules = ("gptqmodel", "optimum")
 
     def validate(self, opts, linears: list[QuantLinear]) -> None:
         for lin in linears:

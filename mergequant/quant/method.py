@@ -63,6 +63,9 @@ class QuantMethod:
     name: str = ""
     calibrated: bool = True  # needs --calib and runs through the layer runner
     bits_allowed: tuple[int, ...] = (2, 3, 4, 8)
+    # Python packages transformers needs to load this format with its own kernels (for ``eval``);
+    # empty: no maintained client runs it here, eval always dequantizes.
+    client_modules: tuple[str, ...] = ()
 
     # ---- before any work ---------------------------------------------------------------------------
     def validate(self, opts, linears: list[QuantLinear]) -> None:
