@@ -203,6 +203,7 @@ def test_rtn_fallback_when_cholesky_always_fails(monkeypatch):
         raise torch.linalg.LinAlgError("forced failure")
 
     monkeypatch.setattr(torch.linalg, "cholesky", boom)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", boom)
     r = gptq_quantize(W, _hessian(X), bits=3, group_size=64, desc_act=True)
     assert r.fallback_rtn
     assert torch.equal(r.W_hat, _rtn_dequant(W, 3, 64))

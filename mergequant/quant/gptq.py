@@ -140,10 +140,26 @@ def _group_index(k: int, group_size: int, device=None) -> torch.Tensor:
     return (torch.arange(k, device=device) // group_size).to(torch.int32)
 
 
-def _dequant_from_codes(q, scales, zeros, g_idx) -> torch.Tensor:
-    """W_hat[n, k] = scales[g_idx[k], n] * (q[n, k] - zeros[g_idx[k], n]) in float32."""
+def _dequant_from_codes(q, scales, zeros, g_idx, rows: int = 1024) -> torch.Tensor:
+    """W_hat[n, k] = scales[g_idx[k], n] * (q[n, k] - zeros[g_idx[k], n]) in float32.
+
+    Built in place (contiguous groups) or over blocks of ``rows`` rows (act-order g_idx), so the
+    temporaries stay small next to the [N, K] result."""
+    n, k = q.shape
+    out = torch.empty(n, k, dtype=torch.float32, device=q.device)
+    G = scales.shape[0]
+    natural = k % G == 0 and torch.equal(g_idx.long(), torch.arange(k, device=g_idx.device) // (k // G))
+    if natural:
+        v = out.view(n, G, k // G)
+        v.copy_(q.view(n, G, k // G))
+        v.sub_(zeros.T.to(torch.float32)[:, :, None]).mul_(scales.T.to(torch.float32)[:, :, None])
+        return out
     g = g_idx.long()
-    return _dequantize(q.to(torch.float32), scales[g].T, zeros[g].T.to(torch.float32))
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        out[r0:r1] = _dequantize(q[r0:r1].to(torch.float32), scales[g][:, r0:r1].T,
+                                 zeros[g][:, r0:r1].T.to(torch.float32))
+    return out
 
 
 def quantize_rtn(
@@ -199,13 +215,18 @@ class GPTQResult:
     error: float
 
 
-def _proxy_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+def _proxy_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> float:
     """tr(dW H dW^T): what GPTQ minimizes, reported so callers can compare layers.
 
-    The products run in float32 (a float64 matmul of an [N, K] x [K, K] pair costs more than the
-    whole GPTQ solve at 1B scale); only the final sum is accumulated in float64."""
-    d = W.to(torch.float32) - W_hat.to(torch.float32)
-    return float(((d @ H.to(torch.float32)) * d).sum(dtype=torch.float64))
+    Computed over blocks of ``rows`` rows in float32 (a float64 [N, K] x [K, K] product costs more
+    than the whole GPTQ solve at 1B scale, and whole-matrix temporaries would be the solver's peak
+    memory); only the sum is accumulated in float64."""
+    H = H.to(torch.float32)
+    total = 0.0
+    for r0 in range(0, W.shape[0], rows):
+        d = W[r0:r0 + rows].to(torch.float32) - W_hat[r0:r0 + rows].to(torch.float32)
+        total += float(((d @ H) * d).sum(dtype=torch.float64))
+    return total
 
 
 def _inverse_cholesky_upper(H: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor | None, float]:
@@ -217,21 +238,30 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float, max_retries: int) -> t
     downdating H^-1.  Damping keeps H positive definite when calibration data is scarce; if that
     is not enough we damp harder (a damp of 0 becomes 0.01).  Returns (None, last damp) if
     every attempt fails, i.e. an exception or a non-finite factor.
+
+    How, without forming H^-1: with J the reversal permutation, H = V V^T for V = U^-1 (upper),
+    so J H J = (J V J)(J V J)^T is the ordinary Cholesky factorization of J H J, and
+    U = J chol(J H J)^-1 J: one Cholesky and one triangular inverse (~K^3/1.5 flops) instead of
+    Cholesky, inverse, product and a second Cholesky (~3 K^3; torch.cholesky_inverse alone took
+    ~15 s for K = 2048 on 2 CPU cores). Both run in place, so at most three K x K matrices are
+    alive here besides ``H``.
     """
+    k = H.shape[0]
     mean_diag = float(torch.diag(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for _attempt in range(max_retries + 1):
         try:
-            # U without forming H^-1: with J the reversal permutation, H = V V^T for V = U^-1
-            # (upper), so J H J = (J V J)(J V J)^T is the ordinary Cholesky of J H J, and
-            # U = J chol(J H J)^-1 J. One Cholesky and one triangular inverse (~K^3/1.5 flops)
-            # instead of Cholesky, inverse, product and a second Cholesky (~K^3 * 3); on CPU
-            # torch.cholesky_inverse alone took ~15 s for K = 2048 on 2 cores.
-            Hd = (H + damp * mean_diag * eye).flip(0, 1)
-            L = torch.linalg.cholesky(Hd)
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-            if bool(torch.isfinite(U).all()):
-                return U, damp
+            L = H.flip(0, 1)  # J H J (a copy)
+            L.diagonal().add_(damp * mean_diag)
+            torch.linalg.cholesky_ex(L, out=(L, info))
+            if int(info) == 0:
+                V = torch.eye(k, dtype=H.dtype, device=H.device)
+                torch.linalg.solve_triangular(L, V, upper=False, out=V)
+                del L
+                U = V.flip(0, 1)
+                del V
+                if bool(torch.isfinite(U).all()):
+                    return U, damp
         except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
             pass
         damp = damp * 10 if damp > 0 else 0.01
@@ -282,14 +312,18 @@ def gptq_quantize(
     maxq = 2**bits - 1
     device = W.device
     H_orig, W_in = H, W
-    W = W.to(dtype).clone()
+    # The column loop works on the transpose Wt [K, N]: column j of W is the contiguous row Wt[j],
+    # so every per-column operation reads and writes contiguous memory (on a row-major W [N, K]
+    # each column access strides through N cache lines, which made the loop ~10x slower).
+    Wt = torch.empty(k, n, dtype=dtype, device=device)
+    Wt.copy_(W.T)  # always a fresh copy: the caller's W is never modified
     H = H.to(dtype).clone()
 
     # Dead inputs (never active in calibration) carry no information: any value of W there is
     # unobservable, so set it to 0 and make H invertible with a unit diagonal entry.
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
+    Wt[dead] = 0
 
     # Static groups: parameters from the original column order, computed before any error update
     # (so that group membership stays contiguous in the checkpoint even with act order).
@@ -297,20 +331,21 @@ def gptq_quantize(
     static_params = []
     if static:
         for g0 in range(0, k, group_size):
-            static_params.append(find_params(W[:, g0 : g0 + group_size], bits, sym))
+            static_params.append(find_params(Wt[g0 : g0 + group_size].T, bits, sym))
 
     # Act order: quantize the columns with the largest activations first, while there are still
     # many free columns left to absorb their error.
     perm = None
     if desc_act:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W = W[:, perm]
+        Wt = Wt[perm]
         H = H[perm][:, perm]
     order = perm if perm is not None else torch.arange(k, device=device)
 
     U, damp_used = _inverse_cholesky_upper(H, damp, max_retries)
+    del H
     if U is None:  # every attempt failed: the caller reports the RTN fallback
-        W0 = W[:, torch.argsort(order)] if perm is not None else W
+        W0 = Wt[torch.argsort(order)].T if perm is not None else Wt.T
         q, scales, zeros = quantize_rtn(W0.to(torch.float32), bits, group_size, sym)
         g_idx = _group_index(k, group_size, device)
         W_hat = _dequant_from_codes(q, scales, zeros, g_idx)
@@ -320,16 +355,11 @@ def gptq_quantize(
     scales = torch.zeros(n_groups, n, dtype=dtype, device=device)
     zeros = torch.zeros(n_groups, n, dtype=dtype, device=device)
     if group_size == -1:  # one group: parameters from the whole (dead-zeroed) matrix up front
-        scales[0], zeros[0] = find_params(W, bits, sym)
+        scales[0], zeros[0] = find_params(Wt.T, bits, sym)
     elif static:
         for g, (s, z) in enumerate(static_params):
             scales[g], zeros[g] = s, z
-    # The column loop works on the transpose Wt [K, N]: column j of W is the contiguous row Wt[j],
-    # so every per-column operation reads and writes contiguous memory (on a row-major W [N, K]
-    # each column access strides through N cache lines, which made the loop ~10x slower).
-    Wt = W.T.contiguous()
-    del W
-    Qt = torch.zeros(k, n, dtype=dtype, device=device)  # codes, permuted order, transposed
+    Qt = torch.zeros(k, n, dtype=torch.uint8, device=device)  # codes (<= 255), permuted order, transposed
 
     bs = _effective_block_size(block_size, group_size, dynamic_groups=not static)
     for i1 in range(0, k, bs):
