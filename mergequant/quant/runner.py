@@ -255,8 +255,9 @@ class LayerRunner:
 
     # ---- loading / freeing parameters ----------------------------------------------------------------
     def _load(self, module: nn.Module, prefix: str, *, skip: tuple[nn.Module, ...] = (),
-              fallback: dict[str, str] | None = None) -> None:
-        """Replace every meta parameter of ``module`` (not under ``skip``) by ``prefix + name`` from disk."""
+              fallback: dict[str, str] | None = None, embeddings_as_stored: bool = False) -> None:
+        """Replace every meta parameter of ``module`` (not under ``skip``) by ``prefix + name`` from disk
+        (in the compute dtype; ``nn.Embedding`` tables in their stored dtype if ``embeddings_as_stored``)."""
         skip_ids = {id(m) for s in skip for m in s.modules()}
         for mod_name, mod in module.named_modules():
             if id(mod) in skip_ids:
@@ -274,7 +275,9 @@ class LayerRunner:
                 if tuple(t.shape) != tuple(p.shape):
                     raise MergeQuantError(f"{self.ckpt.path}: tensor {key} has shape {tuple(t.shape)}, "
                                           f"{self.arch} expects {tuple(p.shape)}")
-                data = t.to(device=self.device, dtype=self.dtype, copy=True)
+                # only plain lookups: subclasses (Gemma3's scaled embedding) compute in the weight's dtype
+                dtype = t.dtype if embeddings_as_stored and type(mod) is nn.Embedding else self.dtype
+                data = t.to(device=self.device, dtype=dtype, copy=True)
                 mod._parameters[pname] = nn.Parameter(data, requires_grad=False)
 
     @staticmethod
@@ -304,7 +307,11 @@ class LayerRunner:
         if self._inputs is not None:
             return self._inputs[0]
         shell = self.model.model
-        self._load(shell, self._module_path(shell) + ".", skip=(self.layers,))
+        self._load(shell, self._module_path(shell) + ".", skip=(self.layers,), embeddings_as_stored=True)
+        # plain embeddings stay in their stored dtype (a 32k x 4096 table is 0.5 GiB in float32); their
+        # output is cast to the compute dtype, which gives exactly the values a float32 copy would
+        casts = [m.register_forward_hook(lambda mod, args, out: out.to(self.dtype))
+                 for m in shell.modules() if type(m) is nn.Embedding]
         originals = list(self.layers)
         per_layer_kwargs: list[list[dict]] = [[] for _ in originals]
         hidden0: list[torch.Tensor] = []
@@ -332,6 +339,8 @@ class LayerRunner:
                 for j in range(len(originals)):
                     per_layer_kwargs[j].append(by_size[b][j])
         finally:
+            for h in casts:
+                h.remove()
             for j, layer in enumerate(originals):
                 self.layers[j] = layer
             for m in shell.children():  # free the embedding etc.; logits() reloads norm and lm_head
