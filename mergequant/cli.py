@@ -86,7 +86,7 @@ def quantize(
     model: Path = typer.Argument(..., help="Full-precision model directory (safetensors)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (written atomically)."),
     method: str = typer.Option("gptq", help="gptq (calibrated, GPTQ format), awq (calibrated, AWQ GEMM format, 4-bit), rtn (round-to-nearest baseline in GPTQ format, no data), int8 (bitsandbytes LLM.int8, no data) or w8a8 (SmoothQuant + int8 weights and activations, compressed-tensors format for vLLM)."),
-    bits: int = typer.Option(4, help="2, 3, 4 or 8 (gptq/rtn); 4 (awq); 8 (int8, w8a8)."),
+    bits: Optional[int] = typer.Option(None, help="2, 3, 4 or 8 (gptq/rtn, default 4); 4 (awq); 8 (int8, w8a8: the default)."),
     group_size: int = typer.Option(128, help="Input columns per quantization group; -1 for one group per row."),
     desc_act: bool = typer.Option(False, "--desc-act", help="Act order: quantize columns by decreasing Hessian diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="With --desc-act, fix group parameters before reordering."),
@@ -127,7 +127,7 @@ def quantize(
     except KeyboardInterrupt:
         _fail("interrupted; no output was written", 130)
     grouping = f", group {group_size}" if method in ("gptq", "rtn", "awq") else ""
-    typer.echo(f"wrote {res.out}: {res.modules} Linear modules quantized ({method}, {bits}-bit{grouping})"
+    typer.echo(f"wrote {res.out}: {res.modules} Linear modules quantized ({method}, {opts.bits}-bit{grouping})"
                + (f"; {len(res.fallbacks)} fell back to round-to-nearest" if res.fallbacks else ""))
 
 
@@ -191,12 +191,41 @@ def push(
     typer.echo(describe_plan(res) if dry_run else push_summary(res))
 
 
+@app.command(name="run")
+def run_cmd(
+    release: Path = typer.Argument(..., help="Release file: merge recipe, quantizations, eval data, target repos."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print each step (run or skip, and why), disk space needed vs free, peak memory and what each push would upload; write nothing."),
+    force_step: list[str] = typer.Option([], "--force-step", help="Redo this step even if unchanged: merge, quantize/NAME, eval, push/NAME, or an output name (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; one line per step."),
+    push_dry_run: bool = typer.Option(False, "--push-dry-run", help="Do every step, but print what each push would upload instead of uploading."),
+):
+    """Run a release: merge -> quantize(s) -> eval -> push, each step recorded in WORKDIR/manifest.json.
+
+    A rerun (after a crash, a kill or an edit) skips the steps whose inputs, settings and outputs
+    are unchanged and redoes only the rest.
+
+    Example: mergequant run configs/release.yaml --push-dry-run
+    """
+    from mergequant.release import RunOptions, run_release, summary_table
+
+    try:
+        res = run_release(release, RunOptions(dry_run=dry_run, force_steps=force_step, quiet=quiet,
+                                              push_dry_run=push_dry_run), log=typer.echo)
+    except MergeQuantError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; finished steps are recorded in the workdir's manifest.json: rerun to resume", 130)
+    if not dry_run:
+        typer.echo(summary_table(res))
+
+
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("mergequant-demo"), "--dir", help="Where to build the tiny models and the merge."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the directory exists."),
 ):
-    """Build three tiny Llama checkpoints (base + two fine-tunes), TIES-merge them, and load the result.
+    """Build three tiny Llama checkpoints (base + two fine-tunes), TIES-merge them, load the result, then
+    run a whole release on them (merge, GPTQ and RTN quantization, perplexity, push as a dry run).
 
     Needs no download: the models are generated on the spot (~1 MB each).
     """
@@ -233,6 +262,20 @@ def demo(
     gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=1)
     typer.echo(f"loaded with transformers ({type(model).__name__}); greedy continuation of 'To be, or not' "
                f"(random tiny weights, so gibberish): {tok.decode(gen[0][ids.shape[1]:])!r}")
+
+    # The whole release chain on the same models: merge -> quantize (gptq, rtn) -> eval -> push (dry run).
+    from mergequant.demo import write_demo_release
+    from mergequant.release import RunOptions, run_release, summary_table
+
+    release = write_demo_release(workdir)
+    typer.echo(f"\nrunning the release {release} (merge, quantize gptq + rtn, eval, push as a dry run) ...")
+    try:
+        res = run_release(release, RunOptions(quiet=True, push_dry_run=True),
+                          log=lambda m: typer.echo(m) if m.startswith("[") or "would push" in m else None)
+    except MergeQuantError as e:
+        _fail(str(e))
+    typer.echo(summary_table(res))
+    typer.echo(f"outputs and manifest in {res.workdir}; run `mergequant run {release}` again: every step is skipped")
 
 
 @app.command()

@@ -63,6 +63,12 @@ class QuantMethod:
     name: str = ""
     calibrated: bool = True  # needs --calib and runs through the layer runner
     bits_allowed: tuple[int, ...] = (2, 3, 4, 8)
+    uses_group_size: bool = True  # False: per-row scales, --group-size is ignored (not validated)
+
+    @property
+    def default_bits(self) -> int:
+        """--bits when not given: 4 where allowed, else the method's only/first width (8 for int8)."""
+        return 4 if 4 in self.bits_allowed else self.bits_allowed[0]
     # Python packages transformers needs to load this format with its own kernels (for ``eval``);
     # empty: no maintained client runs it here, eval always dequantizes.
     client_modules: tuple[str, ...] = ()

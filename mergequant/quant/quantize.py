@@ -39,7 +39,7 @@ _Linear = QuantLinear  # old name
 class QuantizeOptions:
     out: Path
     method: str = "gptq"
-    bits: int = 4
+    bits: int | None = None  # None: the method's default (4; 8 for int8 and w8a8)
     group_size: int = 128
     desc_act: bool = False
     static_groups: bool = False
@@ -92,10 +92,12 @@ def find_linears(ck: Checkpoint) -> list[QuantLinear]:
 def validate(opts: QuantizeOptions, linears: list[QuantLinear], method: QuantMethod | None = None) -> QuantMethod:
     """Check options shared by every method, then the method's own; returns the method."""
     method = method or get_method(opts.method)
+    if opts.bits is None:
+        opts.bits = method.default_bits
     if opts.bits not in method.bits_allowed:
         raise MergeQuantError(f"--bits {opts.bits}: --method {opts.method} supports "
                               f"{', '.join(map(str, method.bits_allowed))}")
-    for lin in linears:
+    for lin in linears if method.uses_group_size else []:
         if opts.group_size != -1 and (opts.group_size <= 0 or lin.in_features % opts.group_size):
             raise MergeQuantError(f"--group-size {opts.group_size} does not divide in_features {lin.in_features} of "
                                   f"{lin.prefix}; use a divisor or -1 (one group per row)")
