@@ -24,7 +24,6 @@ from mergequant.errors import MergeQuantError
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from mergequant.io.checkpoint import Checkpoint
     from mergequant.io.writer import PlannedTensor, ShardedWriter
     from mergequant.quant.runner import LayerInputs
 

@@ -56,6 +56,7 @@ class QuantizeOptions:
     batch_size: int | None = None  # calibration samples per forward; None: about CHUNK_TOKENS tokens
     fsync: bool = True
     eval_data: str | None = None  # measure perplexity before and after, and put both in the card
+    eval_backend: str = "auto"  # how --eval runs the quantized checkpoint (see evaluate.evaluate_model)
     zero_point: bool = True  # awq: asymmetric (zero point) or symmetric
     n_grid: int = 20  # awq: scale ratios tried per scaling group
     duo_scaling: bool = True  # awq: scales from activations and weights (else activations only)
@@ -171,7 +172,8 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
             kw = dict(seqlen=opts.seqlen, device=opts.device, progress=not opts.quiet)
             result.perplexity = {
                 "full precision": evaluate_model(str(model_dir), opts.eval_data, **kw).perplexity,
-                f"{opts.method} {opts.bits}-bit": evaluate_model(str(tmp), opts.eval_data, **kw).perplexity,
+                f"{opts.method} {opts.bits}-bit": evaluate_model(str(tmp), opts.eval_data, backend=opts.eval_backend,
+                                                                 log=log, **kw).perplexity,
             }
             log("perplexity: " + ", ".join(f"{k} {v:.4f}" for k, v in result.perplexity.items()))
             _write_metadata(ck, tmp, opts, method, result)  # again, now with the numbers in the card
