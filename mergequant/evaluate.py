@@ -73,8 +73,9 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
 
     Full-precision models load with transformers. Quantized checkpoints load with transformers and the
     format's maintained client kernels (gptqmodel for GPTQ/AWQ, ...) when ``backend`` is
-    ``transformers``, or when it is ``auto`` and the client is installed; otherwise (``dequant``, or
-    ``auto`` without the client, or if the client fails to load it) with our dequantizing loader.
+    ``transformers``, or when it is ``auto``, the device is a GPU and the client is installed;
+    otherwise (``dequant``, or ``auto`` on CPU or without the client, or if the client fails to
+    load it) with our dequantizing loader.
     The backend used is reported in the result."""
     if backend not in BACKENDS:
         raise MergeQuantError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
@@ -119,7 +120,9 @@ def _load_quantized(ck, model_dir, dev, backend: str, log):
     fmt = format_for_config(qcfg)
     client = fmt.client_modules if fmt else ()
     have_client = bool(client) and all(importlib.util.find_spec(m) for m in client)
-    if backend == "dequant" or (backend == "auto" and not have_client):
+    # auto uses the client kernels on GPUs only: on CPU their fallback paths unpack the weights on
+    # every call (gptqmodel took >10 min to score 200 KB of text with a 4M-parameter model here)
+    if backend == "dequant" or (backend == "auto" and (not have_client or torch.device(dev).type != "cuda")):
         return load_dequantized(ck).to(dev).eval(), "dequant"
     if backend == "transformers" and not have_client:
         need = " and ".join(client) if client else "a client mergequant knows"

@@ -172,9 +172,9 @@ def test_eval_before_and_after_goes_into_the_card(model, calib, tmp_path):
 
 
 def test_eval_backends_agree_on_a_gptq_checkpoint(model, calib, tmp_path):
-    """`eval` runs a GPTQ checkpoint through transformers + gptqmodel when installed and through our own
-    dequantizing loader otherwise: same perplexity up to the client's float16 arithmetic, and the
-    result says which one ran. Asking for the client where it is missing is a clear error."""
+    """`eval` runs a GPTQ checkpoint through transformers + gptqmodel (`--backend transformers`) or our
+    own dequantizing loader (`dequant`; what `auto` picks on CPU): same perplexity up to the client's
+    float16 arithmetic, and the result says which one ran. Asking for a missing client is a clear error."""
     import importlib.util
 
     from mergequant.errors import MergeQuantError
@@ -185,12 +185,13 @@ def test_eval_backends_agree_on_a_gptq_checkpoint(model, calib, tmp_path):
     ours = evaluate_model(str(out), str(calib), seqlen=64, max_tokens=600, progress=False, backend="dequant")
     assert ours.backend == "dequant"
     auto = evaluate_model(str(out), str(calib), seqlen=64, max_tokens=600, progress=False)
+    assert auto.backend == "dequant" and auto.nll == ours.nll  # on CPU, auto never picks the slow client path
     have = all(importlib.util.find_spec(m) for m in ("gptqmodel", "optimum"))
     if have:
-        assert auto.backend == "transformers"
-        assert auto.perplexity == pytest.approx(ours.perplexity, rel=5e-3)
-        assert auto.nll != ours.nll  # really a different code path (fp16 kernels), not the same loader twice
+        client = evaluate_model(str(out), str(calib), seqlen=64, max_tokens=600, progress=False, backend="transformers")
+        assert client.backend == "transformers"
+        assert client.perplexity == pytest.approx(ours.perplexity, rel=5e-3)
+        assert client.nll != ours.nll  # really a different code path (fp16 kernels), not the same loader twice
     else:
-        assert auto.backend == "dequant"
         with pytest.raises(MergeQuantError, match="gptqmodel"):
             evaluate_model(str(out), str(calib), seqlen=64, progress=False, backend="transformers")

@@ -96,6 +96,9 @@ def validate(opts: QuantizeOptions, linears: list[QuantLinear], method: QuantMet
     if opts.bits is None:
         opts.bits = method.default_bits
     if opts.bits not in method.bits_allowed:
+        if len(method.bits_allowed) == 1:
+            raise MergeQuantError(f"--bits {opts.bits}: --method {opts.method} is {method.bits_allowed[0]}-bit only "
+                                  f"(leave --bits out or pass --bits {method.bits_allowed[0]})")
         raise MergeQuantError(f"--bits {opts.bits}: --method {opts.method} supports "
                               f"{', '.join(map(str, method.bits_allowed))}")
     for lin in linears if method.uses_group_size else []:
@@ -131,6 +134,7 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     ck = Checkpoint.open(model_dir)
     linears = find_linears(ck)
     method = validate(opts, linears)
+    method.check_architecture(ck.config)
     check_output_location(opts.out, [model_dir], force=opts.force)
     if opts.calib and not method.calibrated:
         log(f"note: --method {opts.method} needs no calibration data; --calib is ignored")

@@ -1,0 +1,363 @@
+"""AWQ 4-bit, exported in the AWQ GEMM on-disk format (qweight/qzeros/scales, packed along N).
+
+Per decoder layer (float32, materialized by the layer runner):
+
+1. One pass over the calibration chunks with hooks records, for the inputs of the four scaling
+   groups (q/k/v, o, gate/up, down), the mean |x| per channel and ``X^T X`` over every calibration
+   token; the attention and MLP inputs themselves are kept for the first chunks only, up to
+   ``SEARCH_TOKENS`` tokens, with the attention module's call arguments (rotary embeddings, mask).
+   Memory per layer is then about ``SEARCH_TOKENS x 2 hidden`` floats plus the block outputs plus
+   ``3 hidden^2 + intermediate^2`` floats for the Gram matrices, whatever ``--samples`` is.
+2. For each scaling group in order (input_layernorm -> q,k,v; v_proj -> o_proj when the shapes match;
+   post_attention_layernorm (or pre_feedforward_layernorm) -> gate,up; up_proj -> down_proj) the
+   scale ``s`` is searched (:func:`mergequant.quant.awq.search_scale`) on the block output against
+   the float output: the whole attention module or MLP run on the kept inputs, or, for o_proj and
+   down_proj, the Linear's exact output error over all tokens from ``X^T X``. Then ``s`` is folded:
+   the previous op's output is divided by ``s`` and the group's input columns multiplied by ``s``.
+   The float function of the layer is unchanged by folding, so the statistics of step 1 stay valid
+   (rescaled by ``1/s``).
+3. Each Linear's weights are clipped per group (error from the diagonal blocks of ``X^T X``; not q/k, whose errors are amplified through the
+   softmax and whose best clip depends on the other factor of q.k) and quantized; the codes are
+   written and the dequantized weights put back into the layer, which the runner then runs to make
+   the next layer's inputs.
+
+The driver writes the (now folded) norms and biases from the module after ``process_layer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from mergequant.errors import MergeQuantError
+from mergequant.io.writer import PlannedTensor
+from mergequant.quant import awq, formats
+from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
+
+SEARCH_TOKENS = 16384  # calibration tokens per layer kept to judge the attention and MLP blocks
+
+# model_type -> decoder layer class (transformers) whose scaling map below is implemented and tested
+SUPPORTED = {
+    "llama": "LlamaDecoderLayer",
+    "mistral": "MistralDecoderLayer",
+    "qwen2": "Qwen2DecoderLayer",
+    "qwen3": "Qwen3DecoderLayer",
+    "gemma": "GemmaDecoderLayer",
+    "gemma2": "Gemma2DecoderLayer",
+    "gemma3_text": "Gemma3DecoderLayer",
+}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+def _unsupported(what: str) -> MergeQuantError:
+    return MergeQuantError(f"--method awq has no scaling map for {what} (supported: "
+                           f"{', '.join(SUPPORTED)}); use --method gptq")
+
+
+def check_architecture(config: dict) -> None:
+    """Refuse a model whose ``config.json`` names an architecture without a known AWQ scaling map.
+    (The driver may call this before any work; ``process_layer`` re-checks the decoder layer class.)"""
+    mt = config.get("model_type")
+    if mt not in SUPPORTED:
+        arch = (config.get("architectures") or [mt])[0]
+        raise _unsupported(f"{arch} (model_type {mt!r})")
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def norm_offset(norm: nn.Module) -> float:
+    """1.0 if the norm multiplies by ``1 + weight`` (Gemma), 0.0 if by ``weight``: probed numerically
+    (weight and bias set to zero: a plain norm then outputs zeros), so no class list is needed."""
+    w = norm.weight
+    b = getattr(norm, "bias", None)
+    saved_w, saved_b = w.data.clone(), None if b is None else b.data.clone()
+    try:
+        w.data.zero_()
+        if b is not None:
+            b.data.zero_()
+        x = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+        y = norm(x)
+    finally:
+        w.data.copy_(saved_w)
+        if b is not None:
+            b.data.copy_(saved_b)
+    return 1.0 if bool(y.abs().max() > 0) else 0.0
+
+
+class ScalingGroup:
+    """One AWQ scaling group: ``prev`` (norm or Linear) produces the input of ``linears``."""
+
+    def __init__(self, name: str, prev: nn.Module, prev_kind: str, linears: list[str], block: str, point: str):
+        self.name, self.prev, self.prev_kind, self.linears, self.block, self.point = name, prev, prev_kind, linears, block, point
+
+
+def scaling_groups(layer: nn.Module, modules: dict[str, nn.Linear]) -> list[ScalingGroup]:
+    """The scaling map of a Llama-style decoder layer (raises MergeQuantError for other layers)."""
+    cls = type(layer).__name__
+    if cls not in SUPPORTED.values():
+        raise _unsupported(f"decoder layer {cls}")
+    missing = [s for s in LINEARS if s not in modules]
+    if missing:
+        raise _unsupported(f"decoder layer {cls} without {', '.join(missing)}")
+    mlp_norm = getattr(layer, "pre_feedforward_layernorm", None)  # Gemma 2/3: post_attention_layernorm is on
+    if mlp_norm is None:                                            # the attention output, not the MLP input
+        mlp_norm = layer.post_attention_layernorm
+    groups = [ScalingGroup("qkv", layer.input_layernorm, "norm",
+                           ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "attn", "attn")]
+    v, o = modules["self_attn.v_proj"], modules["self_attn.o_proj"]
+    if v.out_features == o.in_features:  # with grouped-query attention v's rows are shared by heads: skip
+        groups.append(ScalingGroup("o", v, "linear", ["self_attn.o_proj"], "linear", "o"))
+    groups.append(ScalingGroup("gate_up", mlp_norm, "norm", ["mlp.gate_proj", "mlp.up_proj"], "mlp", "mlp"))
+    groups.append(ScalingGroup("down", modules["mlp.up_proj"], "linear", ["mlp.down_proj"], "linear", "down"))
+    return groups
+
+
+# where each Linear's input is recorded (q/k/v share the attention input, gate/up the MLP input)
+POINT_OF = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
+            "self_attn.o_proj": "o", "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.down_proj": "down"}
+POINT_MODULE = {"attn": "self_attn.q_proj", "o": "self_attn.o_proj", "mlp": "mlp.gate_proj", "down": "mlp.down_proj"}
+KEEP_INPUTS = ("attn", "mlp")  # blocks with a non-linear function need the inputs themselves
+
+
+class _Capture:
+    """What the searches need from one pass over the calibration chunks: per capture point the mean
+    |x| per channel and ``X^T X`` over every token, and for the attention and MLP inputs the inputs
+    themselves (first chunks, up to ``budget`` tokens) with the attention call arguments."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.x: dict[str, list[torch.Tensor]] = {}
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.gram: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.attn_calls: list[tuple[tuple, dict]] = []
+        self.keep = True  # whether the current chunk is within the budget
+
+    def add(self, point: str, x: torch.Tensor) -> None:
+        x = x.detach()
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if point in self.gram:
+            self.abs_sum[point] += flat.abs().sum(dim=0)
+            self.gram[point].addmm_(flat.T, flat)
+            self.count[point] += flat.shape[0]
+        else:
+            self.abs_sum[point] = flat.abs().sum(dim=0)
+            self.gram[point] = flat.T @ flat
+            self.count[point] = flat.shape[0]
+        if self.keep and point in KEEP_INPUTS:
+            self.x.setdefault(point, []).append(x.float())
+
+    def mean(self, point: str) -> torch.Tensor:
+        return self.abs_sum[point] / self.count[point]
+
+    def rescale(self, point: str, s: torch.Tensor) -> None:
+        """The inputs at ``point`` are now ``x / s`` (scale folded into the previous op)."""
+        self.gram[point] = self.gram[point] / s[:, None] / s[None, :]
+        if point in self.x:
+            self.x[point] = [x / s for x in self.x[point]]
+
+
+@torch.no_grad()
+def capture(layer: nn.Module, inputs, modules: dict[str, nn.Linear], budget: int = SEARCH_TOKENS) -> _Capture:
+    """Run ``layer`` over ``inputs`` once, recording what the scaling groups need (see module doc)."""
+    cap = _Capture(budget)
+    hooks = []
+    for point, suffix in POINT_MODULE.items():
+        hooks.append(modules[suffix].register_forward_pre_hook(lambda m, args, p=point: cap.add(p, args[0])))
+
+    def attn_pre(m, args, kwargs):
+        if cap.keep:
+            cap.attn_calls.append((tuple(args), dict(kwargs)))
+
+    hooks.append(layer.self_attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
+    seen = 0
+    try:
+        for hidden, kw in inputs:
+            cap.keep = seen == 0 or seen + hidden.shape[0] * hidden.shape[1] <= budget
+            layer(hidden, **kw)
+            if cap.keep:
+                seen += hidden.shape[0] * hidden.shape[1]
+    finally:
+        for h in hooks:
+            h.remove()
+    return cap
+
+
+def _with_hidden(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": x}
+    return (x, *args[1:]), kwargs
+
+
+@contextlib.contextmanager
+def _swapped(mods: list[nn.Linear], weights: list[torch.Tensor]):
+    saved = [m.weight.data for m in mods]
+    try:
+        for m, w in zip(mods, weights):
+            m.weight.data = w.to(m.weight.dtype)
+        yield
+    finally:
+        for m, w in zip(mods, saved):
+            m.weight.data = w
+
+
+class _Block:
+    """The function a scaling group is judged by: ``loss(candidate weights)`` = output MSE vs float.
+
+    Attention and MLP blocks are run on the recorded inputs (up to ``SEARCH_TOKENS`` tokens); a
+    Linear-only block (o_proj, down_proj) is scored exactly over every calibration token from its
+    ``X^T X`` (:func:`awq.linear_output_mse`)."""
+
+    def __init__(self, group: ScalingGroup, layer: nn.Module, modules: dict[str, nn.Linear], cap: _Capture):
+        self.mods = [modules[s] for s in group.linears]
+        self.kind = group.block
+        self.layer = layer
+        self.cap, self.point = cap, group.point
+        if self.kind == "linear":
+            self.w0 = self.mods[0].weight.data.float().clone()
+        else:
+            self.ref = self.outputs()  # float output, before any scaling
+
+    @torch.no_grad()
+    def outputs(self) -> list[torch.Tensor]:
+        xs = self.cap.x[self.point]
+        if self.kind == "attn":
+            outs = []
+            for x, (a, kw) in zip(xs, self.cap.attn_calls):
+                a, kw = _with_hidden(a, kw, x)
+                outs.append(_first(self.layer.self_attn(*a, **kw)))
+            return outs
+        return [self.layer.mlp(x) for x in xs]
+
+    @torch.no_grad()
+    def loss(self, weights: list[torch.Tensor]) -> float:
+        if self.kind == "linear":
+            return awq.linear_output_mse(weights[0] - self.w0, self.cap.gram[self.point], self.cap.count[self.point])
+        with _swapped(self.mods, weights):
+            outs = self.outputs()
+        sq = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outs, self.ref))
+        return sq / sum(r.numel() for r in self.ref)
+
+
+@torch.no_grad()
+def apply_scale(group: ScalingGroup, modules: dict[str, nn.Linear], s: torch.Tensor) -> None:
+    """Fold ``1/s`` into the group's previous op and ``s`` into its Linears' input columns (in place)."""
+    if group.prev_kind == "norm":
+        awq.fold_into_norm(group.prev.weight.data, getattr(group.prev, "bias", None), s, norm_offset(group.prev))
+    else:
+        b = group.prev.bias
+        awq.fold_into_linear_rows(group.prev.weight.data, None if b is None else b.data, s)
+    for suffix in group.linears:
+        awq.scale_linear_cols(modules[suffix].weight.data, s)
+
+
+class AWQMethod(QuantMethod):
+    name = "awq"
+    calibrated = True
+    bits_allowed = (4,)
+    client_modules = ("gptqmodel", "accelerate")  # transformers loads AWQ through these (`eval --backend auto`)
+
+    # ---- before any work ---------------------------------------------------------------------------
+    def validate(self, opts, linears: list[QuantLinear]) -> None:
+        if opts.n_grid < 1:
+            raise MergeQuantError(f"--n-grid must be >= 1, got {opts.n_grid}")
+        by_layer: dict[int, set[str]] = {}
+        for lin in linears:
+            by_layer.setdefault(lin.layer, set()).add(lin.suffix)
+            if lin.out_features % 8:
+                raise MergeQuantError(f"AWQ packs 8 output features per int32; {lin.prefix} has out_features "
+                                      f"{lin.out_features}, not a multiple of 8 (use --method gptq)")
+        for layer, found in sorted(by_layer.items()):
+            missing = [s for s in LINEARS if s not in found]
+            if missing:
+                raise _unsupported(f"decoder layers without {', '.join(missing)} (layer {layer})")
+
+    check_architecture = staticmethod(check_architecture)
+
+    def planned(self, lin: QuantLinear, opts) -> list[PlannedTensor]:
+        K, N = lin.in_features, lin.out_features
+        G = 1 if opts.group_size == -1 else K // opts.group_size
+        return [PlannedTensor("qweight", torch.int32, (K, N // 8)),
+                PlannedTensor("qzeros", torch.int32, (G, N // 8)),
+                PlannedTensor("scales", torch.float16, (G, N))]
+
+    # ---- the work ----------------------------------------------------------------------------------
+    def process_layer(self, ctx: QuantContext, i, layer, inputs, todo, modules) -> None:
+        o = ctx.opts
+        groups = scaling_groups(layer, modules)  # raises for an unsupported layer before any search
+        stats = ctx.extra.setdefault("awq", [])
+        qkw = {"bits": o.bits, "group_size": o.group_size, "zero_point": o.zero_point}
+        cap = capture(layer, inputs, modules)
+        for g in groups:
+            if not all(s in todo for s in g.linears):
+                continue
+            block = _Block(g, layer, modules, cap)
+            res = awq.search_scale(cap.mean(g.point), [modules[s].weight.data for s in g.linears], block.loss,
+                                   n_grid=o.n_grid, duo_scaling=o.duo_scaling, **qkw)
+            stats.append({"layer": i, "group": g.name, "ratio": res.ratio, "loss": res.loss, "loss_rtn": res.loss_rtn})
+            ctx.result.proxy_error += res.loss
+            if res.ratio is not None:
+                apply_scale(g, modules, res.scales)
+                cap.rescale(g.point, res.scales)
+            del block
+        for suffix in LINEARS:
+            if suffix not in todo:
+                continue
+            mod, lin = modules[suffix], todo[suffix]
+            W = mod.weight.data.float()
+            if suffix not in NO_CLIP:
+                blocks = awq.gram_blocks(cap.gram[POINT_OF[suffix]], o.group_size)
+                W = awq.apply_clip(W, awq.search_clip(W, blocks, **qkw), o.group_size)
+            qw = awq.pseudo_quantize(W, **qkw)
+            mod.weight.data.copy_(qw.w_hat.to(mod.weight.dtype))
+            ctx.write(lin, self.pack(qw))
+
+    @staticmethod
+    def pack(qw: awq.QuantizedWeight) -> dict[str, torch.Tensor]:
+        """AWQ GEMM tensors of one Linear from :func:`awq.pseudo_quantize`'s codes."""
+        return {"qweight": formats.awq_pack(qw.q.T.contiguous().cpu()),
+                "qzeros": formats.awq_pack_zeros(qw.zeros.cpu()),
+                "scales": qw.scales.to(torch.float16).cpu()}
+
+    # ---- describing the result ---------------------------------------------------------------------
+    def quantization_config(self, opts) -> dict:
+        return formats.awq_quantize_config(bits=opts.bits, group_size=opts.group_size, zero_point=opts.zero_point)
+
+    def card_settings(self, opts) -> list[tuple[str, str]]:
+        gs = "per row (-1)" if opts.group_size == -1 else str(opts.group_size)
+        return [("bits", str(opts.bits)), ("group size", gs), ("zero point", str(opts.zero_point)),
+                ("scale grid (n_grid)", str(opts.n_grid)), ("duo scaling", str(opts.duo_scaling)),
+                ("format", "AWQ GEMM")]
+
+    def card_tags(self, opts) -> list[str]:
+        return [self.name, f"{opts.bits}bit"]
+
+    def loading_requirements(self) -> str:
+        return "gptqmodel"
+
+    # ---- reading back ----------------------------------------------------------------------------------
+    @classmethod
+    def handles(cls, qcfg: dict) -> bool:
+        return qcfg.get("quant_method") == "awq" and str(qcfg.get("version", qcfg.get("format", "gemm"))).lower() == "gemm"
+
+    @classmethod
+    def quantized_prefixes(cls, names, qcfg) -> list[str]:
+        return [n[: -len(".qweight")] for n in names if n.endswith(".qweight")]
+
+    @classmethod
+    def dequantize(cls, get, prefix: str, qcfg: dict) -> torch.Tensor:
+        if qcfg.get("bits", 4) != 4:
+            raise MergeQuantError(f"AWQ GEMM checkpoint with bits={qcfg.get('bits')}: only 4-bit is readable")
+        return formats.awq_dequantize(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"),
+                                      qcfg.get("group_size", 128))
+
+    @classmethod
+    def storage_suffixes(cls) -> tuple[str, ...]:
+        return (".qweight", ".qzeros", ".scales")

@@ -1,0 +1,248 @@
+"""``--method w8a8``: SmoothQuant + per-channel int8 weights, in the compressed-tensors ``int-quantized``
+format (vLLM runs it with int8 GEMMs, activations quantized per token at run time).
+
+Per decoder layer (materialized in float32 by the layer runner):
+
+1. **Smoothing groups are found structurally**, not by name: one forward over the calibration inputs
+   with hooks on every normalization module (any non-Linear module with a 1-D ``weight`` whose class name
+   contains "Norm") and on every Linear; a Linear whose input *is* (same tensor object) a norm's output is
+   fed by that norm. For Llama/Mistral/Qwen this gives ``input_layernorm -> q,k,v`` and
+   ``post_attention_layernorm -> gate,up``; for Gemma 2/3 ``pre_feedforward_layernorm -> gate,up``
+   (their ``post_attention_layernorm`` acts on the attention output). The same pass records the
+   per-input-channel absmax of each norm's output over all calibration tokens.
+   ``o_proj`` and ``down_proj`` are not smoothed: their inputs come from attention / the gated
+   activation, where a scale would have to be folded into ``v_proj`` (valid only without GQA
+   mismatches) and ``up_proj``; SmoothQuant's reference recipe and llm-compressor's default Llama
+   mappings smooth only the two norm-fed groups, and that is where the outlier channels are.
+2. ``s = smooth_scales(act_absmax, max_rows |W|, alpha)`` per group; the norm is divided by ``s`` (Gemma's
+   ``(1 + w)`` norms are detected by probing the norm with a zero weight and handled:
+   ``w' = (1 + w) / s - 1``) and the Linears' columns are multiplied by ``s``.
+3. The fold is checked: the layer's output on the first calibration chunk must match the unfolded
+   output (relative max error 1e-3); otherwise the fold is undone, a warning is logged and the layer is
+   quantized unsmoothed (the run stays correct for architectures that reuse a norm output elsewhere).
+4. Each quantized Linear gets per-output-channel symmetric int8 weights (``weight`` int8 [out, in],
+   ``weight_scale`` [out, 1] in the float dtype), and its dequantized weight is put back into the
+   layer so the following layers are calibrated on the quantized model. The folded norms are written
+   by the driver from the module.
+
+``--bits``: 8-bit only (the default for it). ``--group-size`` does not apply.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mergequant.errors import MergeQuantError
+from mergequant.io.writer import PlannedTensor
+from mergequant.quant.int8 import (channel_int8_dequantize, channel_int8_quantize, fold_into_linear, fold_into_norm,
+                                   smooth_scales, weight_column_absmax)
+from mergequant.quant.int8_method import eight_bit_only
+from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
+
+FOLD_CHECK_RTOL = 1e-3
+
+
+# ---- smoothing (usable on any decoder layer; tested on its own) ------------------------------------------
+
+def _is_norm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (not isinstance(m, nn.Linear) and "norm" in type(m).__name__.lower()
+            and isinstance(w, torch.Tensor) and w.dim() == 1)
+
+
+@torch.no_grad()
+def norm_offset(norm: nn.Module) -> float:
+    """1.0 if the norm applies its weight as ``(1 + w)`` (Gemma), else 0.0 (found by probing with w = 0)."""
+    w = norm.weight
+    bias = getattr(norm, "bias", None)
+    saved_w = w.data.clone()
+    saved_b = bias.data.clone() if isinstance(bias, torch.Tensor) else None
+    try:
+        w.data.zero_()
+        if saved_b is not None:
+            bias.data.zero_()
+        x = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+        y = norm(x)
+        return 0.0 if y.abs().max().item() == 0 else 1.0
+    finally:
+        w.data.copy_(saved_w)
+        if saved_b is not None:
+            bias.data.copy_(saved_b)
+
+
+@torch.no_grad()
+def find_smoothing_groups(layer: nn.Module, inputs) -> tuple[list[tuple[str, list[str], torch.Tensor]], list]:
+    """Run ``layer`` over ``inputs`` once: ([(norm name, [Linear names fed by it], act absmax [H])], the
+    layer's output on the first chunk).
+
+    Groups are returned only for norms that feed at least one Linear."""
+    norms = {n: m for n, m in layer.named_modules() if _is_norm(m)}
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    absmax: dict[str, torch.Tensor] = {}
+    first_out: dict[str, torch.Tensor] = {}  # chunk 0: the tensors themselves (kept alive: ids stay unique)
+    first_in: dict[str, torch.Tensor] = {}
+    state = {"chunk": 0}
+
+    def norm_hook(name):
+        def hook(mod, args, out):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            a = t.detach().float().abs().reshape(-1, t.shape[-1]).amax(dim=0)
+            absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
+            if state["chunk"] == 0:
+                first_out[name] = t
+        return hook
+
+    def lin_hook(name):
+        def hook(mod, args):
+            if state["chunk"] == 0 and args:
+                first_in[name] = args[0]
+        return hook
+
+    handles = [m.register_forward_hook(norm_hook(n)) for n, m in norms.items()]
+    handles += [m.register_forward_pre_hook(lin_hook(n)) for n, m in linears.items()]
+    first = None
+    try:
+        for j, (h, kw) in enumerate(inputs):
+            state["chunk"] = j
+            out = layer(h, **kw)
+            if j == 0:
+                first = out[0] if isinstance(out, (tuple, list)) else out
+    finally:
+        for hd in handles:
+            hd.remove()
+    groups = []
+    for nname, t in first_out.items():
+        fed = [lname for lname, x in first_in.items() if x is t]
+        if fed:
+            groups.append((nname, fed, absmax[nname]))
+    return groups, first
+
+
+@torch.no_grad()
+def smooth_layer(layer: nn.Module, inputs, alpha: float, *, check: bool = True, log=None) -> list[tuple[str, list[str]]]:
+    """SmoothQuant-fold ``layer`` in place (see the module docstring); returns the groups smoothed
+    ([] when there was nothing to smooth or the fold check failed and the fold was undone)."""
+    groups, ref = find_smoothing_groups(layer, inputs)
+    if not groups:
+        return []
+    mods = dict(layer.named_modules())
+    saved = {n: p.data.clone() for n, p in layer.named_parameters()
+             if any(n.startswith(g[0] + ".") or any(n.startswith(x + ".") for x in g[1]) for g in groups)}
+    for nname, lnames, act in groups:
+        norm = mods[nname]
+        s = smooth_scales(act, weight_column_absmax([mods[x].weight for x in lnames]), alpha)
+        bias = getattr(norm, "bias", None)
+        fold_into_norm(norm.weight, s, norm_offset(norm), bias if isinstance(bias, torch.Tensor) else None)
+        for x in lnames:
+            fold_into_linear(mods[x].weight, s)
+    if check and ref is not None:
+        h, kw = next(iter(inputs))
+        out = layer(h, **kw)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        err = (out.float() - ref.float()).abs().max().item()
+        scale = ref.float().abs().max().item() or 1.0
+        if not err <= FOLD_CHECK_RTOL * scale:
+            params = dict(layer.named_parameters())
+            for n, v in saved.items():
+                params[n].data.copy_(v)
+            if log:
+                log(f"warning: SmoothQuant folding changed the layer's output (max error {err:.3g}); "
+                    "this layer is quantized without smoothing")
+            return []
+    return [(n, lnames) for n, lnames, _ in groups]
+
+
+# ---- the method ---------------------------------------------------------------------------------------------
+
+class W8A8Method(QuantMethod):
+    name = "w8a8"
+    calibrated = True
+    client_modules = ("compressed_tensors",)  # `mergequant eval` (backend auto) loads it with transformers + this
+    bits_allowed = (8,)
+    uses_group_size = False  # one scale per output channel
+    smooth = True  # False: plain per-channel int8 weights (for comparisons)
+
+    def validate(self, opts, linears: list[QuantLinear]) -> None:
+        eight_bit_only(opts, self.name)
+        if not 0.0 <= opts.alpha <= 1.0:
+            raise MergeQuantError(f"--alpha must be in [0, 1] (SmoothQuant migration strength), got {opts.alpha}")
+
+    def float_dtype(self, opts) -> torch.dtype:
+        return torch.float16
+
+    def planned(self, lin: QuantLinear, opts) -> list[PlannedTensor]:
+        return [PlannedTensor("weight", torch.int8, (lin.out_features, lin.in_features)),
+                PlannedTensor("weight_scale", self.float_dtype(opts), (lin.out_features, 1))]
+
+    def process_layer(self, ctx: QuantContext, i, layer, inputs, todo, modules) -> None:
+        if self.smooth:
+            smoothed = smooth_layer(layer, inputs, ctx.opts.alpha,
+                                    log=lambda m: ctx.log(f"layer {i}: {m}"))
+            ctx.extra.setdefault("smoothed", {})[i] = smoothed
+        fdtype = self.float_dtype(ctx.opts)
+        for suffix, lin in todo.items():
+            mod = modules[suffix]
+            W = mod.weight.data.float()
+            codes, scale = channel_int8_quantize(W, fdtype)
+            W_hat = channel_int8_dequantize(codes, scale)
+            ctx.result.proxy_error += float(((W - W_hat) ** 2).sum() / (W ** 2).sum().clamp_min(1e-30))
+            mod.weight.data.copy_(W_hat.to(mod.weight.device, mod.weight.dtype))
+            ctx.write(lin, {"weight": codes.cpu(), "weight_scale": scale.cpu()})
+
+    def quantization_config(self, opts) -> dict:
+        # QuantizationConfig(config_groups={"group_0": preset "W8A8" on ["Linear"]}, format="int-quantized",
+        # quantization_status="compressed", ignore=["lm_head"]).model_dump() of compressed-tensors 0.20
+        return {
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                                "strategy": "channel", "dynamic": False},
+                    "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                                          "strategy": "token", "dynamic": True},
+                    "output_activations": None,
+                    "format": "int-quantized",
+                },
+            },
+            "quant_method": "compressed-tensors",
+            "kv_cache_scheme": None,
+            "format": "int-quantized",
+            "quantization_status": "compressed",
+            "global_compression_ratio": None,
+            "ignore": ["lm_head"],
+        }
+
+    def card_settings(self, opts) -> list[tuple[str, str]]:
+        return [("bits", "8 (weights int8 per output channel; activations int8 per token, dynamic)"),
+                ("SmoothQuant alpha", str(opts.alpha) if self.smooth else "off"),
+                ("format", "compressed-tensors `int-quantized`")]
+
+    def card_tags(self, opts) -> list[str]:
+        return [self.name, "8bit", "int8", "smoothquant", "compressed-tensors"]
+
+    def loading_requirements(self) -> str:
+        return "compressed-tensors"
+
+    # ---- reading back ----------------------------------------------------------------------------------
+    @classmethod
+    def handles(cls, qcfg: dict) -> bool:
+        if qcfg.get("quant_method") != "compressed-tensors":
+            return False
+        groups = (qcfg.get("config_groups") or {}).values()
+        fmt = {qcfg.get("format")} | {g.get("format") for g in groups if isinstance(g, dict)}
+        weights = [g.get("weights") or {} for g in groups if isinstance(g, dict)]
+        return ("int-quantized" in fmt or "naive-quantized" in fmt) and all(
+            w.get("type") == "int" and w.get("num_bits") == 8 and w.get("symmetric", True) for w in weights)
+
+    @classmethod
+    def quantized_prefixes(cls, names, qcfg) -> list[str]:
+        return [n[: -len(".weight_scale")] for n in names if n.endswith(".weight_scale")]
+
+    @classmethod
+    def dequantize(cls, get, prefix: str, qcfg: dict) -> torch.Tensor:
+        return channel_int8_dequantize(get(f"{prefix}.weight"), get(f"{prefix}.weight_scale"))
+
+    @classmethod
+    def storage_suffixes(cls) -> tuple[str, ...]:
+        return (".weight", ".weight_scale")
