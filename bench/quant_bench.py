@@ -1,4 +1,4 @@
-"""Quantization quality/speed benchmark: mergequant GPTQ vs RTN vs GPTQModel on the shared tiny Llama.
+"""Quantization quality/speed benchmark on the shared tiny Llama: mergequant's methods vs GPTQModel.
 
 One run does everything:
 
@@ -10,9 +10,11 @@ One run does everything:
   - mergequant GPTQ with desc_act off and on,
   - GPTQModel GPTQ (Python API, inline script) with desc_act off and on, fed the *same* calibration
     token windows (built with ``mergequant.quant.calib.calibration_batch``, same seed),
-  at 4 and 3 bits, group size 128, symmetric, damp 0.01;
+  at 4 and 3 bits, group size 128, symmetric, damp 0.01, the same calibration batch for both;
+  - then (``--extra``) mergequant AWQ w4g128, GPTQ 8-bit, int8 (bitsandbytes LLM.int8) and W8A8;
 * evaluates every checkpoint (and the full-precision model) with ``mergequant.evaluate.evaluate_model``
-  on the held-out text (windows of ``--eval-seqlen``), which dequantizes GPTQ checkpoints itself;
+  on the held-out text (windows of ``--eval-seqlen``): weight-only formats through the dequantizing
+  loader, W8A8 through transformers + compressed-tensors (its activations are quantized at run time);
 * prints a table and writes ``bench/results/quant-tiny.json``.
 
 Usage: python bench/quant_bench.py [--samples 128] [--seqlen 256] [--bits 4 3]
@@ -131,12 +133,14 @@ def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = Non
     return {"wall_s": round(wall, 2), "peak_rss_anon_mib": round(peak / 1024, 1), "stdout": output}
 
 
-def evaluate(path: Path, heldout: Path, seqlen: int) -> dict:
+def evaluate(path: Path, heldout: Path, seqlen: int, backend: str = "dequant") -> dict:
     from mergequant.evaluate import evaluate_model
 
-    # one evaluator for every checkpoint (ours and GPTQModel's): the dequantizing loader, float32
-    r = evaluate_model(str(path), str(heldout), seqlen=seqlen, device="cpu", progress=False, backend="dequant")
-    return {"perplexity": round(r.perplexity, 4), "nll": round(r.nll, 6), "tokens": r.tokens}
+    # One evaluator for every weight-only checkpoint (ours and GPTQModel's): the dequantizing loader,
+    # float32. W8A8 also quantizes activations at run time, which only its client does: it is
+    # evaluated through transformers + compressed-tensors (when installed).
+    r = evaluate_model(str(path), str(heldout), seqlen=seqlen, device="cpu", progress=False, backend=backend)
+    return {"perplexity": round(r.perplexity, 4), "nll": round(r.nll, 6), "tokens": r.tokens, "eval_backend": r.backend}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -150,7 +154,9 @@ def main() -> None:
     ap.add_argument("--heldout-kb", type=int, default=100)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32, help="calibration windows per forward, both tools")
+    ap.add_argument("--extra", nargs="*", default=["awq", "gptq8", "int8", "w8a8"],
+                    help="rows beyond RTN/GPTQ at --bits: awq (w4, --group-size), gptq8, int8, w8a8")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="quantize runs per config; the fastest is reported")
     ap.add_argument("--skip-gptqmodel", action="store_true")
@@ -176,45 +182,53 @@ def main() -> None:
     rows.append({"name": "fp (bf16)", "tool": "-", "bits": 16, "desc_act": None, **fp})
 
     gs = args.group_size
+    configs = []  # (method, tool, bits, desc_act)
     for bits in args.bits:
-        configs = [("rtn", "mergequant", False), ("gptq", "mergequant", False), ("gptq", "mergequant", True)]
+        configs += [("rtn", "mergequant", bits, False), ("gptq", "mergequant", bits, False),
+                    ("gptq", "mergequant", bits, True)]
         if not args.skip_gptqmodel:
-            configs += [("gptq", "gptqmodel", False), ("gptq", "gptqmodel", True)]
-        for method, tool, desc_act in configs:
-            tag = f"{tool}-{method}-w{bits}g{gs}" + ("-act" if desc_act else "")
-            out = WORK / tag
-            shutil.rmtree(out, ignore_errors=True)
-            if tool == "mergequant":
-                cmd = [sys.executable, "-m", "mergequant", "quantize", str(MODEL), "-o", str(out), "--method", method,
-                       "--bits", str(bits), "--group-size", str(gs), "--damp", "0.01", "--samples", str(args.samples),
-                       "--seqlen", str(args.seqlen), "--seed", str(args.seed), "--device", "cpu", "--quiet", "--force"]
-                if method == "gptq":
-                    cmd += ["--calib", str(calib)]
-                if desc_act:
-                    cmd.append("--desc-act")
-                runs = [run_measured(cmd, log=WORK / f"{tag}.log") for _ in range(args.repeats)]
-                extra = {}
-            else:
-                cmd = [sys.executable, "-c", GPTQMODEL_SCRIPT, str(MODEL), str(calib), str(out), str(bits), str(gs),
-                       "1" if desc_act else "0", str(args.samples), str(args.seqlen), str(args.seed), str(args.batch_size)]
-                runs = [run_measured(cmd, env={"GPTQMODEL_CPU_WORKERS": "2"}, log=WORK / f"{tag}.log")
-                        for _ in range(args.repeats)]
-                times = []
-                for r in runs:
-                    line = [ln for ln in r["stdout"].splitlines() if ln.startswith("GPTQMODEL_TIMES ")]
-                    times.append(json.loads(line[-1].split(" ", 1)[1]) if line else None)
-                extra = {"gptqmodel_internal_times": times}
+            configs += [("gptq", "gptqmodel", bits, False), ("gptq", "gptqmodel", bits, True)]
+    extra = {"awq": ("awq", 4), "gptq8": ("gptq", 8), "int8": ("int8", 8), "w8a8": ("w8a8", 8)}
+    configs += [(extra[e][0], "mergequant", extra[e][1], False) for e in args.extra]
+    import importlib.util
+    for method, tool, bits, desc_act in configs:
+        grouped = method in ("rtn", "gptq", "awq")
+        tag = f"{tool}-{method}-w{bits}" + (f"g{gs}" if grouped else "") + ("-act" if desc_act else "")
+        out = WORK / tag
+        shutil.rmtree(out, ignore_errors=True)
+        if tool == "mergequant":
+            cmd = [sys.executable, "-m", "mergequant", "quantize", str(MODEL), "-o", str(out), "--method", method,
+                   "--bits", str(bits), "--group-size", str(gs), "--damp", "0.01", "--samples", str(args.samples),
+                   "--seqlen", str(args.seqlen), "--seed", str(args.seed), "--device", "cpu", "--quiet", "--force",
+                   "--batch-size", str(args.batch_size)]
+            if method in ("gptq", "awq", "w8a8"):
+                cmd += ["--calib", str(calib)]
+            if desc_act:
+                cmd.append("--desc-act")
+            runs = [run_measured(cmd, log=WORK / f"{tag}.log") for _ in range(args.repeats)]
+            extra_info = {}
+        else:
+            cmd = [sys.executable, "-c", GPTQMODEL_SCRIPT, str(MODEL), str(calib), str(out), str(bits), str(gs),
+                   "1" if desc_act else "0", str(args.samples), str(args.seqlen), str(args.seed), str(args.batch_size)]
+            runs = [run_measured(cmd, env={"GPTQMODEL_CPU_WORKERS": "2"}, log=WORK / f"{tag}.log")
+                    for _ in range(args.repeats)]
+            times = []
             for r in runs:
-                r.pop("stdout")
-            best = min(runs, key=lambda r: r["wall_s"])
-            meas = {"wall_s": best["wall_s"], "peak_rss_anon_mib": best["peak_rss_anon_mib"],
-                    "runs": [{"wall_s": r["wall_s"], "peak_rss_anon_mib": r["peak_rss_anon_mib"]} for r in runs]}
-            ev = evaluate(out, heldout, args.eval_seqlen)
-            row = {"name": tag, "tool": tool, "method": method, "bits": bits, "group_size": gs, "desc_act": desc_act,
-                   **ev, **meas, **extra}
-            rows.append(row)
-            print(f"{tag}: ppl {ev['perplexity']:.3f}  wall {meas['wall_s']:.1f} s  peak RssAnon "
-                  f"{meas['peak_rss_anon_mib']:.0f} MiB", flush=True)
+                line = [ln for ln in r["stdout"].splitlines() if ln.startswith("GPTQMODEL_TIMES ")]
+                times.append(json.loads(line[-1].split(" ", 1)[1]) if line else None)
+            extra_info = {"gptqmodel_internal_times": times}
+        for r in runs:
+            r.pop("stdout")
+        best = min(runs, key=lambda r: r["wall_s"])
+        meas = {"wall_s": best["wall_s"], "peak_rss_anon_mib": best["peak_rss_anon_mib"],
+                "runs": [{"wall_s": r["wall_s"], "peak_rss_anon_mib": r["peak_rss_anon_mib"]} for r in runs]}
+        backend = "transformers" if method == "w8a8" and importlib.util.find_spec("compressed_tensors") else "dequant"
+        ev = evaluate(out, heldout, args.eval_seqlen, backend)
+        row = {"name": tag, "tool": tool, "method": method, "bits": bits, "group_size": gs if grouped else None,
+               "desc_act": desc_act, **ev, **meas, **extra_info}
+        rows.append(row)
+        print(f"{tag}: ppl {ev['perplexity']:.3f} ({ev['eval_backend']})  wall {meas['wall_s']:.1f} s  peak RssAnon "
+              f"{meas['peak_rss_anon_mib']:.0f} MiB", flush=True)
 
     # comparisons
     by = {r["name"]: r for r in rows}
@@ -233,6 +247,17 @@ def main() -> None:
                           "speedup_wall": round(theirs["wall_s"] / ours["wall_s"], 2),
                           "rss_ratio_gptqmodel_over_ours": round(theirs["peak_rss_anon_mib"] / ours["peak_rss_anon_mib"], 2)})
             comparisons.append(c)
+    fp_ppl = rows[0]["perplexity"]
+    if f"mergequant-awq-w4g{gs}" in by and f"mergequant-gptq-w4g{gs}" in by:
+        awq, gq = by[f"mergequant-awq-w4g{gs}"], by[f"mergequant-gptq-w4g{gs}"]
+        comparisons.append({"awq_ppl": awq["perplexity"], "gptq_ppl": gq["perplexity"],
+                            "awq_le_gptq": awq["perplexity"] <= gq["perplexity"],
+                            "awq_lt_rtn": awq["perplexity"] < by[f"mergequant-rtn-w4g{gs}"]["perplexity"]})
+    for name in (f"mergequant-gptq-w8g{gs}", "mergequant-int8-w8", "mergequant-w8a8-w8"):
+        if name in by:
+            comparisons.append({"row": name, "ppl": by[name]["perplexity"], "fp_ppl": fp_ppl,
+                                "ratio_to_fp": round(by[name]["perplexity"] / fp_ppl, 5),
+                                "within_1pct_of_fp": by[name]["perplexity"] <= fp_ppl * 1.01})
 
     print()
     hdr = f"{'config':34s} {'ppl':>9s} {'wall s':>8s} {'RssAnon MiB':>12s}"
@@ -257,9 +282,10 @@ def main() -> None:
                      "heldout": f"last {args.heldout_kb} KB of austen.txt + last {args.heldout_kb} KB of shakespeare.txt",
                      "data_ranges": data_info, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
                      "eval_seqlen": args.eval_seqlen, "group_size": gs, "sym": True, "damp": 0.01,
-                     "gptqmodel_batch_size": args.batch_size, "gptqmodel_act_group_aware": False,
+                     "batch_size": args.batch_size, "gptqmodel_act_group_aware": False,
                      "device": "cpu", "threads": torch.get_num_threads(),
-                     "evaluation": "mergequant.evaluate.evaluate_model (dequantizing loader for GPTQ checkpoints)",
+                     "evaluation": "mergequant.evaluate.evaluate_model: dequantizing loader (float32) for weight-only "
+                                   "checkpoints; W8A8 through transformers + compressed-tensors (activation quantization)",
                      "repeats": args.repeats,
                      "timing": "fastest of `repeats` runs; wall time of the whole subprocess (interpreter start, imports, calibration, quantize, "
                                "save); peak RssAnon summed over the subprocess tree, polled every 20 ms "
