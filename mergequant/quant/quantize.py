@@ -28,10 +28,22 @@ from mergequant.quant.gptq_method import SEQUENTIAL_GROUPS
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod, get_method
 
 QUANTIZED_SUFFIXES = [s for g in SEQUENTIAL_GROUPS for s in g]
-# Tokens per forward chunk when --batch-size is not given: large enough that per-op overhead of a
-# small model is amortized (4x faster than 8x256 on the tiny Llama), small enough that an 8B layer's
-# MLP activations for one chunk stay under ~0.5 GB.
+# Calibration samples per forward chunk when --batch-size is not given: as many as fit in
+# CHUNK_ACTIVATION_BYTES of transient activations inside one decoder layer (~3 MLP-wide and ~4
+# hidden-wide float32 tensors per token), at most CHUNK_TOKENS tokens, at least one sample. Large
+# chunks amortize per-op overhead on small models (32 x 256 was 4x faster than 8 x 256 on the tiny
+# Llama); the byte bound keeps the peak low on big ones (8192 tokens of a 1B layer's MLP alone were
+# ~0.55 GB of temporaries).
 CHUNK_TOKENS = 8192
+CHUNK_ACTIVATION_BYTES = 256 * 2**20
+
+
+def auto_batch_size(config: dict, seqlen: int, samples: int) -> int:
+    hidden = int(config.get("hidden_size") or 4096)
+    inter = int(config.get("intermediate_size") or 4 * hidden)
+    per_token = 4 * (3 * inter + 4 * hidden)
+    tokens = min(CHUNK_TOKENS, CHUNK_ACTIVATION_BYTES // per_token)
+    return max(1, min(samples, tokens // seqlen))
 _Linear = QuantLinear  # old name
 
 
@@ -196,7 +208,7 @@ def _calibrated(model_dir, ck, linears, method, ctx, calib_ids, device, fdtype):
         parts = split_layer_name(name)
         if parts and name not in quantized:
             layer_tensors.setdefault(parts[1], []).append(name)
-    batch = ctx.opts.batch_size or max(1, CHUNK_TOKENS // calib_ids.shape[1])
+    batch = ctx.opts.batch_size or auto_batch_size(ck.config, calib_ids.shape[1], calib_ids.shape[0])
     runner = LayerRunner(model_dir, calib_ids, device, batch_size=batch)
     bar = tqdm(total=runner.num_layers, desc=ctx.opts.method, unit="layer", disable=ctx.opts.quiet or None,
                file=sys.stderr)
