@@ -26,7 +26,8 @@ from mergequant.quant.int8 import (channel_int8_dequantize, channel_int8_quantiz
                                    smooth_scales)
 from mergequant.quant.quantize import QuantizeOptions, run_quantize
 from mergequant.quant.runner import LayerInputs
-from mergequant.quant.w8a8_method import find_smoothing_groups, norm_offset, smooth_layer
+from mergequant.quant.norms import norm_offset
+from mergequant.quant.w8a8_method import find_smoothing_groups, smooth_layer
 
 from conftest import run_cli
 

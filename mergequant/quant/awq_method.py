@@ -34,6 +34,7 @@ from torch import nn
 from mergequant.errors import MergeQuantError
 from mergequant.io.writer import PlannedTensor
 from mergequant.quant import awq, formats
+from mergequant.quant.norms import norm_offset
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
 
 SEARCH_TOKENS = 16384  # calibration tokens per layer kept to judge the attention and MLP blocks
@@ -69,26 +70,6 @@ def check_architecture(config: dict) -> None:
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def norm_offset(norm: nn.Module) -> float:
-    """1.0 if the norm multiplies by ``1 + weight`` (Gemma), 0.0 if by ``weight``: probed numerically
-    (weight and bias set to zero: a plain norm then outputs zeros), so no class list is needed."""
-    w = norm.weight
-    b = getattr(norm, "bias", None)
-    saved_w, saved_b = w.data.clone(), None if b is None else b.data.clone()
-    try:
-        w.data.zero_()
-        if b is not None:
-            b.data.zero_()
-        x = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-        y = norm(x)
-    finally:
-        w.data.copy_(saved_w)
-        if b is not None:
-            b.data.copy_(saved_b)
-    return 1.0 if bool(y.abs().max() > 0) else 0.0
 
 
 class ScalingGroup:

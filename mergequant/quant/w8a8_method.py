@@ -38,6 +38,7 @@ from mergequant.io.writer import PlannedTensor
 from mergequant.quant.int8 import (channel_int8_dequantize, channel_int8_quantize, fold_into_linear, fold_into_norm,
                                    smooth_scales, weight_column_absmax)
 from mergequant.quant.int8_method import eight_bit_only
+from mergequant.quant.norms import norm_offset
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
 
 FOLD_CHECK_RTOL = 1e-3
@@ -49,26 +50,6 @@ def _is_norm(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
     return (not isinstance(m, nn.Linear) and "norm" in type(m).__name__.lower()
             and isinstance(w, torch.Tensor) and w.dim() == 1)
-
-
-@torch.no_grad()
-def norm_offset(norm: nn.Module) -> float:
-    """1.0 if the norm applies its weight as ``(1 + w)`` (Gemma), else 0.0 (found by probing with w = 0)."""
-    w = norm.weight
-    bias = getattr(norm, "bias", None)
-    saved_w = w.data.clone()
-    saved_b = bias.data.clone() if isinstance(bias, torch.Tensor) else None
-    try:
-        w.data.zero_()
-        if saved_b is not None:
-            bias.data.zero_()
-        x = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-        y = norm(x)
-        return 0.0 if y.abs().max().item() == 0 else 1.0
-    finally:
-        w.data.copy_(saved_w)
-        if saved_b is not None:
-            bias.data.copy_(saved_b)
 
 
 @torch.no_grad()
