@@ -17,7 +17,7 @@ from mergequant.errors import MergeQuantError
 
 app = typer.Typer(
     name="mergequant",
-    help="Merge same-architecture LLM checkpoints (mergekit-compatible recipes), streamed tensor by tensor.",
+    help="Merge same-architecture LLM checkpoints (mergekit-compatible recipes, streamed tensor by tensor), quantize them (GPTQ, AWQ, int8, W8A8) layer by layer, measure perplexity and publish on the Hub.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
