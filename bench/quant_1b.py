@@ -86,18 +86,16 @@ def main() -> None:
     import transformers
 
     import mergequant
+    from mergequant.io.checkpoint import Checkpoint
 
     WORK.mkdir(parents=True, exist_ok=True)
     model = build_base(args.layers, print)
     calib, _, _ = build_data(300, 100)
-    cfg = json.loads((model / "config.json").read_text())
-    h, n_params = cfg["hidden_size"], None
-    from mergequant.io.checkpoint import Checkpoint
-
     ck = Checkpoint.open(model)
+    cfg = ck.config
     n_params = sum(int(torch.Size(i.shape).numel()) for i in ck.tensors.values())
     size = model_bytes(model)
-    activations = 2 * args.samples * args.seqlen * h * 4  # one layer's inputs + outputs, float32
+    activations = 2 * args.samples * args.seqlen * cfg["hidden_size"] * 4  # one layer's inputs + outputs, float32
     budget = 0.25 * size + activations
 
     rows = []

@@ -174,5 +174,3 @@ def load_dequantized(ck) -> "torch.nn.Module":
         model.tie_weights()
     return model
 
-
-load_gptq_dequantized = load_dequantized  # old name

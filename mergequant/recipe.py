@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mergequant.errors import RecipeError
+from mergequant.errors import RecipeError, suggestion
 from mergequant.merge.methods import KNOWN_PARAMETERS, METHODS, REQUIRED, MethodSpec
 
 DTYPES = {"float32", "float16", "bfloat16", "float64"}
@@ -86,9 +86,7 @@ def _err(path: Path, where: str, msg: str) -> RecipeError:
 
 
 def _unknown_key(path: Path, where: str, key: str, allowed: set[str]) -> RecipeError:
-    hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-    extra = f" (did you mean '{hint[0]}'?)" if hint else f" (allowed: {', '.join(sorted(allowed))})"
-    return _err(path, where, f"unknown key '{key}'{extra}")
+    return _err(path, where, f"unknown key '{key}'{suggestion(key, allowed)}")
 
 
 def _check_keys(path: Path, where: str, obj: Any, allowed: set[str]) -> dict:

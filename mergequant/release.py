@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import difflib
 import fcntl
 import hashlib
 import json
@@ -51,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from mergequant.errors import MergeQuantError
+from mergequant.errors import MergeQuantError, suggestion
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mergequant-release/1"
@@ -135,17 +134,12 @@ def _err(path: Path, where: str, msg: str) -> ReleaseError:
     return ReleaseError(f"{path}: {where}: {msg}" if where else f"{path}: {msg}")
 
 
-def _suggest(key: str, allowed) -> str:
-    hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-    return f" (did you mean '{hint[0]}'?)" if hint else f" (allowed: {', '.join(sorted(allowed))})"
-
-
 def _mapping(path: Path, where: str, obj: Any, allowed: set[str]) -> dict:
     if not isinstance(obj, dict):
         raise _err(path, where, f"expected a mapping, got {type(obj).__name__}")
     for k in obj:
         if k not in allowed:
-            raise _err(path, f"{where}.{k}" if where else str(k), f"unknown key '{k}'" + _suggest(k, allowed))
+            raise _err(path, f"{where}.{k}" if where else str(k), f"unknown key '{k}'" + suggestion(k, allowed))
     return obj
 
 
@@ -292,7 +286,7 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
         method = q["method"]
         if method not in METHODS:
             raise _err(path, f"{where}.method", f"unknown method '{method}'"
-                       + _suggest(method, METHODS).replace(" (allowed:", " (supported:"))
+                       + suggestion(method, METHODS).replace(" (allowed:", " (supported:"))
         settings: dict = {}
         for k, v in q.items():
             if k == "name":
@@ -321,9 +315,11 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
                 setattr(ev, k, _typed(path, f"eval.{k}", e[k], kind, what, nullable=nullable))
         if ev.seqlen < 2:
             raise _err(path, "eval.seqlen", f"must be at least 2, got {ev.seqlen}")
-        if ev.backend not in ("auto", "transformers", "dequant"):
-            raise _err(path, "eval.backend", f"'{ev.backend}' is not one of auto, transformers, dequant"
-                       + _suggest(ev.backend, {"auto", "transformers", "dequant"}).split(" (allowed")[0])
+        from mergequant.evaluate import BACKENDS
+
+        if ev.backend not in BACKENDS:
+            raise _err(path, "eval.backend", f"'{ev.backend}' is not one of {', '.join(BACKENDS)}"
+                       + suggestion(ev.backend, set(BACKENDS)).split(" (allowed")[0])
         for q in quants:  # the card's perplexities are measured with the quantization's seqlen: default to eval's
             q.settings.setdefault("seqlen", ev.seqlen)
 
@@ -532,7 +528,7 @@ def resolve_force(steps: list[Step], names: list[str]) -> set[str]:
         if producers:
             out.update(producers)
             continue
-        raise ReleaseError(f"--force-step {n}: no such step" + _suggest(n, ids | {s.name for s in steps if s.kind != "eval"}))
+        raise ReleaseError(f"--force-step {n}: no such step" + suggestion(n, ids | {s.name for s in steps if s.kind != "eval"}))
     return out
 
 
@@ -883,10 +879,9 @@ def estimate_quant_peak_bytes(config: dict, tensors: dict, opts, calibrated: boo
     heads = int(config.get("num_attention_heads") or 1)
     seqlen = min(opts.seqlen, config.get("max_position_embeddings") or opts.seqlen)
     samples = opts.samples
-    from mergequant.quant.quantize import CHUNK_TOKENS
+    from mergequant.quant.quantize import auto_batch_size
 
-    chunk = opts.batch_size or max(1, CHUNK_TOKENS // seqlen)
-    chunk = min(chunk, samples)
+    chunk = min(opts.batch_size or auto_batch_size(config, seqlen, samples), samples)
     in_max = max((i.shape[1] for i in layer0 if len(i.shape) == 2), default=hidden)
     return (2 * layer_numel * 4 + 2 * samples * seqlen * hidden * 4 + chunk * seqlen * (3 * inter + 4 * hidden) * 4
             + chunk * heads * seqlen * seqlen * 4 + 3 * in_max * in_max * 4)
@@ -904,7 +899,7 @@ def dry_run(rel: Release, opts: RunOptions) -> ReleaseResult:
     and what each push would upload. Writes nothing (no workdir, no manifest, no cleanup)."""
     from mergequant.io.writer import plan_shards
     from mergequant.merge.run import estimate_peak_bytes
-    from mergequant.quant.quantize import _planned
+    from mergequant.quant.quantize import planned_tensors
     from mergequant.units import format_bytes
 
     r = _Runner(rel, opts, log=lambda m: None)
@@ -936,9 +931,7 @@ def dry_run(rel: Release, opts: RunOptions) -> ReleaseResult:
         elif step.kind == "quantize":
             qopts, method, linears, stand_in = quants[step.name]
             if run:
-                from mergequant.io.writer import plan_shards as _ps
-
-                shards = _ps(_planned(stand_in, linears, method, qopts), qopts.shard_size)
+                shards = plan_shards(planned_tensors(stand_in, linears, method, qopts), qopts.shard_size)
                 sizes[step.name] = sum(s.file_size for s in shards)
                 peak = estimate_quant_peak_bytes(stand_in.config, stand_in.tensors, qopts, method.calibrated)
                 extra = f"; writes ~{format_bytes(sizes[step.name])}, peak memory ~{format_bytes(peak)} + the interpreter"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mergequant.demo import build_tiny_llama
-from mergequant.evaluate import load_gptq_dequantized
+from mergequant.evaluate import load_dequantized
 from mergequant.io.checkpoint import Checkpoint
 from mergequant.quant import formats
 from mergequant.quant.gptq import quantize_rtn
@@ -71,7 +71,7 @@ def _logit_error(model_dir: Path, quant_dir: Path, ids: torch.Tensor) -> float:
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    q = load_gptq_dequantized(Checkpoint.open(quant_dir)).eval()
+    q = load_dequantized(Checkpoint.open(quant_dir)).eval()
     with torch.no_grad():
         return float((ref(ids).logits - q(ids).logits).pow(2).mean())
 
@@ -152,7 +152,7 @@ def test_quantize_output_loads_in_gptqmodel(model, calib, tmp_path, sym, desc_ac
     ids = torch.randint(0, 2048, (1, 24), generator=torch.Generator().manual_seed(0))
     client = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu").eval()
     assert len([m for m in client.modules() if hasattr(m, "qweight")]) == 14
-    ours = load_gptq_dequantized(Checkpoint.open(out)).eval()
+    ours = load_dequantized(Checkpoint.open(out)).eval()
     with torch.no_grad():
         got, ref = client(ids).logits.float(), ours(ids).logits.float()
     assert (got - ref).abs().max() <= 1e-2 * max(ref.abs().max().item(), 1.0)

@@ -13,25 +13,18 @@ quantizes the activations per token to int8 too, except the input columns holdin
 (|x| >= ``llm_int8_threshold`` = 6.0), which are multiplied in floating point with the dequantized
 weight columns (mixed-precision decomposition).
 
-``--bits``: this method is 8-bit only (the default for it); any other width is refused.
+``--bits``: this method is 8-bit only (the default for it); the driver refuses any other width.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mergequant.errors import MergeQuantError
 from mergequant.io.writer import PlannedTensor
 from mergequant.quant.int8 import llm_int8_dequantize, llm_int8_quantize
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
 
 LLM_INT8_THRESHOLD = 6.0
-
-
-def eight_bit_only(opts, method: str) -> None:
-    """Shared --bits policy of the 8-bit methods (see the module docstring)."""
-    if opts.bits != 8:
-        raise MergeQuantError(f"--bits {opts.bits}: --method {method} is 8-bit only (leave --bits out or pass --bits 8)")
 
 
 class Int8Method(QuantMethod):
@@ -40,9 +33,6 @@ class Int8Method(QuantMethod):
     client_modules = ("bitsandbytes",)  # `mergequant eval` (backend auto) loads it with transformers + this
     bits_allowed = (8,)
     uses_group_size = False  # one scale per output row
-
-    def validate(self, opts, linears: list[QuantLinear]) -> None:
-        eight_bit_only(opts, self.name)
 
     def planned(self, lin: QuantLinear, opts) -> list[PlannedTensor]:
         return [PlannedTensor("weight", torch.int8, (lin.out_features, lin.in_features)),

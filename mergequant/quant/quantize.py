@@ -44,7 +44,6 @@ def auto_batch_size(config: dict, seqlen: int, samples: int) -> int:
     per_token = 4 * (3 * inter + 4 * hidden)
     tokens = min(CHUNK_TOKENS, CHUNK_ACTIVATION_BYTES // per_token)
     return max(1, min(samples, tokens // seqlen))
-_Linear = QuantLinear  # old name
 
 
 @dataclass
@@ -123,7 +122,9 @@ def validate(opts: QuantizeOptions, linears: list[QuantLinear], method: QuantMet
     return method
 
 
-def _planned(ck: Checkpoint, linears: list[QuantLinear], method: QuantMethod, opts) -> list[PlannedTensor]:
+def planned_tensors(ck: Checkpoint, linears: list[QuantLinear], method: QuantMethod, opts) -> list[PlannedTensor]:
+    """Every tensor of the output checkpoint (name, dtype, shape), in file order: the method's tensors
+    for each quantized Linear, everything else in the method's float dtype."""
     quantized = {f"{lin.prefix}.weight" for lin in linears}
     fdtype = method.float_dtype(opts)
     out = []
@@ -163,7 +164,7 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
         calib_ids = calibration_batch(opts.calib, tok, samples=opts.samples, seqlen=seqlen, seed=opts.seed)
 
     result = QuantizeResult(opts.out, len(linears), calib_tokens=0 if calib_ids is None else calib_ids.numel())
-    shards = plan_shards(_planned(ck, linears, method, opts), opts.shard_size)
+    shards = plan_shards(planned_tensors(ck, linears, method, opts), opts.shard_size)
     fdtype = method.float_dtype(opts)
     quantized = {f"{lin.prefix}.weight" for lin in linears}
     with atomic_output_dir(opts.out) as tmp:
@@ -174,7 +175,7 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
                 if name not in quantized and (not method.calibrated or not split_layer_name(name)):
                     writer.write(name, _as_stored(ck.get(name), fdtype))
             if method.calibrated:
-                _calibrated(model_dir, ck, linears, method, ctx, calib_ids, device, fdtype)
+                _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, device, fdtype)
             else:
                 for lin in tqdm(linears, desc=opts.method, disable=opts.quiet or None, file=sys.stderr):
                     method.quantize_weight(ctx, lin, ck.get(f"{lin.prefix}.weight").float())
@@ -196,14 +197,13 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     return result
 
 
-def _calibrated(model_dir, ck, linears, method, ctx, calib_ids, device, fdtype):
+def _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, device, fdtype):
     from mergequant.quant.runner import LayerRunner, linear_modules
 
     by_layer: dict[int, dict[str, QuantLinear]] = {}
     for lin in linears:
         by_layer.setdefault(lin.layer, {})[lin.suffix] = lin
     layer_tensors: dict[int, list[str]] = {}
-    quantized = {f"{lin.prefix}.weight" for lin in linears}
     for name in ck.tensors:
         parts = split_layer_name(name)
         if parts and name not in quantized:

@@ -37,7 +37,6 @@ from mergequant.errors import MergeQuantError
 from mergequant.io.writer import PlannedTensor
 from mergequant.quant.int8 import (channel_int8_dequantize, channel_int8_quantize, fold_into_linear, fold_into_norm,
                                    smooth_scales, weight_column_absmax)
-from mergequant.quant.int8_method import eight_bit_only
 from mergequant.quant.norms import norm_offset
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
 
@@ -145,7 +144,6 @@ class W8A8Method(QuantMethod):
     smooth = True  # False: plain per-channel int8 weights (for comparisons)
 
     def validate(self, opts, linears: list[QuantLinear]) -> None:
-        eight_bit_only(opts, self.name)
         if not 0.0 <= opts.alpha <= 1.0:
             raise MergeQuantError(f"--alpha must be in [0, 1] (SmoothQuant migration strength), got {opts.alpha}")
 
