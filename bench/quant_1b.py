@@ -167,6 +167,17 @@ def main() -> None:
         "rows": rows,
         "comparison": comparison,
     }
+    if "gptqmodel" not in by and args.out.exists():
+        # a run with --skip-gptqmodel keeps an earlier partial GPTQModel measurement (recorded by hand when
+        # its ~1 h run had to be stopped), with its speedup bounds recomputed against this run's wall time
+        partial = json.loads(args.out.read_text()).get("gptqmodel_partial")
+        if partial:
+            partial["speedup_lower_bound"] = round(partial["elapsed_s_when_killed"] / ours["wall_s"], 2)
+            partial["speedup_projected"] = round(partial["elapsed_s_when_killed"] * partial["layers_total"]
+                                                 / partial["layers_done"] / ours["wall_s"], 2)
+            result["gptqmodel_partial"] = partial
+            print(f"kept the earlier partial GPTQModel measurement: speedup >= {partial['speedup_lower_bound']}x "
+                  f"(~{partial['speedup_projected']}x projected)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -38,7 +38,7 @@ def _out_err(X, W, W_hat):
 def _dequant(r):
     """The GPTQ checkpoint dequant formula, written independently of the module."""
     g = r.g_idx.long()
-    return r.scales[g].T * (r.qweight.float() - r.zeros[g].T.float())
+    return r.scales[g].T * (r.codes.T.float() - r.zeros[g].T.float())
 
 
 def _rtn_dequant(W, bits, gs, sym=True):
@@ -125,7 +125,7 @@ def test_blocked_float32_matches_unblocked_float64_reference(bits, gs, block):
     H = _hessian(X)
     codes_ref, W_hat_ref = _reference_gptq(W, H, bits, gs)
     r = gptq_quantize(W, H, bits=bits, group_size=gs, block_size=block)
-    same = (r.qweight.double() == codes_ref).double().mean().item()
+    same = (r.codes.T.double() == codes_ref).double().mean().item()
     assert same > 0.98, same
     # the few code flips are float32 rounding ties; the weights still agree to ~one step in a few places
     close = torch.isclose(r.W_hat.double(), W_hat_ref, atol=1e-6, rtol=1e-5).double().mean().item()
@@ -238,6 +238,59 @@ def test_stacked_rows_solve_like_separate_modules():
         alone = gptq_quantize(W, H, bits=4, group_size=32)
         rows = slice(start, start + W.shape[0])
         start += W.shape[0]
-        same = (stacked.qweight[rows] == alone.qweight).float().mean().item()
+        same = (stacked.codes[:, rows] == alone.codes).float().mean().item()
         assert same > 0.999, same
         torch.testing.assert_close(stacked.scales[:, rows], alone.scales)
+
+
+@pytest.mark.parametrize("k,block", [(300, 64), (257, 256), (64, 256), (7, 2)])
+def test_in_place_factor_matches_torch_linalg(k, block):
+    """The in-place blocked Cholesky / triangular inverse give torch.linalg's results, touch only the
+    lower triangle, and a failed factorization can be undone from the untouched upper triangle."""
+    from mergequant.quant.gptq import (
+        _cholesky_lower_,
+        _invert_lower_,
+        _restore_lower_,
+        _rotate180_,
+        _zero_upper_,
+    )
+
+    g = torch.Generator().manual_seed(k)
+    X = torch.randn(2 * k, k, generator=g, dtype=torch.float64)
+    A = X.T @ X / (2 * k) + 0.1 * torch.eye(k, dtype=torch.float64)
+    A = (A + A.T) / 2  # exactly symmetric, so restoring from the upper triangle gives A back bit for bit
+    M = A.clone()
+    assert _cholesky_lower_(M, block)
+    L = torch.linalg.cholesky(A)
+    torch.testing.assert_close(M.tril(), L, rtol=1e-10, atol=1e-10)
+    assert torch.equal(M.triu(1), A.triu(1))  # strict upper triangle untouched
+    F = M.clone()
+    _restore_lower_(F, A.diagonal().clone(), block)
+    assert torch.equal(F, A)
+    _zero_upper_(M, block)
+    assert torch.equal(M, M.tril())
+    _invert_lower_(M, block)
+    torch.testing.assert_close(M, torch.linalg.inv(L), rtol=1e-8, atol=1e-8)
+    R = A.clone()
+    _rotate180_(R, rows=3)
+    assert torch.equal(R, A.flip(0, 1))
+    bad = A.clone()
+    bad[k // 2, k // 2] = -1.0  # indefinite: fails part way
+    work = bad.clone()
+    assert not _cholesky_lower_(work, block)
+    _restore_lower_(work, bad.diagonal().clone(), block)
+    assert torch.equal(work, bad)
+
+
+def test_row_blocks_and_overwrite_h_give_the_same_result():
+    """A list of row blocks is solved like their concatenation; overwrite_h consumes H (no copy)."""
+    X, _ = _data(seed=7)
+    H = _hessian(X)
+    g = torch.Generator().manual_seed(8)
+    Ws = [torch.randn(n, H.shape[0], generator=g) for n in (32, 16)]
+    ref = gptq_quantize(torch.cat(Ws), H, bits=4, group_size=32)
+    H2 = H.clone()
+    got = gptq_quantize(Ws, H2, bits=4, group_size=32, overwrite_h=True)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.W_hat, ref.W_hat)
+    assert not torch.equal(H2, H)  # used as the workspace
+    assert got.error == pytest.approx(ref.error, rel=1e-6)

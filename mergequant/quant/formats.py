@@ -59,6 +59,9 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"unsupported bits={bits}; supported: {SUPPORTED_BITS}")
 
 
+PACK_BLOCK_BYTES = 4 * 2**20  # bound on pack_rows' int64 temporaries
+
+
 def _chunk(bits: int) -> tuple[int, int]:
     """(values, words) per packing chunk: 32/bits values -> 1 word for 2/4/8 bits, 32 values -> 3 words
     for 3 bits (a 96-bit little-endian stream), i.e. the smallest run that fills whole 32-bit words."""
@@ -105,14 +108,19 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     K, N = q.shape
     if K % vals:
         raise ValueError(f"K={K} must be a multiple of {vals} to pack {bits}-bit values")
-    q64 = q.to(torch.int64).reshape(K // vals, vals, N)
-    # value j -> its bits at stream positions bits*j + b
-    bit_pos = torch.arange(bits, dtype=torch.int64)
-    stream = (q64.unsqueeze(2) >> bit_pos.view(1, 1, bits, 1)) & 1          # [C, vals, bits, N]
-    stream = stream.reshape(K // vals, words, 32, N)                          # stream bit 32*w + i
-    shifts = torch.arange(32, dtype=torch.int64).view(1, 1, 32, 1)
-    words_u = (stream << shifts).sum(dim=2)                                   # [C, words, N], < 2**32
-    return _to_int32(words_u.reshape(K // vals * words, N))
+    out = torch.empty(K // vals * words, N, dtype=torch.int32, device=q.device)
+    bit_pos = torch.arange(bits, dtype=torch.int64, device=q.device).view(1, 1, bits, 1)
+    shifts = torch.arange(32, dtype=torch.int64, device=q.device).view(1, 1, 32, 1)
+    # Chunks are packed a block at a time: the bit stream is int64 [C, vals, bits, N] (64x the size of
+    # 4-bit codes), which for a whole 5632 x 2048 matrix would be ~0.4 GB of temporaries.
+    step = max(1, PACK_BLOCK_BYTES // (vals * bits * N * 8))
+    for c0 in range(0, K // vals, step):
+        c1 = min(c0 + step, K // vals)
+        q64 = q[c0 * vals:c1 * vals].to(torch.int64).reshape(c1 - c0, vals, 1, N)
+        stream = ((q64 >> bit_pos) & 1).reshape(c1 - c0, words, 32, N)     # value j's bit b at 32*w + i
+        words_u = (stream << shifts).sum(dim=2)                                # [c, words, N], < 2**32
+        out[c0 * words:c1 * words] = _to_int32(words_u.reshape(-1, N))
+    return out
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:

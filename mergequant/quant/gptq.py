@@ -28,7 +28,7 @@ Conventions (the GPTQ checkpoint ones, so results drop straight into the usual f
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +70,17 @@ class HessianAccumulator:
         if self._h is None:
             self._h = torch.zeros(k, k, dtype=torch.float32, device=x.device)
         n_new = self.nsamples + t
-        self._h.mul_(self.nsamples / n_new)
-        x = x * math.sqrt(2.0 / n_new)
-        self._h.addmm_(x.T, x)
+        # H <- (n_old/n_new) H + (2/n_new) x^T x in one GEMM, without a scaled copy of x
+        self._h.addmm_(x.T, x, beta=self.nsamples / n_new, alpha=2.0 / n_new)
         self.nsamples = n_new
+
+    def take(self) -> torch.Tensor:
+        """The current H, handed over: the accumulator forgets it (so a consumer may overwrite it and
+        its memory is freed as soon as the consumer drops it)."""
+        h = self.hessian
+        self._h = None
+        self.nsamples = 0
+        return h
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -194,17 +201,19 @@ def quantize_rtn(
 class GPTQResult:
     """Everything a packer needs, plus diagnostics.
 
-    qweight: int32 [N, K] unpacked codes in the original column order.
+    codes: uint8 [K, N] integer codes in the original column order, in checkpoint orientation (what
+    ``formats.gptq_pack`` takes; ``codes.T`` is the [N, K] weight layout).
     scales: float32 [G, N]; zeros: int32 [G, N] integer zero points.
     g_idx: int32 [K], group of each original input column.
     perm: int64 [K] or None; with act order, perm[j] is the original column quantized j-th.
-    W_hat: float32 [N, K] dequantized weight (exactly the checkpoint dequant formula).
+    W_hat: float32 [N, K] dequantized weight (exactly the checkpoint dequant formula); a transposed
+    view of the solver's workspace, so it costs no extra memory.
     damp_used: the damping fraction that made the Cholesky succeed (the last one tried on fallback).
     fallback_rtn: True when every Cholesky attempt failed and plain RTN was returned instead.
     error: proxy loss tr((W - W_hat) H (W - W_hat)^T) with the undamped H, = (2/n)||X W^T - X W_hat^T||^2.
     """
 
-    qweight: torch.Tensor
+    codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     g_idx: torch.Tensor
@@ -215,57 +224,129 @@ class GPTQResult:
     error: float
 
 
-def _proxy_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> float:
-    """tr(dW H dW^T): what GPTQ minimizes, reported so callers can compare layers.
+# ---- in-place linear algebra on one K x K workspace ----------------------------------------------
+# The inverse-Hessian factor is the solver's largest object (K = 5632 for a 1B model's down_proj:
+# 121 MiB in float32, 0.5 GiB for a 70B's 28672). torch.linalg.cholesky / solve_triangular need a
+# second and third matrix of that size (a result, an identity, LAPACK's column-major copy), so these
+# helpers work in place, block by block, on the lower triangle only. The strict upper triangle keeps
+# the original symmetric matrix, which is what lets a failed factorization be retried with more
+# damping without keeping a backup copy.
 
-    Computed over blocks of ``rows`` rows in float32 (a float64 [N, K] x [K, K] product costs more
-    than the whole GPTQ solve at 1B scale, and whole-matrix temporaries would be the solver's peak
-    memory); only the sum is accumulated in float64."""
-    H = H.to(torch.float32)
-    total = 0.0
-    for r0 in range(0, W.shape[0], rows):
-        d = W[r0:r0 + rows].to(torch.float32) - W_hat[r0:r0 + rows].to(torch.float32)
-        total += float(((d @ H) * d).sum(dtype=torch.float64))
-    return total
+FACTOR_BLOCK = 512
 
 
-def _inverse_cholesky_upper(H: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor | None, float]:
-    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, retrying with 10x damp on failure.
+def _rotate180_(M: torch.Tensor, rows: int = FACTOR_BLOCK) -> None:
+    """M <- J M J in place (J the reversal permutation): element (i, j) moves to (k-1-i, k-1-j)."""
+    k = M.shape[0]
+    half = k // 2
+    for a in range(0, half, rows):
+        b = min(a + rows, half)
+        top = M[a:b].flip(0, 1)  # a copy of `rows` rows
+        M[a:b] = M[k - b:k - a].flip(0, 1)
+        M[k - b:k - a] = top
+    if k % 2:
+        M[half] = M[half].flip(0)
 
-    Why the factor of the *inverse*: GPTQ's column loop needs, for each column j, the row j of
-    the inverse Hessian restricted to the not-yet-quantized columns.  Those rows are exactly the
-    rows of U (Cholesky of H^-1), which is both cheaper and far more stable than repeatedly
-    downdating H^-1.  Damping keeps H positive definite when calibration data is scarce; if that
-    is not enough we damp harder (a damp of 0 becomes 0.01).  Returns (None, last damp) if
-    every attempt fails, i.e. an exception or a non-finite factor.
 
-    How, without forming H^-1: with J the reversal permutation, H = V V^T for V = U^-1 (upper),
-    so J H J = (J V J)(J V J)^T is the ordinary Cholesky factorization of J H J, and
-    U = J chol(J H J)^-1 J: one Cholesky and one triangular inverse (~K^3/1.5 flops) instead of
-    Cholesky, inverse, product and a second Cholesky (~3 K^3; torch.cholesky_inverse alone took
-    ~15 s for K = 2048 on 2 CPU cores). Both run in place, so at most three K x K matrices are
-    alive here besides ``H``.
+def _cholesky_lower_(A: torch.Tensor, block: int = FACTOR_BLOCK) -> bool:
+    """Lower triangle of A <- L with L L^T = A, in place (left-looking, blocked).
+
+    Reads only the lower triangle (and diagonal) of A and never writes the strict upper triangle.
+    Returns False, leaving A partly overwritten, if A is not (numerically) positive definite."""
+    k = A.shape[0]
+    for j0 in range(0, k, block):
+        j1 = min(j0 + block, k)
+        D = A[j0:j1, j0:j1].tril()
+        if j0:
+            P = A[j0:j1, :j0]
+            D.sub_(P @ P.T)
+        L, info = torch.linalg.cholesky_ex(D)
+        if int(info) != 0 or not bool(torch.isfinite(L).all()):
+            return False
+        diag = A[j0:j1, j0:j1]
+        diag.copy_(torch.where(torch.ones_like(L, dtype=torch.bool).tril(), L, diag))
+        if j1 < k:
+            panel = A[j1:, j0:j1]
+            if j0:
+                panel.sub_(A[j1:, :j0] @ A[j0:j1, :j0].T)
+            # panel <- panel L^-T
+            panel.copy_(torch.linalg.solve_triangular(L.T, panel, upper=True, left=False))
+    return True
+
+
+def _restore_lower_(A: torch.Tensor, diag: torch.Tensor, block: int = FACTOR_BLOCK) -> None:
+    """Undo a (possibly partial) ``_cholesky_lower_``: lower triangle <- transpose of the untouched
+    strict upper triangle, diagonal <- ``diag``."""
+    k = A.shape[0]
+    for j0 in range(0, k, block):
+        j1 = min(j0 + block, k)
+        A[j1:, j0:j1] = A[j0:j1, j1:].T
+        blk = A[j0:j1, j0:j1]
+        blk.copy_(blk.triu() + blk.triu(1).T)
+    A.diagonal().copy_(diag)
+
+
+def _invert_lower_(A: torch.Tensor, block: int = FACTOR_BLOCK) -> None:
+    """A (lower triangular, zeros above the diagonal) <- A^-1, in place. Block columns right to left:
+    with the trailing block already inverted, V[j1:, j] = -V[j1:, j1:] L[j1:, j] V_jj (one GEMM
+    each; the zeros above the diagonal make the triangular product an ordinary one)."""
+    k = A.shape[0]
+    for j0 in reversed(range(0, k, block)):
+        j1 = min(j0 + block, k)
+        eye = torch.eye(j1 - j0, dtype=A.dtype, device=A.device)
+        Vjj = torch.linalg.solve_triangular(A[j0:j1, j0:j1], eye, upper=False)
+        if j1 < k:
+            A[j1:, j0:j1] = (A[j1:, j1:] @ A[j1:, j0:j1]) @ Vjj.neg_()
+            Vjj.neg_()
+        A[j0:j1, j0:j1] = Vjj
+
+
+def _zero_upper_(A: torch.Tensor, block: int = FACTOR_BLOCK) -> None:
+    """Strict upper triangle of A <- 0, in place."""
+    k = A.shape[0]
+    for j0 in range(0, k, block):
+        j1 = min(j0 + block, k)
+        A[j0:j1, j1:] = 0
+        A[j0:j1, j0:j1] = A[j0:j1, j0:j1].tril()
+
+
+def _inverse_cholesky_upper_(H: torch.Tensor, damp: float, max_retries: int) -> tuple[bool, float]:
+    """Turn ``H`` in place into V = chol(J (H + damp*mean(diag H)*I) J)^-1 (lower triangular), retrying
+    with 10x damp on failure. Returns (ok, damp used). The upper Cholesky factor of the damped
+    inverse, which GPTQ's column loop reads row by row, is then U = J V J: ``_u_block`` reads it.
+
+    Why the factor of the *inverse*: GPTQ's column loop needs, for each column j, the row j of the
+    inverse Hessian restricted to the not-yet-quantized columns. Those rows are exactly the rows of
+    U (the upper Cholesky factor of H^-1), which is cheaper and far more stable than repeatedly
+    downdating H^-1. How without forming H^-1: with V = chol(J H J)^-1, J H J = V^-1 V^-T, so
+    H^-1 = J V^T V J = (J V J)^T (J V J) and J V J is upper triangular. One Cholesky and one
+    triangular inverse (~K^3/1.5 flops), all in H's own memory. Damping keeps H positive definite
+    when calibration data is scarce; if that is not enough we damp harder (a damp of 0 becomes
+    0.01). On final failure H is left holding J H J (undamped, full) so the caller can still use it.
     """
-    k = H.shape[0]
     mean_diag = float(torch.diag(H).mean())
-    info = torch.empty((), dtype=torch.int32, device=H.device)
+    _rotate180_(H)
+    diag = H.diagonal().clone()
     for _attempt in range(max_retries + 1):
+        H.diagonal().add_(damp * mean_diag)
         try:
-            L = H.flip(0, 1)  # J H J (a copy)
-            L.diagonal().add_(damp * mean_diag)
-            torch.linalg.cholesky_ex(L, out=(L, info))
-            if int(info) == 0:
-                V = torch.eye(k, dtype=H.dtype, device=H.device)
-                torch.linalg.solve_triangular(L, V, upper=False, out=V)
-                del L
-                U = V.flip(0, 1)
-                del V
-                if bool(torch.isfinite(U).all()):
-                    return U, damp
+            ok = _cholesky_lower_(H)
         except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
-            pass
+            ok = False
+        if ok:  # the backup in the upper triangle is no longer needed
+            _zero_upper_(H)
+            _invert_lower_(H)
+            if bool(torch.isfinite(H.diagonal()).all()):
+                return True, damp
+        _restore_lower_(H, diag)
         damp = damp * 10 if damp > 0 else 0.01
-    return None, damp
+    return False, damp
+
+
+def _u_block(V: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    """U[r0:r1, c0:c1] for U = J V J, read from V (a copy: V's rows and columns reversed)."""
+    k = V.shape[0]
+    return V[k - r1:k - r0, k - c1:k - c0].flip(0, 1)
 
 
 def _effective_block_size(block_size: int, group_size: int, dynamic_groups: bool) -> int:
@@ -283,8 +364,26 @@ def _effective_block_size(block_size: int, group_size: int, dynamic_groups: bool
     return max(d for d in range(1, block_size + 1) if group_size % d == 0)
 
 
+def _rows(W: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [W] if isinstance(W, torch.Tensor) else list(W)
+
+
+def _sq_diff(parts: list[torch.Tensor], W_hat: torch.Tensor, mask: torch.Tensor | None, rows: int = 256) -> float:
+    """sum over (live) columns of (W - W_hat)^2, W given as stacked row blocks (float32 per block)."""
+    total, start = 0.0, 0
+    for part in parts:
+        for r0 in range(0, part.shape[0], rows):
+            r1 = min(r0 + rows, part.shape[0])
+            d = part[r0:r1].to(torch.float32) - W_hat[start + r0:start + r1]
+            if mask is not None:
+                d[:, mask] = 0
+            total += float((d * d).sum())
+        start += part.shape[0]
+    return total
+
+
 def gptq_quantize(
-    W: torch.Tensor,
+    W: torch.Tensor | Sequence[torch.Tensor],
     H: torch.Tensor,
     *,
     bits: int,
@@ -296,34 +395,50 @@ def gptq_quantize(
     block_size: int = 128,
     max_retries: int = 4,
     dtype: torch.dtype = torch.float32,
+    overwrite_h: bool = False,
 ) -> GPTQResult:
     """Quantize W [N, K] given H [K, K] with GPTQ; see the module docstring for conventions.
 
-    ``dtype`` is the working precision (float32 by default; float64 is for tests).
+    ``W`` may be a list of [N_i, K] row blocks sharing this H (q/k/v, gate/up): they are solved as
+    one stacked matrix (GPTQ treats rows independently given H) without concatenating a copy.
+    ``overwrite_h`` lets the solver use the caller's H as its workspace (it is destroyed), which
+    saves one K x K matrix; otherwise it works on a copy. ``dtype`` is the working precision
+    (float32 by default; float64 is for tests).
+
+    Memory: one K x K matrix, the [K, N] working copy of W (which ends up holding W_hat), uint8
+    codes and small blocks; nothing else of the inputs' size.
     Steps: dead input channels -> act-order permutation -> damping + Cholesky of H^-1 ->
     blocked column loop with error feedback -> undo the permutation.
     """
-    if W.dim() != 2:
-        raise ValueError(f"W must be 2-D [N, K], got shape {tuple(W.shape)}")
-    n, k = W.shape
+    parts = _rows(W)
+    if not parts or any(p.dim() != 2 for p in parts):
+        raise ValueError(f"W must be 2-D [N, K] (or a list of such row blocks), got shapes {[tuple(p.shape) for p in parts]}")
+    k = parts[0].shape[1]
+    if any(p.shape[1] != k for p in parts):
+        raise ValueError(f"row blocks of W must share in_features, got {[tuple(p.shape) for p in parts]}")
+    n = sum(p.shape[0] for p in parts)
     if tuple(H.shape) != (k, k):
-        raise ValueError(f"H must be [K, K] = [{k}, {k}] for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
+        raise ValueError(f"H must be [K, K] = [{k}, {k}] for W of shape {(n, k)}, got {tuple(H.shape)}")
     _check_args(k, bits, group_size)
     maxq = 2**bits - 1
-    device = W.device
-    H_orig, W_in = H, W
+    device = parts[0].device
     # The column loop works on the transpose Wt [K, N]: column j of W is the contiguous row Wt[j],
     # so every per-column operation reads and writes contiguous memory (on a row-major W [N, K]
     # each column access strides through N cache lines, which made the loop ~10x slower).
     Wt = torch.empty(k, n, dtype=dtype, device=device)
-    Wt.copy_(W.T)  # always a fresh copy: the caller's W is never modified
-    H = H.to(dtype).clone()
+    start = 0
+    for p in parts:  # always a fresh copy: the caller's W is never modified
+        Wt[:, start:start + p.shape[0]].copy_(p.T)
+        start += p.shape[0]
+    H = H if overwrite_h and H.dtype == dtype and H.is_contiguous() else H.to(dtype).clone()
 
     # Dead inputs (never active in calibration) carry no information: any value of W there is
     # unobservable, so set it to 0 and make H invertible with a unit diagonal entry.
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    Wt[dead] = 0
+    any_dead = bool(dead.any())
+    if any_dead:
+        H.diagonal()[dead] = 1
+        Wt[dead] = 0
 
     # Static groups: parameters from the original column order, computed before any error update
     # (so that group membership stays contiguous in the checkpoint even with act order).
@@ -334,7 +449,7 @@ def gptq_quantize(
             static_params.append(find_params(Wt[g0 : g0 + group_size].T, bits, sym))
 
     # Act order: quantize the columns with the largest activations first, while there are still
-    # many free columns left to absorb their error.
+    # many free columns left to absorb their error. (The permuted H is one extra K x K copy.)
     perm = None
     if desc_act:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -342,14 +457,20 @@ def gptq_quantize(
         H = H[perm][:, perm]
     order = perm if perm is not None else torch.arange(k, device=device)
 
-    U, damp_used = _inverse_cholesky_upper(H, damp, max_retries)
-    del H
-    if U is None:  # every attempt failed: the caller reports the RTN fallback
+    mean_diag = float(torch.diag(H).mean())
+    ok, damp_used = _inverse_cholesky_upper_(H, damp, max_retries)
+    if not ok:  # every attempt failed: RTN, reported by the caller
         W0 = Wt[torch.argsort(order)].T if perm is not None else Wt.T
-        q, scales, zeros = quantize_rtn(W0.to(torch.float32), bits, group_size, sym)
+        q, scales, zeros = quantize_rtn(W0, bits, group_size, sym)
         g_idx = _group_index(k, group_size, device)
         W_hat = _dequant_from_codes(q, scales, zeros, g_idx)
-        return GPTQResult(q, scales, zeros, g_idx, None, W_hat, damp_used, True, _proxy_error(W_in, W_hat, H_orig))
+        # H now holds J H' J (H' = dead-fixed, permuted H): rotate back, undo the dead fix, measure
+        _rotate180_(H)
+        if any_dead:
+            H.diagonal()[dead[order]] = 0
+        error = _proxy_error(parts, W_hat, H, order if perm is not None else None)
+        return GPTQResult(q.T.to(torch.uint8).contiguous(), scales, zeros, g_idx, None, W_hat, damp_used, True, error)
+    V = H  # now the lower-triangular inverse factor; U = J V J
 
     n_groups = 1 if group_size == -1 else k // group_size
     scales = torch.zeros(n_groups, n, dtype=dtype, device=device)
@@ -360,12 +481,15 @@ def gptq_quantize(
         for g, (s, z) in enumerate(static_params):
             scales[g], zeros[g] = s, z
     Qt = torch.zeros(k, n, dtype=torch.uint8, device=device)  # codes (<= 255), permuted order, transposed
+    if static and perm is not None:  # group of the j-th quantized column
+        gidx_perm = order // group_size
+    obs_loss = 0.0  # sum of err^2: the exact increase of tr(dW A dW^T) (A = damped H), see below
 
     bs = _effective_block_size(block_size, group_size, dynamic_groups=not static)
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
         W1 = Wt[i1:i2].clone()  # this block's columns, updated eagerly one by one
-        U1 = U[i1:i2, i1:i2]
+        U1 = _u_block(V, i1, i2, i1, i2).triu()
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             j = i1 + i
@@ -385,33 +509,64 @@ def gptq_quantize(
             err = (w - _dequantize(q, scales[g], zeros[g])) / U1[i, i]
             W1[i:].addmm_(U1[i, i:, None], err[None, :], alpha=-1)  # rank-1 update as a GEMM: fastest on CPU
             Err1[i] = err
+        obs_loss += float((Err1 * Err1).sum())
         # Lazy batch update: apply the whole block's errors to all later columns in one matmul.
-        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
-    Q = Qt.T
+        if i2 < k:
+            Wt[i2:].addmm_(_u_block(V, i1, i2, i2, k).T, Err1, alpha=-1)
+    del V, H
 
-    # Back to the original column order.
+    # Dequantize into Wt's memory (its columns are no longer needed), then back to the original order.
+    scales32 = scales.to(torch.float32)
+    zeros_i = zeros.round().to(torch.int32)
+    if static and perm is not None:  # groups are not runs of the processing order: per block of rows
+        for r0 in range(0, k, bs):
+            r1 = min(r0 + bs, k)
+            g = gidx_perm[r0:r1]
+            Wt[r0:r1] = _dequantize(Qt[r0:r1].to(dtype), scales32[g].to(dtype), zeros_i[g].to(dtype))
+    else:  # group g is rows [g*gs, (g+1)*gs) of Wt: three in-place passes, no temporaries
+        v = Wt.view(n_groups, k // n_groups, n)
+        v.copy_(Qt.view(n_groups, k // n_groups, n))
+        v.sub_(zeros_i.to(dtype)[:, None, :]).mul_(scales32.to(dtype)[:, None, :])
     if perm is not None:
         inv = torch.argsort(perm)
-        Q = Q[:, inv]
+        Qt, Wt = Qt[inv], Wt[inv]
         if static or group_size == -1:
             g_idx = _group_index(k, group_size, device)
         else:  # g_idx[perm[j]] = j // group_size
             g_idx = _group_index(k, group_size, device)[inv]
     else:
         g_idx = _group_index(k, group_size, device)
+    W_hat = Wt.T if dtype == torch.float32 else Wt.T.to(torch.float32)
 
-    qweight = Q.to(torch.int32)
-    scales = scales.to(torch.float32)
-    zeros = zeros.round().to(torch.int32)
-    W_hat = _dequant_from_codes(qweight, scales, zeros, g_idx)
+    # The OBS identity: quantizing column j and optimally updating the free columns raises the
+    # quadratic objective by exactly err_j^2 (err = (w - q) / U_jj), so obs_loss = tr(dW A dW^T) with
+    # A = H (dead diagonal set to 1) + damp*mean(diag)*I. Dead columns have dW = 0, so the undamped
+    # proxy loss is obs_loss - damp*mean(diag)*||dW||^2, with no K x K product (and no copy of H).
+    error = obs_loss - damp_used * mean_diag * _sq_diff(parts, W_hat, dead if any_dead else None)
     return GPTQResult(
-        qweight=qweight,
-        scales=scales,
-        zeros=zeros,
+        codes=Qt,
+        scales=scales32,
+        zeros=zeros_i,
         g_idx=g_idx,
         perm=perm,
         W_hat=W_hat,
         damp_used=float(damp_used),
         fallback_rtn=False,
-        error=_proxy_error(W_in, W_hat, H_orig),
+        error=error,
     )
+
+
+def _proxy_error(parts: list[torch.Tensor], W_hat: torch.Tensor, H: torch.Tensor, col_order: torch.Tensor | None,
+                 rows: int = 1024) -> float:
+    """tr(dW H dW^T) over blocks of rows (W as stacked row blocks); ``col_order`` maps H's column order
+    to W's (act order). Only used on the RTN fallback path, where H is still available."""
+    total, start = 0.0, 0
+    for part in parts:
+        for r0 in range(0, part.shape[0], rows):
+            r1 = min(r0 + rows, part.shape[0])
+            d = part[r0:r1].to(torch.float32) - W_hat[start + r0:start + r1]
+            if col_order is not None:
+                d = d[:, col_order]
+            total += float(((d @ H.to(torch.float32)) * d).sum(dtype=torch.float64))
+        start += part.shape[0]
+    return total

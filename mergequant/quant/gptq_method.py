@@ -12,7 +12,12 @@ import torch
 from mergequant.errors import MergeQuantError
 from mergequant.io.writer import PlannedTensor
 from mergequant.quant import formats
-from mergequant.quant.gptq import SUPPORTED_BITS, HessianAccumulator, gptq_quantize, quantize_rtn
+from mergequant.quant.gptq import (
+    SUPPORTED_BITS,
+    HessianAccumulator,
+    gptq_quantize,
+    quantize_rtn,
+)
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
 
 # True-sequential order inside a decoder layer: each group is quantized after the previous ones, on
@@ -53,13 +58,14 @@ class RTNMethod(QuantMethod):
                 PlannedTensor("scales", torch.float16, (G, N)),
                 PlannedTensor("g_idx", torch.int32, (K,))]
 
-    def write_codes(self, ctx: QuantContext, lin: QuantLinear, q_nk, scales, zeros, g_idx) -> None:
-        ctx.write(lin, formats.gptq_pack(q_nk.T.contiguous(), zeros, scales, g_idx, ctx.opts.bits, _fmt(ctx.opts)))
+    def write_codes(self, ctx: QuantContext, lin: QuantLinear, q_kn, scales, zeros, g_idx) -> None:
+        """Pack and write codes given in checkpoint orientation [K, N]."""
+        ctx.write(lin, formats.gptq_pack(q_kn, zeros, scales, g_idx, ctx.opts.bits, _fmt(ctx.opts)))
 
     def quantize_weight(self, ctx: QuantContext, lin: QuantLinear, W: torch.Tensor) -> None:
         o = ctx.opts
         q, scales, zeros = quantize_rtn(W, o.bits, o.group_size, o.sym)
-        self.write_codes(ctx, lin, q, scales, zeros, formats.g_idx_for(lin.in_features, o.group_size))
+        self.write_codes(ctx, lin, q.T, scales, zeros, formats.g_idx_for(lin.in_features, o.group_size))
 
     def quantization_config(self, opts) -> dict:
         return formats.gptq_quantize_config(bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act,
@@ -126,13 +132,18 @@ class GPTQMethod(RTNMethod):
             for s in names:
                 by_acc.setdefault(id(accs[s]), []).append(s)
             for shared in by_acc.values():
-                self._solve(ctx, [modules[s] for s in shared], [todo[s] for s in shared], accs[shared[0]].hessian)
+                acc = accs[shared[0]]
+                for s in shared:
+                    del accs[s]
+                self._solve(ctx, [modules[s] for s in shared], [todo[s] for s in shared], acc)
 
-    def _solve(self, ctx, mods, lins, H) -> None:
+    def _solve(self, ctx, mods, lins, acc: HessianAccumulator) -> None:
         o = ctx.opts
-        W = torch.cat([m.weight.data.float() for m in mods], dim=0)
-        res = gptq_quantize(W, H, bits=o.bits, group_size=o.group_size, desc_act=o.desc_act,
-                            static_groups=o.static_groups, sym=o.sym, damp=o.damp)
+        # acc.take() hands H over without another reference: the solver overwrites it with the inverse
+        # factor and frees it on return, before the codes are packed
+        res = gptq_quantize([m.weight.data for m in mods], acc.take(), bits=o.bits, group_size=o.group_size,
+                            desc_act=o.desc_act, static_groups=o.static_groups, sym=o.sym, damp=o.damp,
+                            overwrite_h=True)
         if res.fallback_rtn:
             ctx.result.fallbacks.extend(lin.prefix for lin in lins)
             ctx.log(f"warning: {', '.join(lin.prefix for lin in lins)}: Cholesky failed at every damping; "
@@ -143,4 +154,4 @@ class GPTQMethod(RTNMethod):
             rows = slice(start, start + lin.out_features)
             start += lin.out_features
             mod.weight.data.copy_(res.W_hat[rows].to(mod.weight.dtype))
-            self.write_codes(ctx, lin, res.qweight[rows], res.scales[:, rows], res.zeros[:, rows], res.g_idx)
+            self.write_codes(ctx, lin, res.codes[:, rows], res.scales[:, rows], res.zeros[:, rows], res.g_idx)

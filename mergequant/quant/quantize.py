@@ -22,7 +22,15 @@ from tqdm import tqdm
 from mergequant.errors import MergeQuantError
 from mergequant.io.checkpoint import Checkpoint, split_layer_name
 from mergequant.io.model_files import copy_tokenizer_files, pick_device
-from mergequant.io.writer import PlannedTensor, ShardedWriter, atomic_output_dir, check_output_location, plan_shards, write_json
+from mergequant.io.writer import (
+    PlannedTensor,
+    ShardedWriter,
+    atomic_output_dir,
+    check_output_location,
+    plan_shards,
+    write_json,
+)
+from mergequant.memory import release_free_memory
 from mergequant.merge.plan import natural_key
 from mergequant.quant.gptq_method import SEQUENTIAL_GROUPS
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod, get_method
@@ -35,7 +43,7 @@ QUANTIZED_SUFFIXES = [s for g in SEQUENTIAL_GROUPS for s in g]
 # Llama); the byte bound keeps the peak low on big ones (8192 tokens of a 1B layer's MLP alone were
 # ~0.55 GB of temporaries).
 CHUNK_TOKENS = 8192
-CHUNK_ACTIVATION_BYTES = 256 * 2**20
+CHUNK_ACTIVATION_BYTES = 64 * 2**20
 
 
 def auto_batch_size(config: dict, seqlen: int, samples: int) -> int:
@@ -152,16 +160,8 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     if opts.calib and not method.calibrated:
         log(f"note: --method {opts.method} needs no calibration data; --calib is ignored")
     device = pick_device(opts.device)
-    calib_ids = None
-    if method.calibrated:
-        from transformers import AutoTokenizer
-
-        from mergequant.quant.calib import calibration_batch
-
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        limit = ck.config.get("max_position_embeddings")
-        seqlen = min(opts.seqlen, limit) if isinstance(limit, int) else opts.seqlen
-        calib_ids = calibration_batch(opts.calib, tok, samples=opts.samples, seqlen=seqlen, seed=opts.seed)
+    calib_ids = _calibration_ids(model_dir, ck, opts) if method.calibrated else None
+    release_free_memory()  # the tokenizer's
 
     result = QuantizeResult(opts.out, len(linears), calib_tokens=0 if calib_ids is None else calib_ids.numel())
     shards = plan_shards(planned_tensors(ck, linears, method, opts), opts.shard_size)
@@ -197,6 +197,19 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     return result
 
 
+def _calibration_ids(model_dir: Path, ck: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
+    """Token windows [samples, seqlen] from --calib (the tokenizer is released on return: a large
+    vocabulary's tokenizer holds tens of MB that the layer loop does not need)."""
+    from transformers import AutoTokenizer
+
+    from mergequant.quant.calib import calibration_batch
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    limit = ck.config.get("max_position_embeddings")
+    seqlen = min(opts.seqlen, limit) if isinstance(limit, int) else opts.seqlen
+    return calibration_batch(opts.calib, tok, samples=opts.samples, seqlen=seqlen, seed=opts.seed)
+
+
 def _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, device, fdtype):
     from mergequant.quant.runner import LayerRunner, linear_modules
 
@@ -220,6 +233,7 @@ def _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, devic
         for name in layer_tensors.get(i, []):  # norms, biases... as the method left them
             t = params[name].data.cpu() if name in params else ck.get(name)
             ctx.writer.write(name, _as_stored(t, fdtype))
+        release_free_memory()
         bar.update(1)
 
     try:

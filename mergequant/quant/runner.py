@@ -107,16 +107,23 @@ class StopLayer(Exception):
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+def run_layer(layer: nn.Module, inputs: LayerInputs, *, in_place: bool = False) -> list[torch.Tensor]:
     """Run ``layer`` over all calibration chunks (forward hooks on its modules fire); outputs per chunk.
 
-    A hook may raise ``StopLayer`` to skip the rest of a chunk's forward (that chunk then has no output)."""
+    A hook may raise ``StopLayer`` to skip the rest of a chunk's forward (that chunk then has no output).
+    ``in_place``: each chunk's output overwrites its input tensor (returned), so a layer's inputs and
+    outputs are never both held in full; only for inputs nobody needs afterwards."""
     outs = []
     for h, kw in inputs:
         try:
-            outs.append(_first_output(layer(h, **kw)))
+            out = _first_output(layer(h, **kw))
         except StopLayer:
-            pass
+            continue
+        if in_place and out.shape == h.shape:
+            h.copy_(out)
+            del out
+            out = h
+        outs.append(out)
     return outs
 
 
@@ -368,7 +375,7 @@ class LayerRunner:
             try:
                 if process_layer is not None:
                     process_layer(i, layer, layer_inputs)
-                hidden = run_layer(layer, layer_inputs)
+                hidden = run_layer(layer, layer_inputs, in_place=True)  # this layer's inputs are not needed again
             finally:
                 self.free_layer(i)
         self._inputs = None  # the recorded hidden states were consumed; capture again for another run
