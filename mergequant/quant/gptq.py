@@ -368,17 +368,23 @@ def _rows(W: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [W] if isinstance(W, torch.Tensor) else list(W)
 
 
-def _sq_diff(parts: list[torch.Tensor], W_hat: torch.Tensor, mask: torch.Tensor | None, rows: int = 256) -> float:
-    """sum over (live) columns of (W - W_hat)^2, W given as stacked row blocks (float32 per block)."""
-    total, start = 0.0, 0
+def _diff_blocks(parts: list[torch.Tensor], W_hat: torch.Tensor, rows: int):
+    """(W - W_hat) in float32 blocks of ``rows`` rows, W given as stacked row blocks (no whole-matrix temporary)."""
+    start = 0
     for part in parts:
         for r0 in range(0, part.shape[0], rows):
             r1 = min(r0 + rows, part.shape[0])
-            d = part[r0:r1].to(torch.float32) - W_hat[start + r0:start + r1]
-            if mask is not None:
-                d[:, mask] = 0
-            total += float((d * d).sum())
+            yield part[r0:r1].to(torch.float32) - W_hat[start + r0:start + r1]
         start += part.shape[0]
+
+
+def _sq_diff(parts: list[torch.Tensor], W_hat: torch.Tensor, mask: torch.Tensor | None, rows: int = 256) -> float:
+    """sum over (live) columns of (W - W_hat)^2 (float32 per block)."""
+    total = 0.0
+    for d in _diff_blocks(parts, W_hat, rows):
+        if mask is not None:
+            d[:, mask] = 0
+        total += float((d * d).sum())
     return total
 
 
@@ -560,13 +566,10 @@ def _proxy_error(parts: list[torch.Tensor], W_hat: torch.Tensor, H: torch.Tensor
                  rows: int = 1024) -> float:
     """tr(dW H dW^T) over blocks of rows (W as stacked row blocks); ``col_order`` maps H's column order
     to W's (act order). Only used on the RTN fallback path, where H is still available."""
-    total, start = 0.0, 0
-    for part in parts:
-        for r0 in range(0, part.shape[0], rows):
-            r1 = min(r0 + rows, part.shape[0])
-            d = part[r0:r1].to(torch.float32) - W_hat[start + r0:start + r1]
-            if col_order is not None:
-                d = d[:, col_order]
-            total += float(((d @ H.to(torch.float32)) * d).sum(dtype=torch.float64))
-        start += part.shape[0]
+    H = H.to(torch.float32)
+    total = 0.0
+    for d in _diff_blocks(parts, W_hat, rows):
+        if col_order is not None:
+            d = d[:, col_order]
+        total += float(((d @ H) * d).sum(dtype=torch.float64))
     return total
