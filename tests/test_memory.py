@@ -32,3 +32,21 @@ def test_trim_returns_freed_heap_memory():
     after = _rss_anon_mib()
     assert before - after > 150, (before, after, freed_without_trim)
     assert keep.sum() > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc_malloc_trim() is None, reason="glibc only")
+def test_mapped_allocations_free_without_a_trim():
+    """Inside ``mapped_allocations`` blocks above the threshold are mmapped: freeing them returns the
+    memory at once, even where the same pattern on the heap (above) stays resident until a trim."""
+    from mergequant.memory import mapped_allocations
+
+    big = torch.ones(20 * 2**20 // 4)  # raise glibc's dynamic threshold, as in the test above
+    del big
+    with mapped_allocations(2**20):
+        blocks = [torch.ones(2 * 2**20 // 4) for _ in range(96)]
+        keep = torch.ones(2 * 2**20 // 4)
+        before = _rss_anon_mib()
+        del blocks
+        after = _rss_anon_mib()
+    assert before - after > 150, (before, after)
+    assert keep.sum() > 0

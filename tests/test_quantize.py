@@ -195,3 +195,41 @@ def test_eval_backends_agree_on_a_gptq_checkpoint(model, calib, tmp_path):
     else:
         with pytest.raises(MergeQuantError, match="gptqmodel"):
             evaluate_model(str(out), str(calib), seqlen=64, progress=False, backend="transformers")
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_feeds_each_layer_the_quantized_layers_outputs(model, calib, tmp_path, monkeypatch, desc_act):
+    """The layer loop never holds the float weights of the Linears it quantizes (they are read from
+    the checkpoint, and solved modules compute from their codes): what it feeds forward must be the
+    quantized model's own hidden states, i.e. those of the written checkpoint (up to its float16 scales)."""
+    from mergequant.quant.runner import LayerRunner
+
+    seen = {}
+    run = LayerRunner.run
+
+    def recording_run(self, *a, **kw):
+        out = run(self, *a, **kw)
+        seen["ids"], seen["hidden"] = self.calib_ids, torch.cat(out)
+        return out
+
+    monkeypatch.setattr(LayerRunner, "run", recording_run)
+    _quantize(model, tmp_path / "g", method="gptq", bits=4, group_size=32, desc_act=desc_act, calib=str(calib),
+              samples=8, seqlen=64)
+
+    def final_hidden(m):
+        got = []
+        hook = m.model.norm.register_forward_pre_hook(lambda mod, args: got.append(args[0]))
+        with torch.no_grad():
+            m(seen["ids"])
+        hook.remove()
+        return got[0]
+
+    from transformers import AutoModelForCausalLM
+
+    quant = final_hidden(load_dequantized(Checkpoint.open(tmp_path / "g")).float().eval())
+    full = final_hidden(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval())
+    scale = quant.abs().mean()
+    err_quant = float((seen["hidden"] - quant).abs().mean() / scale)
+    err_full = float((seen["hidden"] - full).abs().mean() / scale)
+    assert err_quant < 2e-3, err_quant  # float16 scales in the file vs float32 in the solver
+    assert err_full > 20 * err_quant, (err_full, err_quant)  # quantization visibly changed the model

@@ -207,3 +207,36 @@ def test_capture_module_inputs_matches_full_forward_and_shares_inputs(tiny_model
             assert "down ran" not in calls  # the forward stopped at the last needed module
 
     LayerRunner(d, ids, batch_size=2).run(check)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma3_text"])
+def test_deferred_weights_stay_on_meta_and_compute_the_same(tiny_models, model_type):
+    """Deferred Linears are never materialized, yet a forward that calls them reads their weights
+    from the checkpoint: the logits equal the full model's."""
+    model, d, ids = tiny_models[model_type]
+    deferred = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+    runner = LayerRunner(d, ids, batch_size=2)
+    seen = []
+
+    def check(i, layer, inputs):
+        mods = dict(layer.named_modules())
+        for name, mod in mods.items():
+            if isinstance(mod, torch.nn.Linear):
+                want = "meta" if name in deferred else "cpu"
+                assert mod.weight.device.type == want, (name, mod.weight.device)
+        assert mods["self_attn.q_proj"].bias is None or mods["self_attn.q_proj"].bias.device.type == "cpu"
+        seen.append(i)
+
+    logits = runner.run(check, finish=True, deferred=lambda i: deferred)
+    assert seen == [0, 1]
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
+    for layer in runner.layers:  # freed: no installed forward keeps a reference
+        assert not any("forward" in m.__dict__ for m in layer.modules())
+
+
+def test_deferring_an_unknown_module_is_an_error(tiny_models):
+    _, d, ids = tiny_models["llama"]
+    with pytest.raises(MergeQuantError, match="no Linear module 'mlp.nope'"):
+        LayerRunner(d, ids).run(deferred=lambda i: ["mlp.nope"])

@@ -235,8 +235,9 @@ class GPTQResult:
 FACTOR_BLOCK = 512
 
 
-def _rotate180_(M: torch.Tensor, rows: int = FACTOR_BLOCK) -> None:
-    """M <- J M J in place (J the reversal permutation): element (i, j) moves to (k-1-i, k-1-j)."""
+def _rotate180_(M: torch.Tensor, rows: int = FACTOR_BLOCK // 4) -> None:
+    """M <- J M J in place (J the reversal permutation): element (i, j) moves to (k-1-i, k-1-j).
+    Memory-bound: small row blocks (two temporaries of ``rows`` rows) cost no speed."""
     k = M.shape[0]
     half = k // 2
     for a in range(0, half, rows):
@@ -244,6 +245,7 @@ def _rotate180_(M: torch.Tensor, rows: int = FACTOR_BLOCK) -> None:
         top = M[a:b].flip(0, 1)  # a copy of `rows` rows
         M[a:b] = M[k - b:k - a].flip(0, 1)
         M[k - b:k - a] = top
+        del top
     if k % 2:
         M[half] = M[half].flip(0)
 
@@ -265,10 +267,12 @@ def _cholesky_lower_(A: torch.Tensor, block: int = FACTOR_BLOCK) -> bool:
             return False
         diag = A[j0:j1, j0:j1]
         diag.copy_(torch.where(torch.ones_like(L, dtype=torch.bool).tril(), L, diag))
-        if j1 < k:
-            panel = A[j1:, j0:j1]
+        # the panel below, by row blocks (rows are independent): temporaries of block x block only
+        for r0 in range(j1, k, block):
+            r1 = min(r0 + block, k)
+            panel = A[r0:r1, j0:j1]
             if j0:
-                panel.sub_(A[j1:, :j0] @ A[j0:j1, :j0].T)
+                panel.sub_(A[r0:r1, :j0] @ A[j0:j1, :j0].T)
             # panel <- panel L^-T
             panel.copy_(torch.linalg.solve_triangular(L.T, panel, upper=True, left=False))
     return True
@@ -296,7 +300,11 @@ def _invert_lower_(A: torch.Tensor, block: int = FACTOR_BLOCK) -> None:
         eye = torch.eye(j1 - j0, dtype=A.dtype, device=A.device)
         Vjj = torch.linalg.solve_triangular(A[j0:j1, j0:j1], eye, upper=False)
         if j1 < k:
-            A[j1:, j0:j1] = (A[j1:, j1:] @ A[j1:, j0:j1]) @ Vjj.neg_()
+            T = A[j1:, j1:] @ A[j1:, j0:j1]  # reads the whole old block column: one temporary
+            Vjj.neg_()
+            for r0 in range(0, k - j1, block):  # then written back by row blocks
+                A[j1 + r0:j1 + r0 + block, j0:j1] = T[r0:r0 + block] @ Vjj
+            del T
             Vjj.neg_()
         A[j0:j1, j0:j1] = Vjj
 
@@ -378,7 +386,7 @@ def _diff_blocks(parts: list[torch.Tensor], W_hat: torch.Tensor, rows: int):
         start += part.shape[0]
 
 
-def _sq_diff(parts: list[torch.Tensor], W_hat: torch.Tensor, mask: torch.Tensor | None, rows: int = 256) -> float:
+def _sq_diff(parts: list[torch.Tensor], W_hat: torch.Tensor, mask: torch.Tensor | None, rows: int = 64) -> float:
     """sum over (live) columns of (W - W_hat)^2 (float32 per block)."""
     total = 0.0
     for d in _diff_blocks(parts, W_hat, rows):

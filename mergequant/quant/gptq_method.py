@@ -11,7 +11,9 @@ import torch
 
 from mergequant.errors import MergeQuantError
 from mergequant.io.writer import PlannedTensor
+from mergequant.memory import mapped_allocations, release_free_memory
 from mergequant.quant import formats
+from mergequant.quant.compact import QuantizedForward
 from mergequant.quant.gptq import (
     SUPPORTED_BITS,
     HessianAccumulator,
@@ -106,8 +108,14 @@ class RTNMethod(QuantMethod):
 
 
 class GPTQMethod(RTNMethod):
+    """GPTQ per decoder layer. The float weights of the quantized Linears are never materialized:
+    the solver reads each from the memory-mapped checkpoint, and once solved the module computes
+    from its codes (``compact.QuantizedForward``, bit-identical W_hat), so the layer costs about an
+    eighth of its float32 size (4-bit) while the Hessians are accumulated."""
+
     name = "gptq"
     calibrated = True
+    defers_weights = True
 
     def process_layer(self, ctx, i, layer, inputs, todo, modules) -> None:
         from mergequant.quant.runner import capture_module_inputs
@@ -125,6 +133,7 @@ class GPTQMethod(RTNMethod):
                 for s in shared:
                     accs[s] = acc
 
+            release_free_memory()  # the previous solve's and recompute's temporaries, before H is built
             capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add)
             # GPTQ treats rows independently given H, so modules sharing a Hessian are solved as one
             # stacked weight: one Cholesky and larger, faster matrix products (identical results).
@@ -139,11 +148,14 @@ class GPTQMethod(RTNMethod):
 
     def _solve(self, ctx, mods, lins, acc: HessianAccumulator) -> None:
         o = ctx.opts
+        release_free_memory()  # the capture's activation temporaries, before the solver's big matrices
         # acc.take() hands H over without another reference: the solver overwrites it with the inverse
-        # factor and frees it on return, before the codes are packed
-        res = gptq_quantize([m.weight.data for m in mods], acc.take(), bits=o.bits, group_size=o.group_size,
-                            desc_act=o.desc_act, static_groups=o.static_groups, sym=o.sym, damp=o.damp,
-                            overwrite_h=True)
+        # factor and frees it on return, before the codes are packed. Its large temporaries are mapped
+        # so they leave no freed-but-resident heap behind (see mergequant.memory).
+        with mapped_allocations():
+            res = gptq_quantize([ctx.source_weight(lin) for lin in lins], acc.take(), bits=o.bits,
+                                group_size=o.group_size, desc_act=o.desc_act, static_groups=o.static_groups,
+                                sym=o.sym, damp=o.damp, overwrite_h=True)
         if res.fallback_rtn:
             ctx.result.fallbacks.extend(lin.prefix for lin in lins)
             ctx.log(f"warning: {', '.join(lin.prefix for lin in lins)}: Cholesky failed at every damping; "
@@ -153,5 +165,7 @@ class GPTQMethod(RTNMethod):
         for mod, lin in zip(mods, lins):
             rows = slice(start, start + lin.out_features)
             start += lin.out_features
-            mod.weight.data.copy_(res.W_hat[rows].to(mod.weight.dtype))
+            # the module now computes from its codes: exactly W_hat, at 1/8 of its float32 size (4-bit)
+            mod.forward = QuantizedForward(mod, res.codes[:, rows], res.scales[:, rows], res.zeros[:, rows],
+                                           res.g_idx, bits=o.bits)
             self.write_codes(ctx, lin, res.codes[:, rows], res.scales[:, rows], res.zeros[:, rows], res.g_idx)

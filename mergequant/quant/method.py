@@ -24,6 +24,7 @@ from mergequant.errors import MergeQuantError
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
+    from mergequant.io.checkpoint import Checkpoint
     from mergequant.io.writer import PlannedTensor, ShardedWriter
     from mergequant.quant.runner import LayerInputs
 
@@ -49,6 +50,14 @@ class QuantContext:
     result: "object"  # QuantizeResult
     log: Callable[[str], None]
     extra: dict = field(default_factory=dict)  # per-run scratch space for a method
+    source: "Checkpoint | None" = None  # the input checkpoint (memory-mapped), for deferred weights
+
+    def source_weight(self, lin: QuantLinear) -> torch.Tensor:
+        """``lin``'s float weight [out, in] as stored in the input checkpoint (memory-mapped: reading it
+        costs file-backed pages, not anonymous memory; cast or copy it to compute with it)."""
+        if self.source is None:
+            raise RuntimeError("QuantContext.source is not set")
+        return self.source.get(f"{lin.prefix}.weight")
 
     def write(self, lin: QuantLinear, tensors: dict[str, torch.Tensor]) -> None:
         """Write ``{key: tensor}`` as ``<lin.prefix>.<key>`` (each tensor in its planned dtype)."""
@@ -63,6 +72,10 @@ class QuantMethod:
     calibrated: bool = True  # needs --calib and runs through the layer runner
     bits_allowed: tuple[int, ...] = (2, 3, 4, 8)
     uses_group_size: bool = True  # False: per-row scales, --group-size is ignored (not validated)
+    # True: the layer runner does not materialize the weights of the Linears being quantized; the
+    # method reads them with ``ctx.source_weight`` and installs a forward for each module before the
+    # layer's recompute (GPTQ: ``compact.QuantizedForward``). Saves the float layer's memory.
+    defers_weights: bool = False
 
     @property
     def default_bits(self) -> int:
@@ -98,8 +111,9 @@ class QuantMethod:
                       todo: dict[str, QuantLinear], modules: dict[str, "nn.Linear"]) -> None:
         """Calibrated methods: quantize the Linear modules ``todo`` (by suffix) of decoder layer ``i``.
 
-        ``layer`` is materialized in float32 on the run device and ``inputs`` are its calibration
-        inputs (computed with every earlier layer already quantized). The method writes each module's
+        ``layer`` is materialized in float32 on the run device (except the ``todo`` weights when
+        ``defers_weights``) and ``inputs`` are its calibration inputs (computed with every earlier
+        layer already quantized). The method writes each module's
         tensors with ``ctx.write`` and must leave in ``layer`` the weights the next layers should see
         (usually the dequantized ones). It may also change other parameters of the layer (AWQ and
         SmoothQuant fold scales into norms): after this call the driver writes every parameter of

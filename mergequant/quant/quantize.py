@@ -169,7 +169,7 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     quantized = {f"{lin.prefix}.weight" for lin in linears}
     with atomic_output_dir(opts.out) as tmp:
         writer = ShardedWriter(tmp, shards, writeback_every=256 * 2**20 if opts.fsync else None)
-        ctx = QuantContext(opts, writer, result, log)
+        ctx = QuantContext(opts, writer, result, log, source=ck)
         try:
             for name in ck.tensors:  # outside the decoder layers (all of them when uncalibrated): as stored
                 if name not in quantized and (not method.calibrated or not split_layer_name(name)):
@@ -236,8 +236,13 @@ def _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, devic
         release_free_memory()
         bar.update(1)
 
+    deferred = None
+    if method.defers_weights:
+        def deferred(i):
+            return list(by_layer.get(i, {}))
+
     try:
-        runner.run(process)
+        runner.run(process, deferred=deferred)
     finally:
         bar.close()
 

@@ -37,7 +37,7 @@ sample has the same length and no padding (``calib_ids`` is a dense [S, T] tenso
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,8 @@ from torch import nn
 
 from mergequant.errors import MergeQuantError
 from mergequant.io.checkpoint import Checkpoint
+from mergequant.memory import release_free_memory
+from mergequant.quant.compact import CheckpointForward, remove_forwards
 
 __all__ = ["LayerInputs", "LayerRunner", "StopLayer", "capture_module_inputs", "linear_modules", "run_layer"]
 
@@ -163,6 +165,7 @@ def capture_module_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[s
             try:
                 layer(h, **kw)
             except StopLayer:
+                release_free_memory()
                 continue
             missing = sorted(set(modules) - set(pending))
             pending.clear()
@@ -262,9 +265,11 @@ class LayerRunner:
 
     # ---- loading / freeing parameters ----------------------------------------------------------------
     def _load(self, module: nn.Module, prefix: str, *, skip: tuple[nn.Module, ...] = (),
-              fallback: dict[str, str] | None = None, embeddings_as_stored: bool = False) -> None:
-        """Replace every meta parameter of ``module`` (not under ``skip``) by ``prefix + name`` from disk
-        (in the compute dtype; ``nn.Embedding`` tables in their stored dtype if ``embeddings_as_stored``)."""
+              skip_params: Collection[str] = (), fallback: dict[str, str] | None = None,
+              embeddings_as_stored: bool = False) -> None:
+        """Replace every meta parameter of ``module`` (not under ``skip``, not named in ``skip_params``)
+        by ``prefix + name`` from disk (in the compute dtype; ``nn.Embedding`` tables in their stored
+        dtype if ``embeddings_as_stored``)."""
         skip_ids = {id(m) for s in skip for m in s.modules()}
         for mod_name, mod in module.named_modules():
             if id(mod) in skip_ids:
@@ -273,6 +278,8 @@ class LayerRunner:
                 if p is None:
                     continue
                 rel = f"{mod_name}.{pname}" if mod_name else pname
+                if rel in skip_params:
+                    continue
                 key = prefix + rel
                 if key not in self.ckpt.tensors and fallback and key in fallback:
                     key = fallback[key]
@@ -295,13 +302,32 @@ class LayerRunner:
                 if p is not None and p.device.type != "meta":
                     mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
-    def load_layer(self, i: int) -> nn.Module:
-        """Materialize decoder layer ``i`` from the checkpoint and return it."""
+    def load_layer(self, i: int, deferred: Collection[str] = ()) -> nn.Module:
+        """Materialize decoder layer ``i`` from the checkpoint and return it.
+
+        ``deferred``: names (relative to the layer, e.g. ``mlp.down_proj``) of Linear modules whose
+        weight stays on meta. Such a module reads its weight from the memory-mapped checkpoint
+        whenever it is called (``compact.CheckpointForward``), so the layer still computes exactly
+        what a fully loaded one does; a method that replaces the module's forward before it is
+        ever called (GPTQ, in true-sequential order) never holds that float weight at all."""
         layer = self.layers[i]
-        self._load(layer, f"{self.layers_path}.{i}.")
+        prefix = f"{self.layers_path}.{i}."
+        mods = dict(layer.named_modules())
+        unknown = [d for d in deferred if not isinstance(mods.get(d), nn.Linear)]
+        if unknown:
+            raise MergeQuantError(f"{self.arch}: layer {i} has no Linear module {unknown[0]!r} to defer")
+        self._load(layer, prefix, skip_params={f"{d}.weight" for d in deferred})
+        for d in deferred:
+            key = f"{prefix}{d}.weight"
+            if key not in self.ckpt.tensors:
+                raise MergeQuantError(f"{self.ckpt.path}: tensor {key} needed by {self.arch} is missing")
+            mods[d].forward = CheckpointForward(mods[d], lambda key=key: self.ckpt.get(key))
         return layer
 
     def free_layer(self, i: int) -> None:
+        """Put layer ``i``'s parameters back on meta and drop any forward a method installed on it
+        (with the codes or buffers it held)."""
+        remove_forwards(self.layers[i])
         self._unload(self.layers[i])
 
     # ---- capture ---------------------------------------------------------------------------------------
@@ -359,25 +385,28 @@ class LayerRunner:
     # ---- the loop --------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, process_layer: Callable[[int, nn.Module, LayerInputs], None] | None = None,
-            *, finish: bool = False) -> torch.Tensor | list[torch.Tensor]:
+            *, finish: bool = False, deferred: Callable[[int], Collection[str]] | None = None,
+            ) -> torch.Tensor | list[torch.Tensor]:
         """Process every layer in order; returns the logits [S, T, V] if ``finish`` else the final
         hidden states per chunk (before the final norm).
 
         ``process_layer(i, layer, inputs)`` may run ``run_layer(layer, inputs)`` with hooks to collect
         statistics and modify the layer's weights in place; the runner then recomputes the layer's
-        outputs with the current weights and feeds them to the next layer.
+        outputs with the current weights and feeds them to the next layer. ``deferred(i)`` names the
+        Linear modules of layer i whose weights are not materialized (see ``load_layer``).
         """
         inputs = self.capture()
         hidden = inputs.hidden
         for i in range(self.num_layers):
             layer_inputs = LayerInputs(hidden, self._inputs[i].kwargs)
-            layer = self.load_layer(i)
+            layer = self.load_layer(i, deferred(i) if deferred else ())
             try:
                 if process_layer is not None:
                     process_layer(i, layer, layer_inputs)
                 hidden = run_layer(layer, layer_inputs, in_place=True)  # this layer's inputs are not needed again
             finally:
                 self.free_layer(i)
+                release_free_memory()  # the freed layer and the recompute's temporaries, before the next load
         self._inputs = None  # the recorded hidden states were consumed; capture again for another run
         if finish:
             return self.logits(hidden)

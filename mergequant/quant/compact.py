@@ -1,0 +1,132 @@
+"""Forwards for Linear modules whose float weight is never held in memory during calibration.
+
+A layer-by-layer quantizer keeps one decoder layer materialized while it runs the calibration data
+through it. Held in float32, a 1B Llama layer is 176 MiB, the largest item after the Hessian; but a
+GPTQ pass never needs most of it in float32:
+
+* a module that is already quantized is exactly ``W_hat = scale * (q - zero)``: its codes (one
+  eighth of the float32 size at 4 bits) and per-group scales reproduce ``W_hat`` bit for bit, a block of output
+  features at a time, inside the forward (``QuantizedForward``);
+* a module that is not quantized yet is not called at all by the true-sequential captures (each
+  capture stops before the first module of a later group), and when the solver needs its weight it
+  reads it from the memory-mapped checkpoint (file-backed pages, not anonymous memory). Should an
+  architecture call it anyway, ``CheckpointForward`` reads the weight from the checkpoint per call.
+
+Both are installed as an instance attribute ``forward`` (``nn.Module.__call__`` dispatches to it,
+hooks still fire), and ``remove_forwards`` takes them off again when the layer is freed.
+
+Cost: the dequantization is elementwise work of the weight's size per call; with calibration chunks
+of 512+ tokens that is a few percent of the matrix product it feeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CheckpointForward", "QuantizedForward", "remove_forwards"]
+
+# float32 bytes of one dequantized block of the weight: small enough to come from the heap and be
+# reused call after call, large enough for an efficient matrix product
+BLOCK_BYTES = 4 * 2**20
+
+
+class QuantizedForward:
+    """``y = x @ W_hat^T + b`` from codes, with ``W_hat[n, k] = scales[g, n] * (codes[k, n] - zeros[g, n])``
+    and ``g = g_idx[k]`` (the GPTQ convention), dequantized a block of output features at a time.
+
+    ``codes`` uint8 [K, N] (checkpoint orientation; a column slice of a larger matrix is fine),
+    ``scales`` float32 [G, N], ``zeros`` integer [G, N], ``g_idx`` [K]; ``bits`` the code width (2- and
+    4-bit codes are stored packed).
+    """
+
+    def __init__(self, module: nn.Module, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 g_idx: torch.Tensor, bits: int = 8):
+        k, n = codes.shape
+        self.bias = getattr(module, "bias", None)
+        self.k, self.n = k, n
+        # 2- and 4-bit codes are kept 4 or 2 to a byte (packed along K): half or a quarter of the memory
+        self.per_byte = 8 // bits if bits in (2, 4) and k % (8 // bits) == 0 else 1
+        self.bits = bits if self.per_byte > 1 else 8
+        self.codes = _pack_along_k(codes, self.bits, self.per_byte) if self.per_byte > 1 else codes
+        g = scales.shape[0]
+        self.natural = k % g == 0 and torch.equal(
+            g_idx.long().cpu(), torch.arange(k) // (k // g))
+        if self.natural:  # group j is rows [j*gs, (j+1)*gs) of the codes: broadcast, no gather
+            self.scales = scales.to(torch.float32)[:, None, :]
+            self.zeros = zeros.to(torch.float32)[:, None, :]
+        else:  # act order: one row of parameters per input feature
+            idx = g_idx.long().to(scales.device)
+            self.scales = scales.to(torch.float32)[idx]
+            self.zeros = zeros.to(torch.float32)[idx]
+        self.block = max(1, min(n, BLOCK_BYTES // (4 * k)))
+
+    def weight_t_block(self, n0: int, n1: int) -> torch.Tensor:
+        """W_hat^T[:, n0:n1] in float32 [K, n1 - n0] (the solver's formula and operation order)."""
+        if self.per_byte == 1:
+            w = self.codes[:, n0:n1].to(torch.float32)
+        else:
+            p = self.codes[:, n0:n1]
+            w = torch.empty(self.k, n1 - n0, dtype=torch.float32, device=p.device)
+            v = w.view(self.k // self.per_byte, self.per_byte, n1 - n0)
+            mask = (1 << self.bits) - 1
+            for j in range(self.per_byte):
+                v[:, j] = (p >> (self.bits * j)) & mask
+        if self.natural:
+            g = self.scales.shape[0]
+            v = w.view(g, self.k // g, n1 - n0)
+            v.sub_(self.zeros[:, :, n0:n1]).mul_(self.scales[:, :, n0:n1])
+        else:
+            w.sub_(self.zeros[:, n0:n1]).mul_(self.scales[:, n0:n1])
+        return w
+
+    def weight(self) -> torch.Tensor:
+        """The whole W_hat [N, K] in float32 (for tests and debugging; the forward never builds it)."""
+        return torch.cat([self.weight_t_block(n0, min(n0 + self.block, self.n)).T
+                          for n0 in range(0, self.n, self.block)], dim=0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.k)
+        out = torch.empty(x2.shape[0], self.n, dtype=x.dtype, device=x.device)
+        for n0 in range(0, self.n, self.block):
+            n1 = min(n0 + self.block, self.n)
+            w = self.weight_t_block(n0, n1)
+            if w.dtype != x.dtype:
+                w = w.to(x.dtype)
+            out[:, n0:n1] = x2 @ w
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.n)
+
+
+def _pack_along_k(codes: torch.Tensor, bits: int, per_byte: int) -> torch.Tensor:
+    """uint8 [K, N] codes < 2**bits -> uint8 [K / per_byte, N]; code k sits in byte k // per_byte at
+    bit offset bits * (k % per_byte)."""
+    k, n = codes.shape
+    v = codes.reshape(k // per_byte, per_byte, n)
+    out = v[:, 0].clone()
+    for j in range(1, per_byte):
+        out |= v[:, j] << (bits * j)
+    return out
+
+
+class CheckpointForward:
+    """``F.linear`` with the weight read per call from ``read()`` (a memory-mapped checkpoint tensor),
+    cast to the input's dtype: for a module whose weight is deliberately not materialized."""
+
+    def __init__(self, module: nn.Module, read: Callable[[], torch.Tensor]):
+        self.bias = getattr(module, "bias", None)  # already materialized: only the weight is deferred
+        self.read = read
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.read().to(device=x.device, dtype=x.dtype)
+        return F.linear(x, w, self.bias)
+
+
+def remove_forwards(module: nn.Module) -> None:
+    """Take every instance-level ``forward`` off ``module`` and its submodules (frees what they hold)."""
+    for m in module.modules():
+        m.__dict__.pop("forward", None)
