@@ -294,3 +294,23 @@ def test_row_blocks_and_overwrite_h_give_the_same_result():
     assert torch.equal(got.codes, ref.codes) and torch.equal(got.W_hat, ref.W_hat)
     assert not torch.equal(H2, H)  # used as the workspace
     assert got.error == pytest.approx(ref.error, rel=1e-6)
+
+
+@pytest.mark.parametrize("desc_act,static_groups,gs", [(False, False, 64), (True, False, 64), (True, True, 64),
+                                                       (False, False, -1)])
+def test_solving_in_row_blocks_changes_nothing(desc_act, static_groups, gs):
+    """Rows are independent given H: a working copy of a few rows at a time (blocks that straddle the
+    boundary between stacked parts, dead columns included) gives the codes, scales and error of one block."""
+    X, _ = _data(seed=9)
+    X[:, 17] = 0  # a dead input channel
+    H = _hessian(X)
+    g = torch.Generator().manual_seed(10)
+    Ws = [torch.randn(n, K, generator=g) for n in (40, 30, 26)]
+    kw = dict(bits=4, group_size=gs, desc_act=desc_act, static_groups=static_groups)
+    one = gptq_quantize(Ws, H, **kw)
+    many = gptq_quantize(Ws, H, row_block_bytes=4 * K * 24, **kw)  # 24 rows per block: 4 blocks, 2 straddling
+    assert torch.equal(many.codes, one.codes)
+    assert torch.equal(many.scales, one.scales) and torch.equal(many.zeros, one.zeros)
+    assert torch.equal(many.g_idx, one.g_idx)
+    assert many.error == pytest.approx(one.error, rel=1e-5)
+    assert (many.W_hat[:, 17] == 0).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -37,16 +38,28 @@ def test_trim_returns_freed_heap_memory():
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc_malloc_trim() is None, reason="glibc only")
 def test_mapped_allocations_free_without_a_trim():
     """Inside ``mapped_allocations`` blocks above the threshold are mmapped: freeing them returns the
-    memory at once, even where the same pattern on the heap (above) stays resident until a trim."""
-    from mergequant.memory import mapped_allocations
+    memory at once, where the same pattern on the heap stays resident until a trim. Run in a fresh
+    interpreter: blocks are taken from free heap chunks left by earlier tests before anything is mapped."""
+    code = """
+import torch
+from mergequant.memory import mapped_allocations
 
-    big = torch.ones(20 * 2**20 // 4)  # raise glibc's dynamic threshold, as in the test above
-    del big
-    with mapped_allocations(2**20):
-        blocks = [torch.ones(2 * 2**20 // 4) for _ in range(96)]
-        keep = torch.ones(2 * 2**20 // 4)
-        before = _rss_anon_mib()
-        del blocks
-        after = _rss_anon_mib()
-    assert before - after > 150, (before, after)
-    assert keep.sum() > 0
+def anon():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon:')).split()[1]) / 1024
+
+def pattern():
+    blocks = [torch.ones(2 * 2**20 // 4) for _ in range(96)]
+    keep = torch.ones(2 * 2**20 // 4)  # pins the top of the heap
+    before = anon()
+    del blocks
+    return before - anon(), keep
+
+with mapped_allocations(2**20):  # first: later, the heap's free chunks would serve these blocks
+    mapped_freed, k2 = pattern()
+heap_freed, k1 = pattern()  # the threshold is now glibc's dynamic maximum: 2 MB blocks come from the heap
+print(heap_freed, mapped_freed)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    heap_freed, mapped_freed = map(float, out[-2:])
+    assert heap_freed < 50, heap_freed  # the premise: on the heap, freed blocks stay resident
+    assert mapped_freed > 150, mapped_freed

@@ -206,11 +206,12 @@ class GPTQResult:
     scales: float32 [G, N]; zeros: int32 [G, N] integer zero points.
     g_idx: int32 [K], group of each original input column.
     perm: int64 [K] or None; with act order, perm[j] is the original column quantized j-th.
-    W_hat: float32 [N, K] dequantized weight (exactly the checkpoint dequant formula); a transposed
-    view of the solver's workspace, so it costs no extra memory.
     damp_used: the damping fraction that made the Cholesky succeed (the last one tried on fallback).
     fallback_rtn: True when every Cholesky attempt failed and plain RTN was returned instead.
     error: proxy loss tr((W - W_hat) H (W - W_hat)^T) with the undamped H, = (2/n)||X W^T - X W_hat^T||^2.
+
+    ``W_hat`` (float32 [N, K]) is computed from the codes when asked for: exactly the solver's values
+    (the checkpoint dequant formula with float32 scales), but the solver itself never holds it whole.
     """
 
     codes: torch.Tensor
@@ -218,10 +219,13 @@ class GPTQResult:
     zeros: torch.Tensor
     g_idx: torch.Tensor
     perm: torch.Tensor | None
-    W_hat: torch.Tensor
     damp_used: float
     fallback_rtn: bool
     error: float
+
+    @property
+    def W_hat(self) -> torch.Tensor:
+        return _dequant_from_codes(self.codes.T.contiguous(), self.scales, self.zeros, self.g_idx)
 
 
 # ---- in-place linear algebra on one K x K workspace ----------------------------------------------
@@ -233,6 +237,10 @@ class GPTQResult:
 # damping without keeping a backup copy.
 
 FACTOR_BLOCK = 512
+# float32 bytes of the solver's working copy of W: rows are solved a block at a time (GPTQ treats rows
+# independently given H). 24 MiB keeps a 1B down_proj (44 MiB) in two blocks and every tiny or
+# attention-sized weight in one; each extra block repeats the column loop's per-column overhead.
+ROW_BLOCK_BYTES = 24 * 2**20
 
 
 def _rotate180_(M: torch.Tensor, rows: int = FACTOR_BLOCK // 4) -> None:
@@ -376,20 +384,24 @@ def _rows(W: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [W] if isinstance(W, torch.Tensor) else list(W)
 
 
-def _diff_blocks(parts: list[torch.Tensor], W_hat: torch.Tensor, rows: int):
-    """(W - W_hat) in float32 blocks of ``rows`` rows, W given as stacked row blocks (no whole-matrix temporary)."""
+def _diff_blocks(parts: list[torch.Tensor], W_hat: torch.Tensor, rows: int, row_range: tuple[int, int] | None = None):
+    """(W - W_hat) in float32 blocks of at most ``rows`` rows, W given as stacked row blocks (no
+    whole-matrix temporary). With ``row_range`` (r0, r1), ``W_hat`` holds only rows [r0, r1) of W."""
+    r0, r1 = row_range or (0, sum(p.shape[0] for p in parts))
     start = 0
     for part in parts:
-        for r0 in range(0, part.shape[0], rows):
-            r1 = min(r0 + rows, part.shape[0])
-            yield part[r0:r1].to(torch.float32) - W_hat[start + r0:start + r1]
+        a, b = max(r0, start), min(r1, start + part.shape[0])
+        for c in range(a, b, rows):
+            d = min(c + rows, b)
+            yield part[c - start:d - start].to(torch.float32) - W_hat[c - r0:d - r0]
         start += part.shape[0]
 
 
-def _sq_diff(parts: list[torch.Tensor], W_hat: torch.Tensor, mask: torch.Tensor | None, rows: int = 64) -> float:
-    """sum over (live) columns of (W - W_hat)^2 (float32 per block)."""
+def _sq_diff(parts: list[torch.Tensor], W_hat: torch.Tensor, mask: torch.Tensor | None, rows: int = 64,
+             row_range: tuple[int, int] | None = None) -> float:
+    """sum over (live) columns of (W - W_hat)^2 (float32 per block); see ``_diff_blocks``."""
     total = 0.0
-    for d in _diff_blocks(parts, W_hat, rows):
+    for d in _diff_blocks(parts, W_hat, rows, row_range):
         if mask is not None:
             d[:, mask] = 0
         total += float((d * d).sum())
@@ -410,6 +422,7 @@ def gptq_quantize(
     max_retries: int = 4,
     dtype: torch.dtype = torch.float32,
     overwrite_h: bool = False,
+    row_block_bytes: int = ROW_BLOCK_BYTES,
 ) -> GPTQResult:
     """Quantize W [N, K] given H [K, K] with GPTQ; see the module docstring for conventions.
 
@@ -419,10 +432,11 @@ def gptq_quantize(
     saves one K x K matrix; otherwise it works on a copy. ``dtype`` is the working precision
     (float32 by default; float64 is for tests).
 
-    Memory: one K x K matrix, the [K, N] working copy of W (which ends up holding W_hat), uint8
-    codes and small blocks; nothing else of the inputs' size.
-    Steps: dead input channels -> act-order permutation -> damping + Cholesky of H^-1 ->
-    blocked column loop with error feedback -> undo the permutation.
+    Memory: one K x K matrix, a working copy of ``row_block_bytes`` of W's rows (solved one row
+    block at a time, all sharing the factorization), uint8 codes [K, N] and small blocks; nothing
+    else of the inputs' size.
+    Steps: dead input channels -> act-order permutation -> damping + Cholesky of H^-1 -> per row
+    block: blocked column loop with error feedback, undo the permutation.
     """
     parts = _rows(W)
     if not parts or any(p.dim() != 2 for p in parts):
@@ -434,47 +448,32 @@ def gptq_quantize(
     if tuple(H.shape) != (k, k):
         raise ValueError(f"H must be [K, K] = [{k}, {k}] for W of shape {(n, k)}, got {tuple(H.shape)}")
     _check_args(k, bits, group_size)
-    maxq = 2**bits - 1
     device = parts[0].device
-    # The column loop works on the transpose Wt [K, N]: column j of W is the contiguous row Wt[j],
-    # so every per-column operation reads and writes contiguous memory (on a row-major W [N, K]
-    # each column access strides through N cache lines, which made the loop ~10x slower).
-    Wt = torch.empty(k, n, dtype=dtype, device=device)
-    start = 0
-    for p in parts:  # always a fresh copy: the caller's W is never modified
-        Wt[:, start:start + p.shape[0]].copy_(p.T)
-        start += p.shape[0]
     H = H if overwrite_h and H.dtype == dtype and H.is_contiguous() else H.to(dtype).clone()
 
     # Dead inputs (never active in calibration) carry no information: any value of W there is
-    # unobservable, so set it to 0 and make H invertible with a unit diagonal entry.
+    # unobservable, so it is set to 0 (in each row block below) and H made invertible with a unit
+    # diagonal entry.
     dead = torch.diag(H) == 0
     any_dead = bool(dead.any())
     if any_dead:
         H.diagonal()[dead] = 1
-        Wt[dead] = 0
-
-    # Static groups: parameters from the original column order, computed before any error update
-    # (so that group membership stays contiguous in the checkpoint even with act order).
-    static = static_groups and group_size != -1
-    static_params = []
-    if static:
-        for g0 in range(0, k, group_size):
-            static_params.append(find_params(Wt[g0 : g0 + group_size].T, bits, sym))
 
     # Act order: quantize the columns with the largest activations first, while there are still
     # many free columns left to absorb their error. (The permuted H is one extra K x K copy.)
     perm = None
     if desc_act:
         perm = torch.argsort(torch.diag(H), descending=True)
-        Wt = Wt[perm]
         H = H[perm][:, perm]
     order = perm if perm is not None else torch.arange(k, device=device)
 
     mean_diag = float(torch.diag(H).mean())
     ok, damp_used = _inverse_cholesky_upper_(H, damp, max_retries)
     if not ok:  # every attempt failed: RTN, reported by the caller
-        W0 = Wt[torch.argsort(order)].T if perm is not None else Wt.T
+        W0 = torch.cat([p.to(torch.float32) for p in parts]) if len(parts) > 1 else parts[0].to(torch.float32)
+        if any_dead:
+            W0 = W0.clone()
+            W0[:, dead] = 0
         q, scales, zeros = quantize_rtn(W0, bits, group_size, sym)
         g_idx = _group_index(k, group_size, device)
         W_hat = _dequant_from_codes(q, scales, zeros, g_idx)
@@ -483,21 +482,98 @@ def gptq_quantize(
         if any_dead:
             H.diagonal()[dead[order]] = 0
         error = _proxy_error(parts, W_hat, H, order if perm is not None else None)
-        return GPTQResult(q.T.to(torch.uint8).contiguous(), scales, zeros, g_idx, None, W_hat, damp_used, True, error)
+        return GPTQResult(q.T.to(torch.uint8).contiguous(), scales, zeros.to(torch.int32), g_idx, None,
+                          damp_used, True, error)
     V = H  # now the lower-triangular inverse factor; U = J V J
+    del H
 
+    # GPTQ treats rows independently given V, so W is solved a block of rows at a time: the float32
+    # working copy is ``row_block_bytes``, not the whole [K, N] (the 1B down_proj's is 44 MiB)
     n_groups = 1 if group_size == -1 else k // group_size
-    scales = torch.zeros(n_groups, n, dtype=dtype, device=device)
-    zeros = torch.zeros(n_groups, n, dtype=dtype, device=device)
-    if group_size == -1:  # one group: parameters from the whole (dead-zeroed) matrix up front
+    scales = torch.zeros(n_groups, n, dtype=torch.float32, device=device)
+    zeros = torch.zeros(n_groups, n, dtype=torch.int32, device=device)
+    codes = torch.empty(k, n, dtype=torch.uint8, device=device)  # original column order, [K, N]
+    rows = max(1, min(n, row_block_bytes // (k * torch.empty((), dtype=dtype).element_size())))
+    obs_loss, sq_diff = 0.0, 0.0
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        Wt = _row_block_t(parts, r0, r1, k, dtype, device)  # [K, r1 - r0], a fresh copy
+        if any_dead:
+            Wt[dead] = 0
+        blk = _solve_rows(Wt, V, perm, bits=bits, group_size=group_size, static_groups=static_groups, sym=sym,
+                          block_size=block_size)
+        codes[:, r0:r1] = blk.codes
+        scales[:, r0:r1] = blk.scales
+        zeros[:, r0:r1] = blk.zeros
+        obs_loss += blk.obs_loss
+        # Wt now holds W_hat^T of these rows in the original column order
+        sq_diff += _sq_diff(parts, Wt.T, dead if any_dead else None, row_range=(r0, r1))
+        del Wt, blk
+    del V
+
+    if perm is None or static_groups or group_size == -1:
+        g_idx = _group_index(k, group_size, device)
+    else:  # g_idx[perm[j]] = j // group_size
+        g_idx = _group_index(k, group_size, device)[torch.argsort(perm)]
+
+    # The OBS identity: quantizing column j and optimally updating the free columns raises the
+    # quadratic objective by exactly err_j^2 (err = (w - q) / U_jj), so obs_loss = tr(dW A dW^T) with
+    # A = H (dead diagonal set to 1) + damp*mean(diag)*I. Dead columns have dW = 0, so the undamped
+    # proxy loss is obs_loss - damp*mean(diag)*||dW||^2, with no K x K product (and no copy of H).
+    error = obs_loss - damp_used * mean_diag * sq_diff
+    return GPTQResult(
+        codes=codes,
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx,
+        perm=perm,
+        damp_used=float(damp_used),
+        fallback_rtn=False,
+        error=error,
+    )
+
+
+def _row_block_t(parts: list[torch.Tensor], r0: int, r1: int, k: int, dtype, device) -> torch.Tensor:
+    """Rows [r0, r1) of the stacked ``parts``, transposed into a fresh [K, r1 - r0] tensor of ``dtype``."""
+    out = torch.empty(k, r1 - r0, dtype=dtype, device=device)
+    start = 0
+    for p in parts:
+        a, b = max(r0, start), min(r1, start + p.shape[0])
+        if a < b:
+            out[:, a - r0:b - r0].copy_(p[a - start:b - start].T)
+        start += p.shape[0]
+    return out
+
+
+@dataclass
+class _RowBlock:
+    codes: torch.Tensor  # uint8 [K, m], original column order
+    scales: torch.Tensor  # float32 [G, m]
+    zeros: torch.Tensor  # int32 [G, m]
+    obs_loss: float
+
+
+def _solve_rows(Wt: torch.Tensor, V: torch.Tensor, perm: torch.Tensor | None, *, bits: int, group_size: int,
+                static_groups: bool, sym: bool, block_size: int) -> _RowBlock:
+    """GPTQ's column loop for some rows of W, given as Wt [K, m] (dead columns already zeroed), with V
+    the inverse factor of the (permuted, damped) H. Leaves W_hat^T in Wt, in the original column order."""
+    k, m = Wt.shape
+    dtype = Wt.dtype
+    maxq = 2**bits - 1
+    n_groups = 1 if group_size == -1 else k // group_size
+    scales = torch.zeros(n_groups, m, dtype=dtype, device=Wt.device)
+    zeros = torch.zeros(n_groups, m, dtype=dtype, device=Wt.device)
+    static = static_groups and group_size != -1
+    if static:  # parameters from the original column order, before any error update
+        for g, g0 in enumerate(range(0, k, group_size)):
+            scales[g], zeros[g] = find_params(Wt[g0:g0 + group_size].T, bits, sym)
+    order = perm if perm is not None else torch.arange(k, device=Wt.device)
+    if perm is not None:
+        Wt[:] = Wt[perm]  # processing order (a block-sized temporary)
+    if group_size == -1:  # one group: parameters from the whole (dead-zeroed) rows up front
         scales[0], zeros[0] = find_params(Wt.T, bits, sym)
-    elif static:
-        for g, (s, z) in enumerate(static_params):
-            scales[g], zeros[g] = s, z
-    Qt = torch.zeros(k, n, dtype=torch.uint8, device=device)  # codes (<= 255), permuted order, transposed
-    if static and perm is not None:  # group of the j-th quantized column
-        gidx_perm = order // group_size
-    obs_loss = 0.0  # sum of err^2: the exact increase of tr(dW A dW^T) (A = damped H), see below
+    Qt = torch.zeros(k, m, dtype=torch.uint8, device=Wt.device)  # codes (<= 255), processing order
+    obs_loss = 0.0  # sum of err^2: the exact increase of tr(dW A dW^T) (A = damped H), see the caller
 
     bs = _effective_block_size(block_size, group_size, dynamic_groups=not static)
     for i1 in range(0, k, bs):
@@ -527,47 +603,25 @@ def gptq_quantize(
         # Lazy batch update: apply the whole block's errors to all later columns in one matmul.
         if i2 < k:
             Wt[i2:].addmm_(_u_block(V, i1, i2, i2, k).T, Err1, alpha=-1)
-    del V, H
 
     # Dequantize into Wt's memory (its columns are no longer needed), then back to the original order.
     scales32 = scales.to(torch.float32)
     zeros_i = zeros.round().to(torch.int32)
     if static and perm is not None:  # groups are not runs of the processing order: per block of rows
+        gidx_perm = order // group_size
         for r0 in range(0, k, bs):
             r1 = min(r0 + bs, k)
             g = gidx_perm[r0:r1]
             Wt[r0:r1] = _dequantize(Qt[r0:r1].to(dtype), scales32[g].to(dtype), zeros_i[g].to(dtype))
     else:  # group g is rows [g*gs, (g+1)*gs) of Wt: three in-place passes, no temporaries
-        v = Wt.view(n_groups, k // n_groups, n)
-        v.copy_(Qt.view(n_groups, k // n_groups, n))
+        v = Wt.view(n_groups, k // n_groups, m)
+        v.copy_(Qt.view(n_groups, k // n_groups, m))
         v.sub_(zeros_i.to(dtype)[:, None, :]).mul_(scales32.to(dtype)[:, None, :])
     if perm is not None:
         inv = torch.argsort(perm)
-        Qt, Wt = Qt[inv], Wt[inv]
-        if static or group_size == -1:
-            g_idx = _group_index(k, group_size, device)
-        else:  # g_idx[perm[j]] = j // group_size
-            g_idx = _group_index(k, group_size, device)[inv]
-    else:
-        g_idx = _group_index(k, group_size, device)
-    W_hat = Wt.T if dtype == torch.float32 else Wt.T.to(torch.float32)
-
-    # The OBS identity: quantizing column j and optimally updating the free columns raises the
-    # quadratic objective by exactly err_j^2 (err = (w - q) / U_jj), so obs_loss = tr(dW A dW^T) with
-    # A = H (dead diagonal set to 1) + damp*mean(diag)*I. Dead columns have dW = 0, so the undamped
-    # proxy loss is obs_loss - damp*mean(diag)*||dW||^2, with no K x K product (and no copy of H).
-    error = obs_loss - damp_used * mean_diag * _sq_diff(parts, W_hat, dead if any_dead else None)
-    return GPTQResult(
-        codes=Qt,
-        scales=scales32,
-        zeros=zeros_i,
-        g_idx=g_idx,
-        perm=perm,
-        W_hat=W_hat,
-        damp_used=float(damp_used),
-        fallback_rtn=False,
-        error=error,
-    )
+        Qt = Qt[inv]
+        Wt[:] = Wt[inv]
+    return _RowBlock(Qt, scales32, zeros_i, obs_loss)
 
 
 def _proxy_error(parts: list[torch.Tensor], W_hat: torch.Tensor, H: torch.Tensor, col_order: torch.Tensor | None,

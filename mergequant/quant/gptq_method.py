@@ -134,7 +134,12 @@ class GPTQMethod(RTNMethod):
                     accs[s] = acc
 
             release_free_memory()  # the previous solve's and recompute's temporaries, before H is built
-            capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add)
+            # the group with the widest input holds the layer's largest Hessian while its capture runs
+            # the most activations (the MLP): that is a peak of the whole run, so its chunks' freed
+            # activations go back to the OS one by one (the other groups skip the re-faulting cost)
+            widest = max(m.in_features for m in modules.values())
+            capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add,
+                                  release_between_chunks=max(modules[s].in_features for s in names) == widest)
             # GPTQ treats rows independently given H, so modules sharing a Hessian are solved as one
             # stacked weight: one Cholesky and larger, faster matrix products (identical results).
             by_acc: dict[int, list[str]] = {}

@@ -131,7 +131,8 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, *, in_place: bool = False) 
 
 @torch.no_grad()
 def capture_module_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[str, nn.Module],
-                          sink: Callable[[list[str], torch.Tensor], None]) -> None:
+                          sink: Callable[[list[str], torch.Tensor], None], *, release_between_chunks: bool = False,
+                          ) -> None:
     """Feed every calibration chunk through ``layer`` only as far as needed to see the input of each
     module in ``modules`` (by name), then stop the forward.
 
@@ -140,6 +141,8 @@ def capture_module_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[s
     as ``XᵀX`` are then computed once per distinct input rather than once per module. Stopping at the
     last needed module skips the rest of the layer (for the first group of a decoder layer that is
     almost all of it), which is where most of the time of a layer-by-layer quantizer goes.
+    ``release_between_chunks``: hand each chunk's freed activations back to the OS before the next
+    (lower peak while something large, like a big Hessian, is held; costs re-faulting those pages).
     """
     pending: dict[str, torch.Tensor] = {}
 
@@ -165,7 +168,8 @@ def capture_module_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[s
             try:
                 layer(h, **kw)
             except StopLayer:
-                release_free_memory()
+                if release_between_chunks:
+                    release_free_memory()
                 continue
             missing = sorted(set(modules) - set(pending))
             pending.clear()
