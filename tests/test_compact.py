@@ -8,7 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergequant.quant import compact
-from mergequant.quant.compact import CheckpointForward, QuantizedForward, remove_forwards
+from mergequant.quant.compact import (
+    CheckpointForward,
+    QuantizedForward,
+    remove_forwards,
+)
 from mergequant.quant.gptq import HessianAccumulator, gptq_quantize
 
 

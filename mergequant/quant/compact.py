@@ -5,8 +5,8 @@ through it. Held in float32, a 1B Llama layer is 176 MiB, the largest item after
 GPTQ pass never needs most of it in float32:
 
 * a module that is already quantized is exactly ``W_hat = scale * (q - zero)``: its codes (one
-  eighth of the float32 size at 4 bits) and per-group scales reproduce ``W_hat`` bit for bit, a block of output
-  features at a time, inside the forward (``QuantizedForward``);
+  eighth of the float32 size at 4 bits) and per-group scales reproduce ``W_hat`` bit for bit, a
+  block of output features at a time, inside the forward (``QuantizedForward``);
 * a module that is not quantized yet is not called at all by the true-sequential captures (each
   capture stops before the first module of a later group), and when the solver needs its weight it
   reads it from the memory-mapped checkpoint (file-backed pages, not anonymous memory). Should an
@@ -15,8 +15,9 @@ GPTQ pass never needs most of it in float32:
 Both are installed as an instance attribute ``forward`` (``nn.Module.__call__`` dispatches to it,
 hooks still fire), and ``remove_forwards`` takes them off again when the layer is freed.
 
-Cost: the dequantization is elementwise work of the weight's size per call; with calibration chunks
-of 512+ tokens that is a few percent of the matrix product it feeds.
+Cost: the dequantization is elementwise work of the weight's size per call, small next to the matrix
+product it feeds for calibration chunks of 512+ tokens; on the 1.1B benchmark the whole memory work
+(this, row-blocked solves, returning freed pages) cost 13% wall time for 39% less peak memory.
 """
 
 from __future__ import annotations
