@@ -132,7 +132,7 @@ class ShardedWriter:
         i, planned, start = self._where[name]
         if chunk.dtype != planned.dtype:
             raise TypeError(f"{name}: chunk dtype {chunk.dtype} != planned {planned.dtype}")
-        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()  # GPU results too
         pos = start + element_offset * dtype_itemsize(planned.dtype)
         if pos + data.nbytes > start + planned.nbytes:
             raise ValueError(f"{name}: write past the end of the tensor")

@@ -157,10 +157,13 @@ class GPTQMethod(RTNMethod):
         # acc.take() hands H over without another reference: the solver overwrites it with the inverse
         # factor and frees it on return, before the codes are packed. Its large temporaries are mapped
         # so they leave no freed-but-resident heap behind (see mergequant.memory).
+        H = acc.take()
+        # the source weights are memory-mapped on the CPU: the solver runs where H is (the GPU if used)
+        parts = [ctx.source_weight(lin).to(H.device) for lin in lins]
         with mapped_allocations():
-            res = gptq_quantize([ctx.source_weight(lin) for lin in lins], acc.take(), bits=o.bits,
-                                group_size=o.group_size, desc_act=o.desc_act, static_groups=o.static_groups,
-                                sym=o.sym, damp=o.damp, overwrite_h=True)
+            res = gptq_quantize(parts, H, bits=o.bits, group_size=o.group_size, desc_act=o.desc_act,
+                                static_groups=o.static_groups, sym=o.sym, damp=o.damp, overwrite_h=True)
+        del H, parts
         if res.fallback_rtn:
             ctx.result.fallbacks.extend(lin.prefix for lin in lins)
             ctx.log(f"warning: {', '.join(lin.prefix for lin in lins)}: Cholesky failed at every damping; "
