@@ -65,13 +65,16 @@ class QuantizedForward:
             self.zeros = zeros.to(torch.float32)[idx]
         self.block = max(1, min(n, BLOCK_BYTES // (4 * k)))
 
-    def weight_t_block(self, n0: int, n1: int) -> torch.Tensor:
-        """W_hat^T[:, n0:n1] in float32 [K, n1 - n0] (the solver's formula and operation order)."""
+    def weight_t_block(self, n0: int, n1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W_hat^T[:, n0:n1] in float32 [K, n1 - n0] (the solver's formula and operation order),
+        written into ``out`` (a contiguous float32 buffer of that shape) when given."""
+        if out is None:
+            out = torch.empty(self.k, n1 - n0, dtype=torch.float32, device=self.codes.device)
+        w = out
         if self.per_byte == 1:
-            w = self.codes[:, n0:n1].to(torch.float32)
+            w.copy_(self.codes[:, n0:n1])
         else:
             p = self.codes[:, n0:n1]
-            w = torch.empty(self.k, n1 - n0, dtype=torch.float32, device=p.device)
             v = w.view(self.k // self.per_byte, self.per_byte, n1 - n0)
             mask = (1 << self.bits) - 1
             for j in range(self.per_byte):
@@ -92,15 +95,30 @@ class QuantizedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.k)
         out = torch.empty(x2.shape[0], self.n, dtype=x.dtype, device=x.device)
+        # one dequantization buffer for every block and every call: no per-block allocation to churn the heap
+        buf = _scratch(self.k * self.block, x.device)
         for n0 in range(0, self.n, self.block):
             n1 = min(n0 + self.block, self.n)
-            w = self.weight_t_block(n0, n1)
-            if w.dtype != x.dtype:
-                w = w.to(x.dtype)
-            out[:, n0:n1] = x2 @ w
+            w = self.weight_t_block(n0, n1, out=buf[: self.k * (n1 - n0)].view(self.k, n1 - n0))
+            if w.dtype == x.dtype:
+                torch.mm(x2, w, out=out[:, n0:n1])  # straight into the output's columns
+            else:
+                out[:, n0:n1] = x2 @ w.to(x.dtype)
         if self.bias is not None:
             out += self.bias
         return out.view(*x.shape[:-1], self.n)
+
+
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A float32 buffer of at least ``numel`` elements on ``device``, reused by every QuantizedForward
+    (forwards run one at a time; at most BLOCK_BYTES per device)."""
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel]
 
 
 def _pack_along_k(codes: torch.Tensor, bits: int, per_byte: int) -> torch.Tensor:
