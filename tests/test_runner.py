@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -240,3 +241,26 @@ def test_deferring_an_unknown_module_is_an_error(tiny_models):
     _, d, ids = tiny_models["llama"]
     with pytest.raises(MergeQuantError, match="no Linear module 'mlp.nope'"):
         LayerRunner(d, ids).run(deferred=lambda i: ["mlp.nope"])
+
+
+def test_hidden_states_are_stored_in_a_16_bit_checkpoints_dtype(tiny_models, tmp_path):
+    """A bf16 checkpoint's inter-layer hidden states are kept in bf16 (half the memory) while every
+    layer computes in float32; a float32 checkpoint keeps float32 (exact, tested above)."""
+    model, _, ids = tiny_models["llama"]
+    d = tmp_path / "bf16"
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(d)  # the fixture's model stays float32
+    seen = []
+
+    def check(i, layer, inputs):
+        seen.append((inputs.hidden[0].dtype, next(iter(inputs))[0].dtype, layer.mlp.up_proj.weight.dtype))
+
+    runner = LayerRunner(d, ids, batch_size=2)
+    assert runner.activation_dtype == torch.bfloat16
+    logits = runner.run(check, finish=True)
+    assert seen == [(torch.bfloat16, torch.float32, torch.float32)] * 2
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # bf16 weights, float32 compute
+    with torch.no_grad():
+        full = ref(ids).logits
+    err = float((logits - full).abs().max())
+    assert 0 < err < 0.05 * float(full.abs().max()), err  # only the stored activations were rounded
+    assert LayerRunner(tiny_models["llama"][1], ids).activation_dtype == torch.float32

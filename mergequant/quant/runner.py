@@ -92,9 +92,14 @@ class LayerInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[dict] = field(default_factory=list)
+    # hidden states may be stored in a 16-bit dtype; iterating yields them in this one (a copy per chunk)
+    compute_dtype: torch.dtype | None = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
-        return iter(zip(self.hidden, self.kwargs))
+        for h, kw in zip(self.hidden, self.kwargs):
+            if self.compute_dtype is not None and h.dtype != self.compute_dtype:
+                h = h.to(self.compute_dtype)
+            yield h, kw
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -116,15 +121,16 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, *, in_place: bool = False) 
     ``in_place``: each chunk's output overwrites its input tensor (returned), so a layer's inputs and
     outputs are never both held in full; only for inputs nobody needs afterwards."""
     outs = []
-    for h, kw in inputs:
+    for stored, (h, kw) in zip(inputs.hidden, inputs):
         try:
             out = _first_output(layer(h, **kw))
         except StopLayer:
             continue
-        if in_place and out.shape == h.shape:
-            h.copy_(out)
+        del h
+        if in_place and out.shape == stored.shape:
+            stored.copy_(out)  # (rounded to the storage dtype if that is 16-bit)
             del out
-            out = h
+            out = stored
         outs.append(out)
     return outs
 
@@ -216,7 +222,8 @@ class LayerRunner:
     """
 
     def __init__(self, model_dir: str | Path, calib_ids: torch.Tensor, device: str | torch.device = "cpu",
-                 *, dtype: torch.dtype = torch.float32, batch_size: int = 8):
+                 *, dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                 activation_dtype: torch.dtype | None = None):
         if calib_ids.dim() != 2:
             raise MergeQuantError(f"calibration ids must be [samples, tokens], got shape {tuple(calib_ids.shape)}")
         if batch_size < 1:
@@ -232,6 +239,21 @@ class LayerRunner:
         self.num_layers = len(self.layers)
         self.layers_path = self._module_path(self.layers)
         self._inputs: list[LayerInputs] | None = None  # per-layer kwargs after capture (hidden only in [0])
+        # Hidden states between layers are stored in the checkpoint's own 16-bit dtype when it has one
+        # (what the model computes in at inference; GPTQModel and AutoGPTQ keep them in the model's
+        # dtype too) and in the compute dtype otherwise. They are the largest item of a calibration run
+        # (128 x 2048 tokens of an 8B model: 4 GiB in float32); each layer still computes in ``dtype``.
+        self.activation_dtype = activation_dtype or self._stored_dtype()
+
+    def _stored_dtype(self) -> torch.dtype:
+        """The checkpoint's dtype if its decoder weights are 16-bit floats, else the compute dtype."""
+        prefix = f"{self.layers_path}.0."
+        for name, info in self.ckpt.tensors.items():
+            if name.startswith(prefix) and name.endswith(".weight") and len(info.shape) == 2:
+                if info.dtype in (torch.bfloat16, torch.float16):
+                    return info.dtype
+                break
+        return self.dtype
 
     # ---- skeleton ------------------------------------------------------------------------------------
     def _build_skeleton(self) -> nn.Module:
@@ -369,7 +391,7 @@ class LayerRunner:
                 if h.device.type == "meta":
                     raise MergeQuantError(f"{self.arch}: unsupported architecture (pre-layer computation "
                                           "uses weights that were not loaded)")
-                hidden0.append(h)
+                hidden0.append(h.to(self.activation_dtype))
                 b = chunk.shape[0]
                 if b not in by_size:  # same length, no padding: kwargs depend only on the chunk size
                     by_size[b] = [kw for _, kw in sink]
@@ -383,7 +405,8 @@ class LayerRunner:
             for m in shell.children():  # free the embedding etc.; logits() reloads norm and lm_head
                 if m is not self.layers:
                     self._unload(m)
-        self._inputs = [LayerInputs(hidden0 if j == 0 else [], per_layer_kwargs[j]) for j in range(len(originals))]
+        self._inputs = [LayerInputs(hidden0 if j == 0 else [], per_layer_kwargs[j], self.dtype)
+                        for j in range(len(originals))]
         return self._inputs[0]
 
     # ---- the loop --------------------------------------------------------------------------------------
@@ -402,7 +425,7 @@ class LayerRunner:
         inputs = self.capture()
         hidden = inputs.hidden
         for i in range(self.num_layers):
-            layer_inputs = LayerInputs(hidden, self._inputs[i].kwargs)
+            layer_inputs = LayerInputs(hidden, self._inputs[i].kwargs, self.dtype)
             layer = self.load_layer(i, deferred(i) if deferred else ())
             try:
                 if process_layer is not None:
@@ -428,7 +451,7 @@ class LayerRunner:
         self._load(norm, f"{shell_path}.norm.")
         self._load(head, f"{head_path}.", fallback={f"{head_path}.weight": embed_key})  # tied embeddings
         try:
-            out = torch.cat([head(norm(h)) for h in hidden], dim=0)
+            out = torch.cat([head(norm(h.to(self.dtype))) for h in hidden], dim=0)
         finally:
             self._unload(norm)
             self._unload(head)
