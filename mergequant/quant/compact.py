@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergequant.quant.gptq import contiguous_groups, dequantize_t_
+
 __all__ = ["CheckpointForward", "QuantizedForward", "remove_forwards"]
 
 # float32 bytes of one dequantized block of the weight: small enough to come from the heap and be
@@ -53,16 +55,10 @@ class QuantizedForward:
         self.per_byte = 8 // bits if bits in (2, 4) and k % (8 // bits) == 0 else 1
         self.bits = bits if self.per_byte > 1 else 8
         self.codes = _pack_along_k(codes, self.bits, self.per_byte) if self.per_byte > 1 else codes
-        g = scales.shape[0]
-        self.natural = k % g == 0 and torch.equal(
-            g_idx.long().cpu(), torch.arange(k) // (k // g))
-        if self.natural:  # group j is rows [j*gs, (j+1)*gs) of the codes: broadcast, no gather
-            self.scales = scales.to(torch.float32)[:, None, :]
-            self.zeros = zeros.to(torch.float32)[:, None, :]
-        else:  # act order: one row of parameters per input feature
-            idx = g_idx.long().to(scales.device)
-            self.scales = scales.to(torch.float32)[idx]
-            self.zeros = zeros.to(torch.float32)[idx]
+        self.scales = scales.to(torch.float32)
+        self.zeros = zeros.to(torch.float32)
+        # contiguous groups broadcast; an act-order g_idx is gathered block by block
+        self.groups = None if contiguous_groups(g_idx, scales.shape[0]) else g_idx.long().to(scales.device)
         self.block = max(1, min(n, BLOCK_BYTES // (4 * k)))
 
     def weight_t_block(self, n0: int, n1: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,13 +75,7 @@ class QuantizedForward:
             mask = (1 << self.bits) - 1
             for j in range(self.per_byte):
                 v[:, j] = (p >> (self.bits * j)) & mask
-        if self.natural:
-            g = self.scales.shape[0]
-            v = w.view(g, self.k // g, n1 - n0)
-            v.sub_(self.zeros[:, :, n0:n1]).mul_(self.scales[:, :, n0:n1])
-        else:
-            w.sub_(self.zeros[:, n0:n1]).mul_(self.scales[:, n0:n1])
-        return w
+        return dequantize_t_(w, self.scales[:, n0:n1], self.zeros[:, n0:n1], self.groups)
 
     def weight(self) -> torch.Tensor:
         """The whole W_hat [N, K] in float32 (for tests and debugging; the forward never builds it)."""

@@ -147,26 +147,39 @@ def _group_index(k: int, group_size: int, device=None) -> torch.Tensor:
     return (torch.arange(k, device=device) // group_size).to(torch.int32)
 
 
-def _dequant_from_codes(q, scales, zeros, g_idx, rows: int = 1024) -> torch.Tensor:
-    """W_hat[n, k] = scales[g_idx[k], n] * (q[n, k] - zeros[g_idx[k], n]) in float32.
+def contiguous_groups(g_idx: torch.Tensor, n_groups: int) -> bool:
+    """Whether group g is exactly the run of input features [g*gs, (g+1)*gs) (no act-order g_idx)."""
+    k = g_idx.shape[0]
+    return k % n_groups == 0 and torch.equal(g_idx.long(), torch.arange(k, device=g_idx.device) // (k // n_groups))
 
-    Built in place (contiguous groups) or over blocks of ``rows`` rows (act-order g_idx), so the
-    temporaries stay small next to the [N, K] result."""
+
+def dequantize_t_(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groups: torch.Tensor | None,
+                  rows: int = 128) -> torch.Tensor:
+    """In place: ``w`` [K, m] (contiguous, codes stored as floats) <- W_hat^T, i.e. row k becomes
+    ``(w[k] - zeros[g]) * scales[g]`` with g = k // (K / G) if ``groups`` is None (contiguous groups:
+    broadcast, no temporaries), else g = groups[k] (gathered ``rows`` rows at a time). ``scales`` and
+    ``zeros`` are [G, m] in w's dtype. The one dequantization the solver, the compact forward and
+    ``GPTQResult.W_hat`` all use, so their values agree bit for bit."""
+    k, m = w.shape
+    if groups is None:
+        v = w.view(scales.shape[0], -1, m)
+        v.sub_(zeros[:, None, :]).mul_(scales[:, None, :])
+        return w
+    for r0 in range(0, k, rows):
+        g = groups[r0:r0 + rows]
+        w[r0:r0 + rows].sub_(zeros.index_select(0, g)).mul_(scales.index_select(0, g))
+    return w
+
+
+def _dequant_from_codes(q, scales, zeros, g_idx) -> torch.Tensor:
+    """W_hat[n, k] = scales[g_idx[k], n] * (q[n, k] - zeros[g_idx[k], n]) in float32 [N, K] (a
+    transposed view of the [K, N] buffer ``dequantize_t_`` fills)."""
     n, k = q.shape
-    out = torch.empty(n, k, dtype=torch.float32, device=q.device)
-    G = scales.shape[0]
-    natural = k % G == 0 and torch.equal(g_idx.long(), torch.arange(k, device=g_idx.device) // (k // G))
-    if natural:
-        v = out.view(n, G, k // G)
-        v.copy_(q.view(n, G, k // G))
-        v.sub_(zeros.T.to(torch.float32)[:, :, None]).mul_(scales.T.to(torch.float32)[:, :, None])
-        return out
-    g = g_idx.long()
-    for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
-        out[r0:r1] = _dequantize(q[r0:r1].to(torch.float32), scales[g][:, r0:r1].T,
-                                 zeros[g][:, r0:r1].T.to(torch.float32))
-    return out
+    wt = torch.empty(k, n, dtype=torch.float32, device=q.device)
+    wt.copy_(q.T)
+    groups = None if contiguous_groups(g_idx, scales.shape[0]) else g_idx.long()
+    dequantize_t_(wt, scales.to(torch.float32), zeros.to(torch.float32), groups)
+    return wt.T
 
 
 def quantize_rtn(
@@ -470,9 +483,8 @@ def gptq_quantize(
     mean_diag = float(torch.diag(H).mean())
     ok, damp_used = _inverse_cholesky_upper_(H, damp, max_retries)
     if not ok:  # every attempt failed: RTN, reported by the caller
-        W0 = torch.cat([p.to(torch.float32) for p in parts]) if len(parts) > 1 else parts[0].to(torch.float32)
+        W0 = _row_block_t(parts, 0, n, k, torch.float32, device).T  # a fresh copy
         if any_dead:
-            W0 = W0.clone()
             W0[:, dead] = 0
         q, scales, zeros = quantize_rtn(W0, bits, group_size, sym)
         g_idx = _group_index(k, group_size, device)
@@ -605,18 +617,12 @@ def _solve_rows(Wt: torch.Tensor, V: torch.Tensor, perm: torch.Tensor | None, *,
             Wt[i2:].addmm_(_u_block(V, i1, i2, i2, k).T, Err1, alpha=-1)
 
     # Dequantize into Wt's memory (its columns are no longer needed), then back to the original order.
+    # With static groups and act order, groups are not runs of the processing order.
     scales32 = scales.to(torch.float32)
     zeros_i = zeros.round().to(torch.int32)
-    if static and perm is not None:  # groups are not runs of the processing order: per block of rows
-        gidx_perm = order // group_size
-        for r0 in range(0, k, bs):
-            r1 = min(r0 + bs, k)
-            g = gidx_perm[r0:r1]
-            Wt[r0:r1] = _dequantize(Qt[r0:r1].to(dtype), scales32[g].to(dtype), zeros_i[g].to(dtype))
-    else:  # group g is rows [g*gs, (g+1)*gs) of Wt: three in-place passes, no temporaries
-        v = Wt.view(n_groups, k // n_groups, m)
-        v.copy_(Qt.view(n_groups, k // n_groups, m))
-        v.sub_(zeros_i.to(dtype)[:, None, :]).mul_(scales32.to(dtype)[:, None, :])
+    Wt.copy_(Qt)
+    dequantize_t_(Wt, scales32.to(dtype), zeros_i.to(dtype),
+                  order // group_size if static and perm is not None else None)
     if perm is not None:
         inv = torch.argsort(perm)
         Qt = Qt[inv]

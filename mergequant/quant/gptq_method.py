@@ -120,6 +120,7 @@ class GPTQMethod(RTNMethod):
     def process_layer(self, ctx, i, layer, inputs, todo, modules) -> None:
         from mergequant.quant.runner import capture_module_inputs
 
+        widest = max(m.in_features for m in modules.values())
         for group in SEQUENTIAL_GROUPS:
             names = [s for s in group if s in todo and s in modules]
             if not names:
@@ -137,7 +138,6 @@ class GPTQMethod(RTNMethod):
             # the group with the widest input holds the layer's largest Hessian while its capture runs
             # the most activations (the MLP): that is a peak of the whole run, so its chunks' freed
             # activations go back to the OS one by one (the other groups skip the re-faulting cost)
-            widest = max(m.in_features for m in modules.values())
             capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add,
                                   release_between_chunks=max(modules[s].in_features for s in names) == widest)
             # GPTQ treats rows independently given H, so modules sharing a Hessian are solved as one
