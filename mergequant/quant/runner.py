@@ -309,8 +309,7 @@ class LayerRunner:
                 key = prefix + rel
                 if key not in self.ckpt.tensors and fallback and key in fallback:
                     key = fallback[key]
-                if key not in self.ckpt.tensors:
-                    raise MergeQuantError(f"{self.ckpt.path}: tensor {key} needed by {self.arch} is missing")
+                self._require(key)
                 t = self.ckpt.get(key)
                 if tuple(t.shape) != tuple(p.shape):
                     raise MergeQuantError(f"{self.ckpt.path}: tensor {key} has shape {tuple(t.shape)}, "
@@ -319,6 +318,12 @@ class LayerRunner:
                 dtype = t.dtype if embeddings_as_stored and type(mod) is nn.Embedding else self.dtype
                 data = t.to(device=self.device, dtype=dtype, copy=True)
                 mod._parameters[pname] = nn.Parameter(data, requires_grad=False)
+
+    def _require(self, key: str) -> str:
+        """``key``, after checking the checkpoint has that tensor (a one-line error if not)."""
+        if key not in self.ckpt.tensors:
+            raise MergeQuantError(f"{self.ckpt.path}: tensor {key} needed by {self.arch} is missing")
+        return key
 
     @staticmethod
     def _unload(module: nn.Module) -> None:
@@ -344,9 +349,7 @@ class LayerRunner:
             raise MergeQuantError(f"{self.arch}: layer {i} has no Linear module {unknown[0]!r} to defer")
         self._load(layer, prefix, skip_params={f"{d}.weight" for d in deferred})
         for d in deferred:
-            key = f"{prefix}{d}.weight"
-            if key not in self.ckpt.tensors:
-                raise MergeQuantError(f"{self.ckpt.path}: tensor {key} needed by {self.arch} is missing")
+            key = self._require(f"{prefix}{d}.weight")
             mods[d].forward = CheckpointForward(mods[d], lambda key=key: self.ckpt.get(key))
         return layer
 
