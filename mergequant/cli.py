@@ -103,7 +103,7 @@ def quantize(
     n_grid: int = typer.Option(20, "--n-grid", help="awq: scale ratios tried per scaling group (fewer is faster, more can be better)."),
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="awq: scales from activation and weight magnitudes (default) or activations only."),
     alpha: float = typer.Option(0.5, help="w8a8: SmoothQuant migration strength in [0, 1] (how much activation range moves into the weights)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration samples per forward pass (more is faster, uses more memory; default: as many as fit in ~256 MiB of activations inside one layer, at most 8192 tokens)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration samples per forward pass (more is faster, uses more memory; default: as many as fit in ~64 MiB of activations inside one layer, at most 8192 tokens)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
