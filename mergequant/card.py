@@ -54,10 +54,9 @@ def split_card(text: str, where: str = "README.md") -> tuple[dict, str]:
     m = re.match(r"^---[ \t]*\r?\n(.*?)(?:^|\n)---[ \t]*(?:\r?\n|$)", text, re.S)
     if not m:
         raise CardError(f"{where}: front matter starts with '---' but is never closed by a '---' line")
-    try:
-        meta = yaml.safe_load(m.group(1)) or {}
-    except yaml.YAMLError as e:
-        raise CardError(f"{where}: front matter is not valid YAML ({' '.join(str(e).split())})") from None
+    from mergequant.yaml_file import parse_yaml
+
+    meta = parse_yaml(m.group(1), where, "model card front matter", CardError) or {}  # bounded, no duplicate keys
     if not isinstance(meta, dict):
         raise CardError(f"{where}: front matter must be a YAML mapping, found {type(meta).__name__}")
     return meta, text[m.end():]

@@ -1,14 +1,19 @@
 """The `mergequant` command line: parse options, call one function per command, print.
 
-Errors the user can fix (MergeQuantError) print one line and exit with status 2.
+Errors the user can fix (MergeQuantError) and errors of the environment (OSError: disk full,
+read-only filesystem, permission denied) print one line and exit with status 2. Ctrl-C exits with
+130 and SIGTERM (timeout, docker stop, systemd) with 143, both after the same cleanup: SIGTERM is
+turned into an exception that unwinds through the atomic output folder like KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -30,6 +35,66 @@ def _fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
+class Terminated(BaseException):
+    """A termination signal delivered as an exception in the main thread.
+
+    The default SIGTERM action kills the process where it stands, leaving a partial output folder
+    behind; as an exception it unwinds through every ``finally`` and ``atomic_output_dir``'s cleanup
+    exactly like Ctrl-C's KeyboardInterrupt. A BaseException (not an Exception) so that no
+    ``except Exception`` on the way swallows it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once (the next run removes the partial)
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM into :class:`Terminated`, unless it is ignored (``nohup``-style parents mean that)."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def os_error_line(command: str, e: OSError) -> str:
+    """``<command> <path>: <reason>`` for an OSError; a path inside a partial output folder is shown as
+    the output path the user asked for (the partial folder is deleted by then)."""
+    from mergequant.io.output_dir import public_path
+
+    paths = [public_path(p) for p in (e.filename, e.filename2) if p is not None]
+    where = f" {' -> '.join(paths)}" if paths else ""
+    return f"{command}{where}: {e.strerror or e}"
+
+
+def _signal_name(signum: int) -> str:
+    with contextlib.suppress(ValueError):
+        return signal.Signals(signum).name
+    return f"signal {signum}"
+
+
+@contextlib.contextmanager
+def _reported(command: str, after: str) -> Iterator[None]:
+    """The one place where a command's failures become one ``error:`` line and an exit status.
+
+    ``after`` says what the interruption left (e.g. "no output was written"); by the time this runs
+    every ``finally`` and output-folder cleanup below has already run.
+    """
+    try:
+        yield
+    except MergeQuantError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(os_error_line(command, e))
+    except Terminated as e:
+        _fail(f"terminated ({_signal_name(e.signum)}); {after}", 128 + e.signum)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; {after}", 130)
+
+
 @app.command()
 def merge(
     recipe: Path = typer.Argument(..., help="mergekit-style YAML recipe (models: or slices: form)."),
@@ -49,19 +114,15 @@ def merge(
 
     Example: mergequant merge configs/ties.yaml -o ./merged --shard-size 2GB
     """
-    from mergequant.merge.run import MergeOptions, run_merge, summary
-    from mergequant.units import parse_size
-
     log = (lambda m: typer.echo(m, err=True)) if quiet else typer.echo
-    try:
+    with _reported("merge", "no output was written"):
+        from mergequant.merge.run import MergeOptions, run_merge, summary
+        from mergequant.units import parse_size
+
         opts = MergeOptions(out=out, device=device, shard_size=parse_size(shard_size), out_dtype=out_dtype,
                             dry_run=dry_run, force=force, seed=seed, quiet=quiet, workers=workers,
                             allow_vocab_mismatch=allow_vocab_mismatch, mergekit_dtype=mergekit_dtype)
         result = run_merge(recipe, opts, log=log)
-    except MergeQuantError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; no output was written", 130)
     if not dry_run:
         typer.echo(summary(result))
 
@@ -74,10 +135,8 @@ def inspect(
     """Print architecture, layer and tensor counts, dtypes, parameter count and shard layout of MODEL."""
     from mergequant.inspect_model import format_inspection, inspect_model
 
-    try:
+    with _reported("inspect", "nothing was changed"):
         info = inspect_model(str(model))
-    except MergeQuantError as e:
-        _fail(str(e))
     typer.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
@@ -112,20 +171,16 @@ def quantize(
 
     Example: mergequant quantize ./merged -o ./merged-gptq --bits 4 --group-size 128 --calib data.jsonl
     """
-    from mergequant.quant.quantize import QuantizeOptions, run_quantize
-    from mergequant.units import parse_size
+    with _reported("quantize", "no output was written"):
+        from mergequant.quant.quantize import QuantizeOptions, run_quantize
+        from mergequant.units import parse_size
 
-    try:
         opts = QuantizeOptions(out=out, method=method, bits=bits, group_size=group_size, desc_act=desc_act,
                                static_groups=static_groups, sym=sym, damp=damp, calib=calib, samples=samples,
                                seqlen=seqlen, seed=seed, device=device, force=force, quiet=quiet,
                                shard_size=parse_size(shard_size), eval_data=eval_data, zero_point=zero_point,
                                n_grid=n_grid, duo_scaling=duo_scaling, alpha=alpha, batch_size=batch_size)
         res = run_quantize(model, opts, log=lambda m: typer.echo(m, err=True))
-    except MergeQuantError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; no output was written", 130)
     grouping = f", group {group_size}" if method in ("gptq", "rtn", "awq") else ""
     typer.echo(f"wrote {res.out}: {res.modules} Linear modules quantized ({method}, {opts.bits}-bit{grouping})"
                + (f"; {len(res.fallbacks)} fell back to round-to-nearest" if res.fallbacks else ""))
@@ -146,11 +201,9 @@ def eval_cmd(
     """Held-out perplexity of MODEL on --data (sliding window, each token scored once)."""
     from mergequant.evaluate import evaluate_model
 
-    try:
+    with _reported("eval", "nothing was measured"):
         res = evaluate_model(str(model), data, seqlen=seqlen, stride=stride, device=device, max_tokens=max_tokens,
                              progress=not quiet, backend=backend, log=lambda m: typer.echo(m, err=True))
-    except MergeQuantError as e:
-        _fail(str(e))
     if as_json:
         typer.echo(json.dumps({"model": str(model), "data": data, **res.as_dict()}))
     else:
@@ -179,15 +232,11 @@ def push(
     from mergequant.hub import push as run_push
     from mergequant.hub import summary as push_summary
 
-    try:
+    with _reported("push", "the commit was not made (files already uploaded are reused next time)"):
         opts = PushOptions(repo=repo, private=private, revision=revision, create_pr=create_pr,
                            commit_message=commit_message, token=token, endpoint=endpoint, dry_run=dry_run,
                            base_model_map=parse_base_model_map(base_model_map))
         res = run_push(folder, opts, log=lambda m: typer.echo(m, err=True))
-    except MergeQuantError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; the commit was not made (files already uploaded are reused next time)", 130)
     typer.echo(describe_plan(res) if dry_run else push_summary(res))
 
 
@@ -208,13 +257,9 @@ def run_cmd(
     """
     from mergequant.release import RunOptions, run_release, summary_table
 
-    try:
+    with _reported("run", "finished steps are recorded in the workdir's manifest.json: rerun to resume"):
         res = run_release(release, RunOptions(dry_run=dry_run, force_steps=force_step, quiet=quiet,
                                               push_dry_run=push_dry_run), log=typer.echo)
-    except MergeQuantError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; finished steps are recorded in the workdir's manifest.json: rerun to resume", 130)
     if not dry_run:
         typer.echo(summary_table(res))
 
@@ -230,11 +275,12 @@ def demo(
     Needs no download: the models are generated on the spot (~1 MB each).
     """
 
-    from mergequant.demo import DEMO_RECIPE, build_demo_models
+    from mergequant.demo import DEMO_RECIPE, build_demo_models, claim_demo_dir
     from mergequant.inspect_model import format_inspection, inspect_model
     from mergequant.merge.run import MergeOptions, run_merge, summary
 
-    try:
+    with _reported("demo", "the demo was not finished"):
+        claim_demo_dir(workdir)
         models_dir = workdir / "models"
         if force or not (models_dir / "coder" / "config.json").exists():
             typer.echo(f"building tiny models in {models_dir} ...")
@@ -247,8 +293,6 @@ def demo(
         result = run_merge(recipe, MergeOptions(out=out, force=True, fsync=False))
         typer.echo(summary(result))
         typer.echo(format_inspection(inspect_model(str(out))))
-    except MergeQuantError as e:
-        _fail(str(e))
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -269,11 +313,9 @@ def demo(
 
     release = write_demo_release(workdir)
     typer.echo(f"\nrunning the release {release} (merge, quantize gptq + rtn, eval, push as a dry run) ...")
-    try:
+    with _reported("demo", "the demo was not finished"):
         res = run_release(release, RunOptions(quiet=True, push_dry_run=True),
                           log=lambda m: typer.echo(m) if m.startswith("[") or "would push" in m else None)
-    except MergeQuantError as e:
-        _fail(str(e))
     typer.echo(summary_table(res))
     typer.echo(f"outputs and manifest in {res.workdir}; run `mergequant run {release}` again: every step is skipped")
 
@@ -285,8 +327,12 @@ def version():
 
 
 def main():
+    install_signal_handlers()
     try:
         app()
+    except Terminated as e:  # outside a command's own reporting (while parsing options, after the result)
+        typer.echo(f"error: terminated ({_signal_name(e.signum)})", err=True)
+        sys.exit(128 + e.signum)
     except MergeQuantError as e:  # pragma: no cover - commands catch their own
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

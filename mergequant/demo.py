@@ -169,6 +169,25 @@ def demo_text(seed: int, paragraphs: int = 60) -> str:
     return "\n\n".join(out) + "\n"
 
 
+DEMO_MARKER = ".mergequant-demo"
+
+
+def claim_demo_dir(root: Path) -> None:
+    """Make ``root`` the demo's folder, or refuse it: the demo overwrites ``models/``, ``ties.yaml``,
+    ``merged/`` and the release files inside it, so a folder that already holds anything and was not
+    made by the demo (no marker file) is left alone, with one line saying why."""
+    from mergequant.errors import MergeQuantError
+
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise MergeQuantError(f"{root}: exists and is not a directory; pass another --dir")
+    if root.is_dir() and any(root.iterdir()) and not (root / DEMO_MARKER).is_file():
+        raise MergeQuantError(f"{root}: exists and was not made by `mergequant demo` (no {DEMO_MARKER} file); "
+                              "the demo overwrites files in its folder, so pass an empty or new --dir")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text("made by `mergequant demo`; the demo may overwrite anything in this folder\n")
+
+
 def write_demo_release(root: Path, *, samples: int = 16) -> Path:
     """calib.txt, heldout.txt and release.yaml under ``root`` (next to ties.yaml and models/)."""
     (root / "calib.txt").write_text(demo_text(1))

@@ -31,13 +31,29 @@ class Perplexity:
         return asdict(self)
 
 
+EVAL_DATA = "eval data (--data)"
+
+
+def check_eval_options(seqlen, stride, max_tokens) -> None:
+    """Refuse window settings that cannot work, before any model or text is loaded. Each is a real
+    failure mode: a 1-token window has no context to predict from, so the window loop never advanced
+    (``eval --seqlen 1`` hung); 0 used to mean "default" for --stride and --max-tokens without a word.
+    Shared by ``eval``, ``quantize --eval`` and release files, which all reach ``evaluate_model``."""
+    from mergequant.quant.calib import check_count
+
+    check_count(seqlen, "--seqlen", 2, "a window needs a token of context and one to predict")
+    check_count(stride, "--stride", 1, optional=True)
+    if stride is not None and stride > seqlen:
+        raise MergeQuantError(f"--stride must be at most --seqlen ({seqlen}), got {stride}")
+    check_count(max_tokens, "--max-tokens", 2, "perplexity scores every token after the first", optional=True)
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, *, seqlen: int, stride: int | None = None, device: str | torch.device = "cpu",
                progress: bool = False) -> Perplexity:
     """Perplexity of ``model`` (a causal LM returning ``.logits``) on the token ids ``ids`` [N]."""
-    stride = stride or seqlen
-    if not (0 < stride <= seqlen):
-        raise MergeQuantError(f"--stride must be in [1, --seqlen]; got stride {stride}, seqlen {seqlen}")
+    check_eval_options(seqlen, stride, None)
+    stride = seqlen if stride is None else stride
     n = ids.numel()
     if n < 2:
         raise MergeQuantError("evaluation text has fewer than 2 tokens")
@@ -76,16 +92,26 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
     ``transformers``, or when it is ``auto``, the device is a GPU and the client is installed;
     otherwise (``dequant``, or ``auto`` on CPU or without the client, or if the client fails to
     load it) with our dequantizing loader.
-    The backend used is reported in the result."""
+    The backend used is reported in the result.
+
+    Everything that can be wrong with the options, the data or the folder (tokenizer, too little
+    text) is checked before the model is loaded, so mistakes cost seconds, not a model load."""
+    check_eval_options(seqlen, stride, max_tokens)
     if backend not in BACKENDS:
         raise MergeQuantError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     from mergequant.io.checkpoint import Checkpoint
     from mergequant.io.model_files import pick_device
-    from mergequant.quant.calib import load_documents
+    from mergequant.quant.calib import load_documents, load_tokenizer, local_data_file
 
+    local_data_file(data, EVAL_DATA)
     ck = Checkpoint.open(model_dir)  # clear errors for missing/corrupt directories before transformers
+    capped = _capped_seqlen(ck.config, seqlen)
+    if stride is not None and stride > capped:
+        raise MergeQuantError(f"--stride {stride} is longer than the window: --seqlen {seqlen} is capped at {capped} "
+                              f"by {model_dir}'s max_position_embeddings")
+    seqlen = capped
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
     except ImportError:
         raise MergeQuantError("mergequant eval needs transformers (pip install 'mergequant[hf]')") from None
     dev = pick_device(device)
@@ -93,21 +119,34 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir, "eval")
+    ids = _eval_ids(tok, load_documents(data, what=EVAL_DATA), max_tokens, data)
     used = "transformers"
     if ck.config.get("quantization_config"):
         model, used = _load_quantized(ck, model_dir, dev, backend, log)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(dev).eval()
-    limit = getattr(model.config, "max_position_embeddings", None)
-    seqlen = min(seqlen, limit) if limit else seqlen
-    text = "\n\n".join(load_documents(data))
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if max_tokens:
-        ids = ids[:max_tokens]
     res = perplexity(model, ids, seqlen=seqlen, stride=stride, device=dev, progress=progress)
     res.backend = used
     return res
+
+
+def _capped_seqlen(config: dict, seqlen: int) -> int:
+    """--seqlen, capped by the model's max_position_embeddings (read from config.json, which is what
+    the loaded model's config holds, so the cap is known before loading it)."""
+    limit = config.get("max_position_embeddings")
+    return min(seqlen, limit) if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else seqlen
+
+
+def _eval_ids(tok, documents: list[str], max_tokens: int | None, data: str) -> torch.Tensor:
+    """The token ids scored: the documents joined by blank lines, tokenized once, cut to --max-tokens."""
+    text = "\n\n".join(documents)
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise MergeQuantError(f"{data}: {EVAL_DATA}: only {ids.numel()} token(s); perplexity needs at least 2")
+    return ids
 
 
 def _load_quantized(ck, model_dir, dev, backend: str, log):

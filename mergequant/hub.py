@@ -17,13 +17,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from mergequant.card import CardError, check_mapping, rewrite_card, split_card, validate_meta
 from mergequant.errors import MergeQuantError
-from mergequant.recipe import looks_like_hub_id
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # The Hub refuses single files over 50 GB stored through LFS (Xet raises it; 50 GB is what every path takes).
@@ -34,6 +35,8 @@ IGNORE_PATTERNS = (".git/*", ".cache/*", "*/.cache/*", ".huggingface/*", "__pyca
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 CARD = "README.md"
+REPO_PART_MAX = 96  # characters in a namespace or a name (the Hub's limit, as huggingface_hub checks it)
+_REPO_CHARS = re.compile(r"[A-Za-z0-9._-]")
 
 
 class PushError(MergeQuantError):
@@ -44,7 +47,8 @@ class PushError(MergeQuantError):
 class PlannedFile:
     path: str  # posix path inside the repo
     size: int
-    source: Path  # the file on disk
+    source: Path  # the regular file on disk that is read (a link's target, resolved)
+    link: str | None = None  # when ``path`` goes through a link: the file it resolves to, relative to the folder
 
 
 @dataclass
@@ -81,19 +85,66 @@ def _ignored(rel: str) -> bool:
     return any(fnmatch.fnmatch(rel, pat) for pat in IGNORE_PATTERNS)
 
 
+def _within(path: str, root: str) -> bool:
+    """Whether the resolved ``path`` is ``root`` or lies inside it (both already resolved)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _not_regular(mode: int) -> str:
+    """What a non-regular, non-directory file is, in words (for the refusal)."""
+    for test, what in ((stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _walk(folder: Path, root: str, rel_dir: str, real_dir: str, open_dirs: tuple[str, ...]) -> list[PlannedFile]:
+    """The files under ``real_dir`` (shown as ``rel_dir``), each resolved to the real file it reads.
+
+    Links are followed only to check where they lead: anything resolving outside ``root`` (the
+    folder, resolved) is refused, so a link to ``/etc/passwd`` or ``~/.ssh`` is never read, let alone
+    sent. Fifos, sockets and devices are refused (reading one blocks or streams forever), and so
+    is a link back to a folder being walked (it would never end). Ignored paths are skipped first:
+    what is never uploaded is not examined."""
+    out = []
+    with os.scandir(real_dir) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+        if _ignored(rel) or _ignored(rel + "/"):
+            continue
+        shown = folder / rel
+        real = os.path.realpath(entry.path)
+        if not _within(real, root):
+            raise PushError(f"{shown}: a link to {real}, outside the folder: refused, nothing was sent "
+                            "(copy the file into the folder, e.g. cp -L, to upload it)")
+        try:
+            st = os.stat(real)
+        except OSError:
+            raise PushError(f"{shown}: a link to {real}, which does not exist: refused, nothing was sent") from None
+        if stat.S_ISDIR(st.st_mode):
+            if real in open_dirs:
+                raise PushError(f"{shown}: a link to {real}, a folder that contains it (a loop): refused, nothing was sent")
+            out += _walk(folder, root, rel, real, open_dirs + (real,))
+        elif stat.S_ISREG(st.st_mode):
+            target = Path(real).relative_to(root).as_posix()
+            out.append(PlannedFile(rel, st.st_size, Path(real), None if target == rel else target))
+        else:
+            raise PushError(f"{shown}: {_not_regular(st.st_mode)}, not a regular file: refused, nothing was sent")
+    return out
+
+
 def plan_upload(folder: str | Path) -> list[PlannedFile]:
-    """Every file under ``folder`` that would be uploaded (sorted, ignoring VCS/cache litter), with sizes."""
+    """Every file under ``folder`` that would be uploaded (sorted, ignoring VCS/cache litter), with sizes.
+
+    Only regular files inside the folder: a link is listed with the file it resolves to when that
+    file is inside the folder, and refused otherwise (see :func:`_walk`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PushError(f"{folder}: not a directory" if folder.exists() else f"{folder}: does not exist")
-    out = []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file():
-            continue
-        rel = p.relative_to(folder).as_posix()
-        if not _ignored(rel):
-            out.append(PlannedFile(rel, p.stat().st_size, p))
-    return sorted(out, key=lambda f: f.path)
+    root = os.path.realpath(folder)
+    return sorted(_walk(folder, root, "", root, (root,)), key=lambda f: f.path)
 
 
 def _json(path: Path) -> object:
@@ -121,8 +172,12 @@ def validate_folder(folder: str | Path, files: list[PlannedFile] | None = None) 
                             f"{MAX_FILE_BYTES / 1e9:.0f} GB; re-shard it (e.g. mergequant merge/quantize --shard-size 5GB)")
     if "config.json" not in names:
         raise PushError(f"{folder}: no config.json (is this a model folder?)")
-    if not isinstance(_json(folder / "config.json"), dict):
-        raise PushError(f"{folder / 'config.json'}: expected a JSON object")
+    from mergequant.io.model_files import read_config
+
+    try:  # the same type checks as every other command (counts are integers, architectures a list, ...)
+        read_config(folder)
+    except MergeQuantError as e:
+        raise PushError(str(e)) from None
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     bins = sorted(n for n in names if n.endswith(".bin") and n.rsplit("/", 1)[-1] != "training_args.bin")
     if SAFE_INDEX in names:
@@ -181,11 +236,48 @@ def prepare_card(folder: str | Path, repo: str, mapping: dict[str, str] | None =
         raise PushError(f"{path}: {str(e).removeprefix('README.md: ')}") from None
 
 
+def repo_id_problem(repo: object) -> str | None:
+    """Why ``repo`` is not a model repo id ``namespace/name`` the Hub accepts; None when it is one.
+
+    The one check for every push (dry run or real, ``mergequant push`` or a release file), so a
+    dry run never approves an id the real push then refuses. At least as strict as
+    :func:`huggingface_hub.utils.validate_repo_id` (which is applied last), and stricter where that
+    one is loose: exactly one ``/`` (a namespace is required), ASCII only (its ``\\w`` takes any
+    Unicode letter), and each part checked on its own."""
+    if not isinstance(repo, str) or not repo:
+        return "empty"
+    if repo.count("/") != 1:
+        return f"expected exactly one '/' between namespace and name, found {repo.count('/')}"
+    for label, part in zip(("namespace", "name"), repo.split("/")):
+        bad = next((c for c in part if not _REPO_CHARS.fullmatch(c)), None)
+        if not part:
+            return f"the {label} is empty"
+        if len(part) > REPO_PART_MAX:
+            return f"the {label} is {len(part)} characters long (at most {REPO_PART_MAX})"
+        if bad is not None:
+            return f"the {label} contains {bad!r} (allowed: letters, digits, '-', '_', '.')"
+        if part[0] in "-." or part[-1] in "-.":
+            return f"the {label} starts or ends with '-' or '.'"
+        if "--" in part or ".." in part:
+            return f"the {label} contains '--' or '..'"
+    if repo.endswith(".git"):
+        return "the name ends with '.git'"
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        return " ".join(str(e).split())
+    return None
+
+
 def check_options(opts: PushOptions) -> None:
     """Option errors found before anything is read or sent."""
     repo = opts.repo
-    if not repo or "@" in repo or not looks_like_hub_id(repo) or repo.count("/") != 1:
-        raise PushError(f"--repo {repo!r}: expected a Hub repo id namespace/name (e.g. my-org/my-merge)")
+    problem = repo_id_problem(repo)
+    if problem:
+        raise PushError(f"--repo {repo!r}: expected a Hub repo id namespace/name (e.g. my-org/my-merge): {problem}")
     if opts.create_pr and opts.revision not in (None, "", "main"):
         raise PushError(f"--create-pr opens a pull request against main; it cannot be combined with --revision "
                         f"{opts.revision!r} (push to the branch without --create-pr, or drop --revision)")
@@ -206,19 +298,28 @@ def plan_push(folder: str | Path, opts: PushOptions) -> PushResult:
     validate_folder(folder, files)
     card = prepare_card(folder, opts.repo, opts.base_model_map)
     if card is not None:
-        files = [f for f in files if f.path != CARD] + [PlannedFile(CARD, len(card.encode()), Path(folder) / CARD)]
+        on_disk = next(f for f in files if f.path == CARD)
+        files = [f for f in files if f.path != CARD] + [PlannedFile(CARD, len(card.encode()), on_disk.source, on_disk.link)]
         files.sort(key=lambda f: f.path)
     return PushResult(repo=opts.repo, files=files, card=card, dry_run=True)
+
+
+def _label(f: PlannedFile) -> str:
+    """The file as listed: its path in the repo, and where it really is when that is through a link."""
+    return f"{f.path} -> {f.link}" if f.link else f.path
+
+
+def _notes(f: PlannedFile) -> list[str]:
+    return (["link inside the folder"] if f.link else []) + (["card, rewritten for the Hub"] if f.path == CARD else [])
 
 
 def describe_plan(res: PushResult) -> str:
     """What --dry-run prints: the files and sizes, then the card."""
     from mergequant.units import format_bytes
 
-    width = max((len(f.path) for f in res.files), default=0)
+    width = max((len(_label(f)) for f in res.files), default=0)
     lines = [f"would push {len(res.files)} file(s), {format_bytes(res.total_bytes)} to {res.repo}:"]
-    lines += [f"  {f.path:<{width}}  {format_bytes(f.size):>10}" + ("  (card, rewritten for the Hub)" if f.path == CARD else "")
-              for f in res.files]
+    lines += [f"  {_label(f):<{width}}  {format_bytes(f.size):>10}" + "".join(f"  ({n})" for n in _notes(f)) for f in res.files]
     if res.card is not None:
         lines += ["", "README.md as it would be uploaded:", "", res.card.rstrip("\n")]
     else:
@@ -326,6 +427,9 @@ def _push(folder: Path, opts: PushOptions, plan: PushResult, token: str, endpoin
           log: Callable[[str], None]) -> PushResult:
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    for f in plan.files:
+        if f.link:
+            log(f"{f.path} -> {f.link} (link inside the folder): uploading the file it points to as {f.path}")
     api = HfApi(endpoint=endpoint, token=token)
     repo = opts.repo
     repo_url = str(api.create_repo(repo, private=True if opts.private else None, exist_ok=True))

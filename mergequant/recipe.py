@@ -8,15 +8,15 @@ not use (so published recipes still run).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mergequant.errors import RecipeError, suggestion
 from mergequant.merge.methods import KNOWN_PARAMETERS, METHODS, REQUIRED, MethodSpec
+from mergequant.yaml_file import parse_yaml, read_yaml_text
 
 DTYPES = {"float32", "float16", "bfloat16", "float64"}
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
@@ -30,6 +30,10 @@ MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+# Entries in one gradient or filter list. The merge evaluates a setting for every tensor of every
+# model by walking its list, so the list's length multiplies the whole merge's parameter work;
+# real recipes use a handful of entries.
+MAX_SETTING_ENTRIES = 1000
 
 
 @dataclass
@@ -98,6 +102,15 @@ def _check_keys(path: Path, where: str, obj: Any, allowed: set[str]) -> dict:
     return obj
 
 
+def _string_choice(path: Path, key: str, value: Any, allowed: set[str], why: str = "") -> str | None:
+    """``value`` when it is None or one of ``allowed``; anything else (a list, a number, a typo) is
+    refused naming the key, so it never reaches code that hashes or compares it."""
+    if value is None or (isinstance(value, str) and value in allowed):
+        return value
+    shown = f"'{value}'" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+    raise _err(path, key, why.format(shown) if why else f"{shown} is not one of {', '.join(sorted(allowed))}")
+
+
 def _model_ref(path: Path, where: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _err(path, where, "expected a model path or Hub id")
@@ -109,25 +122,15 @@ def _model_ref(path: Path, where: str, value: Any) -> str:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file. Raises RecipeError naming the file and key on any problem."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: cannot read recipe ({e})") from None
-    return parse_recipe(text, path)
+    return parse_recipe(read_yaml_text(path, "recipe", RecipeError), path)
 
 
 def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        # One line: PyYAML's own message spans several lines with a source snippet.
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or " ".join(str(e).split())
-        context = getattr(e, "context", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise RecipeError(f"{path}: invalid YAML: {where}{problem}" + (f" ({context})" if context else "")) from None
+    """Validate recipe text. The YAML is size-bounded and free of duplicate keys (``yaml_file``); every
+    value is type-checked here, so later code can rely on the shapes the dataclasses declare."""
+    data = parse_yaml(text, path, "recipe", RecipeError)
+    if data is None:
+        raise _err(path, "", "the recipe is empty")
     data = _check_keys(path, "", data, TOP_KEYS)
     for key, why in UNSUPPORTED_TOP.items():
         if key in data:
@@ -136,6 +139,8 @@ def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
     method = data.get("merge_method")
     if method is None:
         raise _err(path, "merge_method", f"missing (one of: {', '.join(METHODS)})")
+    if not isinstance(method, str):
+        raise _err(path, "merge_method", f"expected a method name, got {method!r}; supported: {', '.join(METHODS)}")
     if method not in METHODS:
         hint = difflib.get_close_matches(str(method), list(METHODS), n=1)
         raise _err(path, "merge_method", f"unknown method '{method}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
@@ -145,11 +150,11 @@ def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
 
     base = _model_ref(path, "base_model", data["base_model"]) if data.get("base_model") is not None else None
     for key in ("dtype", "out_dtype"):
-        if data.get(key) is not None and data[key] not in DTYPES:
-            raise _err(path, key, f"'{data[key]}' is not one of {', '.join(sorted(DTYPES))}")
-    tok = data.get("tokenizer_source")
-    if tok is not None and tok != "base":
-        raise _err(path, "tokenizer_source", f"'{tok}' is not supported yet; use 'base' (the base model's tokenizer)")
+        _string_choice(path, key, data.get(key), DTYPES)
+    tok = _string_choice(path, "tokenizer_source", data.get("tokenizer_source"), {"base"},
+                         "{} is not supported yet; use 'base' (the base model's tokenizer)")
+    if data.get("name") is not None and not isinstance(data["name"], str):
+        raise _err(path, "name", f"expected a string, got {data['name']!r}")
 
     has_models, has_slices = data.get("models") is not None, data.get("slices") is not None
     if has_models == has_slices:
@@ -205,29 +210,50 @@ def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
 # ---------------------------------------------------------------------------------------------------
 # parameter validation
 # ---------------------------------------------------------------------------------------------------
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
 def _validate_setting(path: Path, where: str, value: Any) -> list[float | bool | str]:
-    """Check a setting's shape; return every leaf value (for range checks)."""
-    if isinstance(value, (bool, int, float, str)):
+    """Check a setting's shape (scalar, gradient list, filter entry or filter list: the shapes
+    ``merge.params.evaluate_setting`` accepts); return every leaf value (for type and range checks)."""
+    if _is_scalar(value):
         return [value]
     if isinstance(value, dict):
-        value = [value]
+        return _validate_filter_entry(path, where, value)
     if isinstance(value, list) and value:
-        if all(isinstance(e, (bool, int, float, str)) for e in value):
+        if len(value) > MAX_SETTING_ENTRIES:
+            raise _err(path, where, f"{len(value)} entries; at most {MAX_SETTING_ENTRIES} are allowed in one list")
+        if all(_is_scalar(e) for e in value):
             return list(value)
         leaves = []
         for k, cond in enumerate(value):
             if not isinstance(cond, dict):
                 raise _err(path, f"{where}[{k}]", "mix of values and filter entries; use a list of numbers or of {filter, value}")
-            for ck in cond:
-                if ck not in ("filter", "value"):
-                    raise _unknown_key(path, f"{where}[{k}].{ck}", ck, {"filter", "value"})
-            if "value" not in cond:
-                raise _err(path, f"{where}[{k}]", "filter entry without 'value'")
-            if cond.get("filter") is not None and not isinstance(cond["filter"], str):
-                raise _err(path, f"{where}[{k}].filter", "expected a string")
-            leaves += _validate_setting(path, f"{where}[{k}].value", cond["value"])
+            leaves += _validate_filter_entry(path, f"{where}[{k}]", cond)
         return leaves
     raise _err(path, where, f"expected a number, a list of numbers, or a filter list; got {value!r}")
+
+
+def _finite(v: int | float) -> bool:
+    """Whether a numeric leaf is usable as a float: YAML reads .nan and .inf as floats (a NaN weight
+    produced an all-NaN model with exit 0), and an integer past float range overflows mid-merge."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _validate_filter_entry(path: Path, where: str, cond: dict) -> list[float | bool | str]:
+    """One ``{filter: SUBSTRING, value: SETTING}`` entry; its value's leaves."""
+    for ck in cond:
+        if ck not in ("filter", "value"):
+            raise _unknown_key(path, f"{where}.{ck}", ck, {"filter", "value"})
+    if "value" not in cond:
+        raise _err(path, where, f"filter entry without 'value' (got {cond!r}); write {{filter: NAME, value: NUMBER}}")
+    if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+        raise _err(path, f"{where}.filter", "expected a string")
+    return _validate_setting(path, f"{where}.value", cond["value"])
 
 
 def _check_scope(recipe: Recipe, where: str, params: Any, *, per_model_scope: bool, shared_scope: bool) -> None:
@@ -250,6 +276,9 @@ def _check_scope(recipe: Recipe, where: str, params: Any, *, per_model_scope: bo
             raise _err(path, w, f"'{name}' must be numeric")
         if name in ("normalize", "rescale", "int8_mask") and not all(isinstance(v, bool) for v in leaves):
             raise _err(path, w, f"'{name}' must be true or false")
+        bad = [v for v in numeric if not _finite(v)]
+        if bad:
+            raise _err(path, w, f"'{name}' must be a finite number, got {str(bad[0])[:40]}")
         if name == "density" and any(not (0 < v <= 1) for v in numeric):
             raise _err(path, w, f"density must be in (0, 1], got {value!r}")
         if name == "t" and any(not (0 <= v <= 1) for v in numeric):

@@ -25,10 +25,17 @@ outputs are still on disk with the recorded sizes and hashes. Fingerprints:
 
 Crash/kill safety: merge and quantize write into ``.OUT.partial-XXXX`` and rename at the end
 (:func:`mergequant.io.writer.atomic_output_dir`); the manifest is updated only after that rename and
-an fsync. A run killed at any point leaves either the old state or a finished output without its
-record (redone, identical bytes). Leftover ``.OUT.partial-*``/``.OUT.old-*`` directories of an
-interrupted run are removed before the step runs again. One run at a time per workdir (an flock on
-``WORKDIR/.lock``, released by the kernel when a run dies).
+an fsync. Before a step writes, the manifest records that it is writing OUT (``pending``). A run
+killed at any point leaves either the old state or a finished, claimed output without its record
+(redone, identical bytes). Leftover ``.OUT.partial-*``/``.OUT.old-*`` directories of an interrupted
+run are removed before the step runs again, when verifiably ours (:func:`leftover_refusal`). One run
+at a time per workdir (an flock on ``WORKDIR/.lock``, released by the kernel when a run dies).
+
+Never deleting what it did not make (checked before the workdir, its lock or anything else is
+created, and listed by ``--dry-run``): the workdir may not be an input model folder or lie inside
+one; no output may be, contain or lie inside an input; an existing ``WORKDIR/NAME`` (or results
+file) the manifest does not record (nor claim) is refused, or with ``--force-step`` renamed aside,
+never deleted.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +56,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import yaml
 
 from mergequant.errors import MergeQuantError, suggestion
 
@@ -57,6 +64,8 @@ MANIFEST_FORMAT = "mergequant-release/1"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 LOCK = ".lock"
+PENDING = "pending"  # manifest key: {output name: {step, since_ns}} of outputs a run started writing and has not recorded
+CLAIM_SLACK_NS = 10**9  # file timestamps come from a coarser clock than time.time_ns(): a leftover may look slightly older
 SMALL_FILE = 16 * 2**20  # model files below this are hashed in full by dir_fingerprint
 HASH_CHUNK = 8 * 2**20
 
@@ -195,31 +204,23 @@ def _field_kind(f: dataclasses.Field) -> tuple[type | tuple, str, bool]:
 
 
 def load_release(path: str | Path) -> Release:
+    from mergequant.yaml_file import read_yaml_text
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ReleaseError(f"{path}: release file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReleaseError(f"{path}: cannot read the release file ({e})") from None
-    return parse_release(text, path)
+    return parse_release(read_yaml_text(path, "release", ReleaseError), path)
 
 
 def parse_release(text: str, path: Path = Path("<release>")) -> Release:
     """Validate a release file. Paths in it are relative to the file's folder. Checks that the files
     it names exist, nothing else (no model is opened)."""
+    from mergequant.hub import repo_id_problem
     from mergequant.quant.method import METHODS
     from mergequant.recipe import looks_like_hub_id
+    from mergequant.yaml_file import parse_yaml
 
     path = Path(path).absolute()
     base = path.parent
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or " ".join(str(e).split())
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ReleaseError(f"{path}: invalid YAML: {where}{problem}") from None
+    data = parse_yaml(text, path, "release", ReleaseError)  # bounded (alias bombs), duplicate keys refused
     if data is None:
         raise _err(path, "", "empty release file")
     data = _mapping(path, "", data, TOP_KEYS)
@@ -313,8 +314,12 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
                                            "backend": (str, "auto, transformers or dequant", False)}.items():
             if k in e:
                 setattr(ev, k, _typed(path, f"eval.{k}", e[k], kind, what, nullable=nullable))
-        if ev.seqlen < 2:
-            raise _err(path, "eval.seqlen", f"must be at least 2, got {ev.seqlen}")
+        from mergequant.evaluate import check_eval_options
+
+        try:  # the same rules as `mergequant eval`, checked before any step runs
+            check_eval_options(ev.seqlen, ev.stride, ev.max_tokens)
+        except MergeQuantError as err:
+            raise ReleaseError(f"{path}: eval: {err}") from None
         from mergequant.evaluate import BACKENDS
 
         if ev.backend not in BACKENDS:
@@ -332,8 +337,9 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
         for name in outputs:  # in step order
             if name in p:
                 repo = _typed(path, f"push.{name}", p[name], str, "a Hub repo id namespace/name")
-                if not looks_like_hub_id(repo) or "@" in repo or repo.count("/") != 1:
-                    raise _err(path, f"push.{name}", f"'{repo}' is not a Hub repo id (namespace/name)")
+                problem = repo_id_problem(repo)
+                if problem:
+                    raise _err(path, f"push.{name}", f"'{repo}' is not a Hub repo id (namespace/name): {problem}")
                 repos[name] = repo
         if len({r.lower() for r in repos.values()}) != len(repos):
             raise _err(path, "push", "two outputs are pushed to the same repo")
@@ -499,6 +505,7 @@ class ReleaseResult:
     outcomes: list[StepOutcome]
     results: dict | None = None  # eval results {output name: perplexity}
     plan_text: str | None = None  # dry run
+    refusals: list[str] = field(default_factory=list)  # dry run: why the run would not start
 
 
 def build_steps(rel: Release) -> list[Step]:
@@ -547,10 +554,72 @@ class _Lock:
 
 
 def leftovers(workdir: Path, name: str) -> list[Path]:
-    """Temporary directories an interrupted merge/quantize of output ``name`` left behind."""
+    """Candidates for the temporary directories an interrupted merge/quantize of output ``name`` left
+    behind (names only: :func:`leftover_refusal` decides whether one is really ours to delete)."""
     if not workdir.is_dir():
         return []
     return sorted(p for pat in (f".{name}.partial-*", f".{name}.old-*") for p in workdir.glob(pat))
+
+
+def leftover_refusal(path: Path, name: str, pending: dict) -> str | None:
+    """None when ``path`` is verifiably a leftover of ours, else why it is kept.
+
+    The glob alone would take a user's ``.merged.old-backup`` or a link to anywhere. Ours means:
+    exactly the name :func:`mergequant.io.writer.atomic_output_dir` gives (``.NAME.partial-`` or
+    ``.NAME.old-`` + 8 hex digits), a real directory (not a link) owned by this user, output
+    ``name`` claimed in the manifest by a run that stopped before recording it (see
+    :meth:`_Runner.claim`): only such a run can have left one, and created (or renamed: ctime) no
+    earlier than that claim, so a look-alike folder that was there before is not taken for it.
+    (A private check until the writer marks its directories itself.)"""
+    if not re.fullmatch(rf"\.{re.escape(name)}\.(partial|old)-[0-9a-f]{{8}}", path.name):
+        return "not named like a mergequant temporary folder"
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        return "a link or a file, not a folder" if stat.S_ISLNK(st.st_mode) else "not a folder"
+    if st.st_uid != os.geteuid():
+        return "owned by another user"
+    claim = pending.get(name)
+    if not isinstance(claim, dict) or not isinstance(claim.get("since_ns"), int):
+        return f"no interrupted run of this workdir was writing {name}"
+    if st.st_ctime_ns < claim["since_ns"] - CLAIM_SLACK_NS:
+        return f"older than the interrupted run that was writing {name}"
+    return None
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or lies inside it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """Writing or replacing one of ``a``/``b`` (resolved) would change the other."""
+    return _within(a, b) or _within(b, a)
+
+
+def _aside(path: Path) -> Path:
+    """A free sibling name to keep an unrecorded ``path`` under when ``--force-step`` replaces it."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    candidates = (path.with_name(f"{path.name}.set-aside-{stamp}" + (f"-{i}" if i else "")) for i in range(1000))
+    return next(c for c in candidates if not os.path.lexists(c))
+
+
+def step_outputs(step: Step) -> list[str]:
+    """What ``step`` writes in the workdir (names relative to it)."""
+    if step.kind in ("merge", "quantize"):
+        return [step.name]
+    return [RESULTS_JSON, RESULTS_MD] if step.kind == "eval" else []
+
+
+def recorded_outputs(manifest: dict) -> set[str]:
+    """Workdir entries a run of ours wrote: recorded outputs and eval files, plus the outputs a run
+    claimed before it stopped (written, maybe, but not recorded yet)."""
+    names = set(manifest.get(PENDING, {}))
+    for rec in manifest["steps"].values():
+        if isinstance(rec, dict) and rec.get("output"):
+            names.add(rec["output"])
+        elif isinstance(rec, dict) and rec.get("kind") == "eval":
+            names.update(rec.get("files", {}))
+    return names
 
 
 class _Runner:
@@ -585,7 +654,9 @@ class _Runner:
         rec = self.records.get(step_id)
         return None if rec is None or name in self.rebuilt else rec["content_hash"]
 
-    def parents(self) -> dict:
+    def parent_dirs(self) -> dict[str, Path | None]:
+        """{reference: local directory, or None for a Hub id} of every merge parent, resolved as the
+        merge resolves them (as given, then relative to the recipe)."""
         from mergequant.recipe import load_recipe
 
         recipe = load_recipe(self.rel.merge.recipe)
@@ -594,8 +665,102 @@ class _Runner:
             p = Path(ref).expanduser()
             if not p.exists() and not p.is_absolute() and (recipe.path.parent / p).exists():
                 p = recipe.path.parent / p
-            out[ref] = dir_fingerprint(p) if p.is_dir() else f"hub:{ref}"
+            out[ref] = p if p.is_dir() else None
         return out
+
+    def parents(self) -> dict:
+        return {ref: dir_fingerprint(p) if p is not None else f"hub:{ref}" for ref, p in self.parent_dirs().items()}
+
+    def input_paths(self) -> list[tuple[str, Path, bool]]:
+        """(what it is, path, is a model folder) for every local input of the release: nothing of
+        these may be written to, replaced, or hold the workdir."""
+        rel = self.rel
+        out = [("the release file", rel.path, False)]
+        if rel.merge.recipe is not None:
+            out.append(("merge.recipe", rel.merge.recipe, False))
+            out += [(f"merge parent {ref}", p, True) for ref, p in self.parent_dirs().items() if p is not None]
+        else:
+            out.append(("merge.model", rel.merge.model, True))
+        out += [(f"quantize {q.name} calib", Path(q.settings["calib"]), False)
+                for q in rel.quantize if q.settings.get("calib") and not q.settings["calib"].startswith("hf:")]
+        if rel.eval is not None and not rel.eval.data.startswith("hf:"):
+            out.append(("eval.data", Path(rel.eval.data), False))
+        return out
+
+    # ---- what the run may write -------------------------------------------------------------------
+    def location_refusals(self) -> list[str]:
+        """Why this release may not write where it would (empty when it may); fixed by editing the
+        release file, never by --force-step. Checked before the workdir or its lock is created.
+
+        Rule: the workdir is neither an input model folder nor inside one (its lock, manifest and
+        outputs would be written into the model), and no step output is, contains or lies inside
+        any input (file or folder): replacing the output would delete the input."""
+        wd, inputs = self.wd.resolve(), [(what, p, p.resolve(), model) for what, p, model in self.input_paths()]
+        if self.wd.exists() and not self.wd.is_dir():
+            return [f"{self.rel.path}: workdir {self.wd} exists and is not a folder"]
+        out = [f"{self.rel.path}: workdir {self.wd} is {'the' if wd == real else 'inside the'} input model folder {p} "
+               f"({what}): nothing may be written there; choose a workdir outside every input"
+               for what, p, real, model in inputs if model and _within(wd, real)]
+        if out:  # every output would be inside that input too: one refusal says it
+            return out
+        for step in self.steps:
+            for name in step_outputs(step):
+                target = (self.wd / name).resolve()
+                out += [f"{self.rel.path}: {step.id} would write {self.wd / name}, which "
+                        f"{'is' if target == real else 'overlaps'} the input {p} ({what}): rename the step or choose "
+                        "another workdir" for what, p, real, _ in inputs if _overlap(target, real)]
+        return out
+
+    def is_ours(self, name: str) -> bool:
+        """Whether the workdir entry ``name`` was written by a run of this workdir (see
+        :func:`recorded_outputs`) and is still a real folder or file, not a link put in its place."""
+        return name in recorded_outputs(self.manifest) and not (self.wd / name).is_symlink()
+
+    def unrecorded(self) -> list[tuple[Step, Path]]:
+        """(step, path) of every existing entry a step would replace that is not ours."""
+        return [(step, self.wd / name) for step in self.steps for name in step_outputs(step)
+                if os.path.lexists(self.wd / name) and not self.is_ours(name)]
+
+    def unrecorded_refusal(self, step: Step, path: Path) -> str:
+        return (f"{path} exists but {self.wd / MANIFEST} has no record of mergequant writing it: refusing to replace "
+                f"it (move it away, rename the step, or pass --force-step {step.id} to keep it under another name)")
+
+    def refusals(self) -> list[str]:
+        """Everything that stops this run, before it writes anything (workdir and manifest as read now)."""
+        # a misplaced output is fixed in the release file first; what it would replace matters after that
+        return self.location_refusals() or [self.unrecorded_refusal(s, p) for s, p in self.unrecorded()
+                                            if s.id not in self.force]
+
+    def set_aside(self, step: Step) -> None:
+        """--force-step on an output that is not ours: rename it out of the way (never delete it), and say so."""
+        for s, path in self.unrecorded():
+            if s is step:
+                kept = _aside(path)
+                os.rename(path, kept)
+                self.log(f"[{step.id}] {path} was not written by mergequant: kept as {kept.name} (--force-step); "
+                         "delete it yourself if it is not needed")
+
+    def claim(self, step: Step) -> None:
+        """Record in the manifest, before ``step`` writes anything, that it is writing its outputs.
+
+        A run killed after an output is renamed into place but before its record is written leaves
+        a finished output without a record; the claim is what lets the next run tell that folder
+        (and the step's .partial/.old leftovers) from one a user put there."""
+        names = step_outputs(step)
+        if names:
+            since = time.time_ns()
+            self.manifest.setdefault(PENDING, {}).update({n: {"step": step.id, "since_ns": since} for n in names})
+            write_manifest(self.wd, self.manifest)
+
+    def clean_leftovers(self, step: Step) -> None:
+        """Delete the temporary folders an interrupted run of ``step`` left, when verifiably ours; keep and report the rest."""
+        for junk in leftovers(self.wd, step.name) if step.kind in ("merge", "quantize") else []:
+            why = leftover_refusal(junk, step.name, self.manifest.get(PENDING, {}))
+            if why is None:
+                shutil.rmtree(junk)
+                self.log(f"removed {junk.name} (left by an interrupted run)")
+            else:
+                self.log(f"kept {junk.name}: {why}; not verifiably left by mergequant, delete it yourself if it is")
 
     def inputs(self, step: Step) -> dict | None:
         """The input fingerprints of ``step``; None when an input is rebuilt first (dry run)."""
@@ -677,16 +842,16 @@ class _Runner:
 
     # ---- execute -----------------------------------------------------------------------------------
     def run(self) -> ReleaseResult:
+        _refuse(self.refusals())  # before the lock: a refused run creates nothing (not even the workdir)
         lock = _Lock(self.wd)
         try:
             self.manifest = read_manifest(self.wd)  # again, now that no other run can be writing it
             self.records = self.manifest["steps"]
+            _refuse(self.refusals())
             self.validate_quantizations()
             outcomes = []
             for step in self.steps:
-                for junk in leftovers(self.wd, step.name) if step.kind in ("merge", "quantize") else []:
-                    shutil.rmtree(junk, ignore_errors=True)
-                    self.log(f"removed {junk.name} (left by an interrupted run)")
+                self.clean_leftovers(step)
                 run, reason, inputs, fp = self.decide(step)
                 if not run:
                     self.log(f"[{step.id}] skip ({reason})")
@@ -696,6 +861,8 @@ class _Runner:
                 if inputs is None:  # cannot happen in a real run: dependencies ran first
                     raise AssertionError(step.id)
                 self.log(f"[{step.id}] run ({reason})")
+                self.set_aside(step)
+                self.claim(step)
                 started, t0 = _now(), time.perf_counter()
                 record = {"kind": step.kind, "settings": step.settings, "inputs": inputs, "fingerprint": fp,
                           "started": started}
@@ -704,6 +871,7 @@ class _Runner:
                 record["seconds"] = round(time.perf_counter() - t0, 3)
                 self.records[step.id] = record
                 self.manifest["release"] = str(self.rel.path)
+                self._unclaim(step)
                 write_manifest(self.wd, self.manifest)
                 self.log(f"[{step.id}] done in {record['seconds']:.1f} s")
                 outcomes.append(StepOutcome(step.id, "ran", reason, record["seconds"], record.get("result", {})))
@@ -711,6 +879,13 @@ class _Runner:
             return ReleaseResult(self.wd, outcomes, results)
         finally:
             lock.release()
+
+    def _unclaim(self, step: Step) -> None:
+        pending = self.manifest.get(PENDING, {})
+        for name in step_outputs(step):
+            pending.pop(name, None)
+        if not pending:
+            self.manifest.pop(PENDING, None)
 
     def _record_output(self, name: str) -> dict:
         files = output_files(self.wd / name)
@@ -821,6 +996,13 @@ class _Runner:
 
 
 
+def _refuse(refusals: list[str], where: str = "see --dry-run") -> None:
+    """Raise the first refusal as one line (the dry run lists them all)."""
+    if refusals:
+        more = f" (and {len(refusals) - 1} more refusal(s): {where})" if len(refusals) > 1 else ""
+        raise ReleaseError(refusals[0] + more)
+
+
 def _verify_files(folder: Path, files: dict) -> str | None:
     for rel, rec in files.items():
         p = folder / rel
@@ -905,9 +1087,16 @@ def dry_run(rel: Release, opts: RunOptions) -> ReleaseResult:
     r = _Runner(rel, opts, log=lambda m: None)
     quants = r.validate_quantizations()
     lines = [f"release {rel.path}", f"workdir {rel.workdir}" + ("" if rel.workdir.exists() else " (created on the first run)")]
-    junk = [p.name for s in r.steps if s.kind in ("merge", "quantize") for p in leftovers(rel.workdir, s.name)]
-    if junk:
-        lines.append(f"leftovers of an interrupted run (removed by the next run): {', '.join(junk)}")
+    refusals = r.refusals()
+    lines += [f"REFUSED: {why}" for why in refusals]
+    pending = r.manifest.get(PENDING, {})
+    junk = [(p.name, leftover_refusal(p, s.name, pending)) for s in r.steps if s.kind in ("merge", "quantize")
+            for p in leftovers(rel.workdir, s.name)]
+    if any(why is None for _, why in junk):
+        lines.append(f"leftovers of an interrupted run (removed by the next run): {', '.join(n for n, why in junk if why is None)}")
+    lines += [f"kept by the next run (not verifiably left by mergequant): {n}: {why}" for n, why in junk if why is not None]
+    refused_steps = {s.id for s, _ in r.unrecorded() if s.id not in r.force}
+    forced_aside = {s.id: p for s, p in r.unrecorded() if s.id in r.force}
     need = 0
     outcomes = []
     sizes: dict[str, int] = {}
@@ -952,13 +1141,17 @@ def dry_run(rel: Release, opts: RunOptions) -> ReleaseResult:
                 extra = f"; {mode} ~{format_bytes(sizes.get(step.name, 0))} to {repo}"
         if run and step.kind in ("merge", "quantize"):
             need += sizes[step.name]
+        if step.id in forced_aside:
+            extra += f"; {forced_aside[step.id]} is not mergequant's: kept under another name first (--force-step)"
+        if step.id in refused_steps:
+            status, reason = "REFUSED", "an existing output is not mergequant's: see REFUSED above"
         lines.append(f"  {status} {step.id:<28} ({reason}){extra}")
         outcomes.append(StepOutcome(step.id, "would run" if run else "would skip", reason))
     free = _free_bytes(rel.workdir)
     lines.append(f"disk: ~{format_bytes(need)} to write, {format_bytes(free)} free under {rel.workdir}"
                  + ("" if need <= free else "  NOT ENOUGH SPACE"))
     text = "\n".join(lines)
-    return ReleaseResult(rel.workdir, outcomes, plan_text=text)
+    return ReleaseResult(rel.workdir, outcomes, plan_text=text, refusals=refusals)
 
 
 def run_release(path: str | Path, opts: RunOptions | None = None, log: Callable[[str], None] = print) -> ReleaseResult:
@@ -968,6 +1161,7 @@ def run_release(path: str | Path, opts: RunOptions | None = None, log: Callable[
     if opts.dry_run:
         res = dry_run(rel, opts)
         log(res.plan_text)
+        _refuse(res.refusals, "listed above")  # the plan says why; the exit status says that the run would not go ahead
         return res
     return _Runner(rel, opts, log).run()
 

@@ -174,7 +174,11 @@ def test_quantized_relation_with_two_bases_is_refused():
     ("---\nbase_model: [a/b, a/b]\n---\n", "twice"),
     ("---\nlicense: [1, 2]\n---\n", "license"),
     ("---\ntags: a\n---\n", "tags"),
-    ("---\n[unclosed\n---\n", "not valid YAML"),
+    ("---\n[unclosed\n---\n", "invalid YAML"),
+    ("---\nlicense: mit\nlicense: apache-2.0\n---\n", "duplicate key 'license'"),
+    ("---\na: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     "e: [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n---\n", "nodes"),
     ("---\n- a\n- b\n---\n", "mapping"),
     ("---\nlicense: mit\n", "never closed"),
 ])

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from mergequant.errors import CheckpointError
+from mergequant.io.model_files import json_type_name, load_json_file, read_config
+from mergequant.io.resolve import containment_root
 from mergequant.io.safetensors_format import TensorEntry, read_header
 
-CONFIG_FILE = "config.json"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -90,43 +91,26 @@ class Checkpoint:
     # ---- opening -------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, *, require_config: bool = True) -> "Checkpoint":
+        """Read config.json and every weight file's header; which file holds which tensor is decided here.
+
+        With an index, the index decides (a tensor that also appears in another shard is read from the
+        shard the index names); without one, a tensor found in two files is refused, since nothing says
+        which copy is the model's."""
         path = Path(path)
         if not path.exists():
             raise CheckpointError(f"{path}: model path does not exist")
         if not path.is_dir():
             raise CheckpointError(f"{path}: expected a model directory, found a file")
-        config: dict = {}
-        cfg_path = path / CONFIG_FILE
-        if cfg_path.exists():
-            try:
-                config = json.loads(cfg_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-        elif require_config:
-            raise CheckpointError(f"{path}: no config.json (is this a transformers model directory?)")
-
-        tensors: dict[str, TensorInfo] = {}
-        files: dict = {}
-        names = _weight_files(path)
-        for fname in names:
-            fpath = path / fname
-            if not fpath.exists():
-                raise CheckpointError(f"{fpath}: listed in the index but missing")
-            if fname.endswith(".safetensors"):
-                sf = _SafetensorsFile(fpath)
-                files[fname] = sf
-                for e in sf.entries.values():
-                    tensors[e.name] = TensorInfo(e.name, e.dtype, e.shape, fname)
-            else:
-                sd = _load_bin(fpath)
-                files[fname] = sd
-                for k, t in sd.items():
-                    tensors[k] = TensorInfo(k, t.dtype, tuple(t.shape), fname)
-        index = _read_index(path)
+        config = read_config(path, required=require_config)
+        index = read_index(path)
+        names = sorted(set(index.weight_map.values())) if index else _weight_files(path)
+        root = containment_root(path)
+        files = {fname: _open_weight_file(_weight_path(path, fname, root, index)) for fname in names}
+        contents = {fname: _file_tensors(fname, f) for fname, f in files.items()}
         if index is not None:
-            for name, fname in index.items():
-                if name not in tensors:
-                    raise CheckpointError(f"{path / fname}: tensor {name} is listed in the index but missing from the file")
+            tensors = _tensors_by_index(path, index, contents)
+        else:
+            tensors = _tensors_without_index(path, contents)
         if not tensors:
             raise CheckpointError(f"{path}: no tensors found")
         return cls(path, config, tensors, files)
@@ -179,26 +163,116 @@ class Checkpoint:
         return list(self._files)
 
 
-def _read_index(path: Path) -> dict[str, str] | None:
+@dataclass(frozen=True)
+class WeightIndex:
+    """A parsed ``*.index.json``: the file it came from and its tensor name -> weight file map."""
+
+    path: Path
+    weight_map: dict[str, str]
+
+
+def _check_index(data: object, idx_path: Path) -> WeightIndex:
+    """``data`` (a parsed index file) as a WeightIndex, or a CheckpointError naming the bad key."""
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise CheckpointError(f"{idx_path}: invalid index (expected JSON with a weight_map object)")
+    wm = data["weight_map"]
+    if not isinstance(wm, dict):
+        raise CheckpointError(f"{idx_path}: invalid index: weight_map must be an object (tensor name -> file), "
+                              f"found {json_type_name(wm)}")
+    if not wm:
+        raise CheckpointError(f"{idx_path}: invalid index: weight_map is empty")
+    for name, fname in wm.items():
+        if not isinstance(fname, str) or not fname.strip():
+            raise CheckpointError(f"{idx_path}: invalid index: weight_map entry {name} must be a file name, "
+                                  f"found {json_type_name(fname)} {json.dumps(fname)[:40]}")
+        if _outside_by_name(fname):
+            raise CheckpointError(f"{idx_path}: weight_map entry {name} -> {fname!r} is outside the model folder "
+                                  "(entries must be file names inside it)")
+    return WeightIndex(idx_path, wm)
+
+
+def read_index(path: Path) -> WeightIndex | None:
+    """The model folder's weight index (safetensors first, else the .bin one), validated; None without one."""
     for idx_name in (SAFE_INDEX, BIN_INDEX):
         idx_path = path / idx_name
-        if idx_path.exists():
-            try:
-                data = json.loads(idx_path.read_text())
-                wm = data["weight_map"]
-                if not isinstance(wm, dict):
-                    raise TypeError
-                return wm
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                raise CheckpointError(f"{idx_path}: invalid index (expected JSON with a weight_map object)") from None
+        if idx_path.exists() or idx_path.is_symlink():
+            return _check_index(load_json_file(idx_path, "JSON index file"), idx_path)
     return None
 
 
-def _weight_files(path: Path) -> list[str]:
-    """Weight files in load order: the index if present, else model.safetensors, else any *.safetensors, else .bin."""
-    index = _read_index(path)
+def _outside_by_name(fname: str) -> bool:
+    """Whether a weight file name leaves the folder on its face: absolute, or climbing out with ``..``."""
+    return Path(fname).is_absolute() or ".." in Path(fname).parts
+
+
+def _weight_path(path: Path, fname: str, root: Path, index: WeightIndex | None) -> Path:
+    """``path / fname``, once it is certain to be a regular file inside the model folder.
+
+    A weight file that is a symlink resolving outside the folder (``root``: see :func:`containment_root`)
+    would make a merge silently read some other file on the machine as this model's weights."""
+    fpath = path / fname
     if index is not None:
-        return sorted(set(index.values()))
+        example = next(n for n, f in index.weight_map.items() if f == fname)
+        named = f"{index.path}: weight_map entry {example} -> {fname!r} is "
+    else:
+        named = f"{fpath}: "
+    try:
+        real = fpath.resolve(strict=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{fpath}: listed in the index but missing" if index else f"{fpath}: missing") from None
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL in the name
+        raise CheckpointError(f"{fpath}: cannot resolve: {e}") from None
+    if not real.is_relative_to(root):
+        raise CheckpointError(f"{named}a symlink to {real}, outside the model folder; refusing to read weights from "
+                              "elsewhere (copy the file into the folder)")
+    if not real.is_file():
+        raise CheckpointError(f"{fpath}: not a regular file")
+    return fpath
+
+
+def _open_weight_file(fpath: Path) -> "_SafetensorsFile | dict[str, torch.Tensor]":
+    """Headers only for safetensors; ``.bin`` files go through ``torch.load(weights_only=True, mmap=True)``."""
+    return _SafetensorsFile(fpath) if fpath.name.endswith(".safetensors") else _load_bin(fpath)
+
+
+def _file_tensors(fname: str, f: "_SafetensorsFile | dict[str, torch.Tensor]") -> dict[str, TensorInfo]:
+    """What one weight file holds: tensor name -> TensorInfo (with ``fname`` as its file)."""
+    if isinstance(f, _SafetensorsFile):
+        return {e.name: TensorInfo(e.name, e.dtype, e.shape, fname) for e in f.entries.values()}
+    return {k: TensorInfo(k, t.dtype, tuple(t.shape), fname) for k, t in f.items()}
+
+
+def _tensors_by_index(path: Path, index: WeightIndex, contents: dict[str, dict[str, TensorInfo]]) -> dict[str, TensorInfo]:
+    """Each tensor from the file the index names for it. A tensor a file holds that the index lists nowhere
+    means the index is stale; loaders disagree on what to do with it, so it is refused, not guessed."""
+    tensors: dict[str, TensorInfo] = {}
+    for name, fname in index.weight_map.items():
+        info = contents[fname].get(name)
+        if info is None:
+            raise CheckpointError(f"{path / fname}: tensor {name} is listed in the index but missing from the file")
+        tensors[name] = info
+    for fname, held in contents.items():
+        stray = next((n for n in held if n not in index.weight_map), None)
+        if stray is not None:
+            raise CheckpointError(f"{path / fname}: holds tensor {stray}, which {index.path.name} does not list "
+                                  "(stale index?); fix the index or remove the tensor")
+    return tensors
+
+
+def _tensors_without_index(path: Path, contents: dict[str, dict[str, TensorInfo]]) -> dict[str, TensorInfo]:
+    """All tensors of all files; with no index to say which copy counts, a tensor in two files is an error."""
+    tensors: dict[str, TensorInfo] = {}
+    for fname, held in contents.items():
+        for name, info in held.items():
+            if name in tensors:
+                raise CheckpointError(f"{path}: tensor {name} is in both {tensors[name].file} and {fname}, and there "
+                                      f"is no {SAFE_INDEX} to say which one to use")
+            tensors[name] = info
+    return tensors
+
+
+def _weight_files(path: Path) -> list[str]:
+    """Weight files of a folder without an index: model.safetensors, else any *.safetensors, else .bin."""
     if (path / "model.safetensors").exists():
         return ["model.safetensors"]
     found = sorted(p.name for p in path.glob("*.safetensors"))

@@ -47,3 +47,15 @@ def resolve_model(ref: str, *, base_dir: Path | None = None, where: str = "") ->
         ) from None
     except Exception as e:  # network errors of every flavour
         raise CheckpointError(f"{ref}: cannot download from the Hub: {type(e).__name__}: {e}{ctx}") from None
+
+
+def containment_root(folder: Path) -> Path:
+    """The folder a model's weight files must resolve inside (symlinks followed).
+
+    Normally the model folder itself. A Hub cache snapshot (``models--org--name/snapshots/<rev>/``) is
+    a folder of symlinks into the same repo's ``blobs/``, so for it the root is the repo's cache folder:
+    a snapshot file may point at its own blobs, never at anything outside that repo."""
+    real = Path(folder).resolve()
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return real.parent.parent
+    return real

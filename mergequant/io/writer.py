@@ -1,9 +1,10 @@
-"""Streaming sharded safetensors writer and atomic output directories.
+"""Streaming sharded safetensors writer.
 
 Every output tensor's name, dtype and shape are known before any data is computed, so the
 whole shard layout (which file, which byte range) and every header are fixed up front. Data
 is then written with ``pwrite`` straight to its final offset, chunk by chunk, from any
-thread and in any order: no shard is ever buffered in memory.
+thread and in any order: no shard is ever buffered in memory. An OSError (disk full, read-only
+filesystem) names the shard file it happened on. Output folders are in ``output_dir.py``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,14 @@ import contextlib
 import json
 import os
 import queue
-import shutil
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from mergequant.errors import MergeQuantError
+from mergequant.io.output_dir import atomic_output_dir, check_output_location  # noqa: F401  (re-exported: release.py, tests)
 from mergequant.io.safetensors_format import CODE_FROM_DTYPE, dtype_itemsize
 
 SINGLE_FILE = "model.safetensors"
@@ -118,14 +117,18 @@ class ShardedWriter:
         self._sync_pending = [False] * len(shards)
         self._sync_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._syncer: threading.Thread | None = None
-        for i, shard in enumerate(shards):
-            fd = os.open(directory / shard.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.pwrite(fd, shard.header, 0)
-            os.ftruncate(fd, shard.file_size)
-            for t in shard.tensors:
-                self._where[t.name] = (i, t, shard.offsets[t.name])
-                self._written[t.name] = 0
+        try:
+            for i, shard in enumerate(shards):
+                self._fds.append(os.open(directory / shard.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644))
+                with self._naming_errors(i):
+                    pwrite_all(self._fds[i], shard.header, 0)
+                    os.ftruncate(self._fds[i], shard.file_size)
+                for t in shard.tensors:
+                    self._where[t.name] = (i, t, shard.offsets[t.name])
+                    self._written[t.name] = 0
+        except BaseException:
+            self.close()  # callers only close a writer they got
+            raise
 
     def write(self, name: str, chunk: torch.Tensor, element_offset: int = 0) -> None:
         """Write ``chunk`` (already in the planned dtype) at ``element_offset`` elements into tensor ``name``."""
@@ -136,11 +139,8 @@ class ShardedWriter:
         pos = start + element_offset * dtype_itemsize(planned.dtype)
         if pos + data.nbytes > start + planned.nbytes:
             raise ValueError(f"{name}: write past the end of the tensor")
-        view = memoryview(data)
-        while view.nbytes:
-            n = os.pwrite(self._fds[i], view, pos)
-            view = view[n:]
-            pos += n
+        with self._naming_errors(i):
+            pwrite_all(self._fds[i], data, pos)
         with self._lock:
             self._written[name] += data.nbytes
             self._unsynced[i] += data.nbytes
@@ -151,6 +151,16 @@ class ShardedWriter:
                     self._syncer = threading.Thread(target=self._sync_loop, name="mergequant-writeback", daemon=True)
                     self._syncer.start()
                 self._sync_queue.put(i)
+
+    @contextlib.contextmanager
+    def _naming_errors(self, i: int) -> Iterator[None]:
+        """Give an OSError from a bare file descriptor the shard's path, so the user learns where it happened."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self.directory / self.shards[i].file)
+            raise
 
     def _sync_loop(self) -> None:
         while (i := self._sync_queue.get()) is not None:
@@ -173,11 +183,11 @@ class ShardedWriter:
         if missing:
             raise RuntimeError(f"internal error: tensors not fully written: {missing[:5]}")
         self._stop_syncer()
-        for fd in self._fds:
+        for i, fd in enumerate(self._fds):
             if fsync:
-                os.fsync(fd)
-            os.close(fd)
-        self._fds = []
+                with self._naming_errors(i):
+                    os.fsync(fd)  # a full disk can surface only here (delayed allocation)
+        self.close()
         index = {
             "metadata": {"total_size": sum(s.data_bytes for s in self.shards)},
             "weight_map": {t.name: s.file for s in self.shards for t in s.tensors},
@@ -193,42 +203,14 @@ class ShardedWriter:
         self._fds = []
 
 
+def pwrite_all(fd: int, data, pos: int) -> None:
+    """``os.pwrite`` until all of ``data`` is written (one call may write less)."""
+    view = memoryview(data)
+    while view.nbytes:
+        n = os.pwrite(fd, view, pos)
+        view = view[n:]
+        pos += n
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def check_output_location(out: Path, inputs: list[Path], *, force: bool) -> None:
-    """Refuse outputs that would write into, replace, or sit inside an input directory, and existing outputs without --force."""
-    out_r = out.resolve()
-    for inp in inputs:
-        inp_r = inp.resolve()
-        if out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents:
-            raise MergeQuantError(f"refusing to write {out}: it overlaps the input directory {inp}")
-    if out.exists() and not force:
-        raise MergeQuantError(f"{out} already exists: pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise MergeQuantError(f"{out} exists and is not a directory")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success rename it to ``out`` (replacing an old one), else delete it.
-
-    An interrupted run (exception, Ctrl-C, kill between steps) never leaves a directory at
-    ``out`` that looks complete: the rename is the last step.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -2,7 +2,12 @@
 
 Inputs are memory-mapped views, so a chunk reads only its slice of each input file. Two paths
 compute the same formulas: fused numba kernels (CPU, float32 compute; see ``kernels.py``) and
-plain torch operations (CUDA, float64 inputs, ``--mergekit-dtype``, or no numba). Peak memory per
+plain torch operations (CUDA, float64 inputs, ``--mergekit-dtype``, or no numba).
+
+Inputs of one tensor may come in any mix of floating dtypes (a bf16 base with an fp16 or fp32
+fine-tune is common). Each path casts every input chunk once to its compute dtype (float32, float64
+when an input is float64, or the ``--mergekit-dtype`` dtype) and rounds once to the output dtype, so
+a mixed merge gives the same bytes as the same merge over float32 copies of its inputs. Peak memory per
 tensor is a few chunks per input; only the torch path's TIES threshold needs one float32 copy of
 |delta| for a whole tensor. Nothing here depends on how many layers the model has.
 """
@@ -48,7 +53,7 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, write: Callable[[torch.Tensor,
 
     any64 = any(x.dtype == torch.float64 for x in flat)
     acc = torch.float64 if any64 else torch.float32  # accumulation dtype of linear/slerp (and of our task methods)
-    rounding = plan.compute_dtype  # mergekit-compatible mode: inputs rounded to the recipe dtype first
+    rounding = tp.compute_dtype  # --mergekit-dtype: inputs rounded to mergekit's compute dtype first (see plan.py)
     task_dtype = rounding if rounding is not None else acc
 
     def load(i: int, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:

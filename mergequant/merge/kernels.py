@@ -3,7 +3,8 @@
 Why: in eager torch, TIES on one chunk is ~25 separate elementwise passes (delta, abs, compare,
 where, weight, sign, elect, agree, sum, divide, ...), each streaming the chunk through memory.
 One compiled loop does all of it per element in registers. The kernels work on float32 arrays
-(the engine converts each input chunk once) and release the GIL, so the engine's worker threads
+or bfloat16 bits (the engine converts each input chunk once; ``common_layout`` gives all inputs of one
+call the same layout, so any mix of bf16/fp16/fp32 inputs works) and release the GIL, so the engine's worker threads
 run them in parallel. When numba is not installed (or on CUDA) the engine uses the torch path in
 ``methods.py``; tests check that both give the same result.
 
@@ -280,13 +281,43 @@ def _linear(xs, weights, normalize, out):
 
 def raw(t: torch.Tensor) -> np.ndarray:
     """A numpy view the kernels accept: bfloat16 as its uint16 bits and float32 as is (zero-copy, also
-    over a memory map); any other dtype is converted to float32."""
+    over a memory map); any other floating dtype (float16, float8, float64) is converted to float32.
+
+    Non-float tensors are refused: the plan rejects a tensor whose inputs mix integer and float dtypes,
+    so reaching here with one is a bug, and converting it silently would merge garbage."""
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"kernels take floating-point tensors, got {t.dtype}")
     t = t.reshape(-1)
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     if t.dtype == torch.float32:
         return t.numpy()
     return t.to(torch.float32).numpy()
+
+
+def _as_float32(a: np.ndarray) -> np.ndarray:
+    """One raw array as float32 values: bfloat16 bits become the float32 with the same top 16 bits
+    (exact, like ``_decode``); float32 is returned as is."""
+    if a.dtype == np.float32:
+        return a
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    raise TypeError(f"not a raw kernel array: {a.dtype}")
+
+
+def common_layout(arrays) -> tuple:
+    """The raw arrays of one kernel call in a single layout.
+
+    Why: numba compiles a kernel per argument type, and ``xs`` is a tuple indexed by a loop variable,
+    which it can only type when every element has the same type; a bf16 base next to an fp16 or
+    fp32 fine-tune (``uint16`` bits next to ``float32``) was a TypingError. When the layouts differ,
+    every array becomes float32. The kernels compute in float32 anyway and bf16/fp16 -> float32 is
+    exact, so this is the one cast of each input and the result is the all-float32 computation's,
+    rounded once when the output is encoded. All-bf16 inputs keep the zero-copy bit view."""
+    arrays = tuple(arrays)
+    if len({a.dtype for a in arrays}) <= 1:
+        return arrays
+    return tuple(_as_float32(a) for a in arrays)
 
 
 def raw_out(dtype: torch.dtype, n: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -301,14 +332,17 @@ def raw_out(dtype: torch.dtype, n: int) -> tuple[np.ndarray, torch.Tensor]:
 
 def combine_chunk(base: np.ndarray, xs: tuple, weights, factors, mode, thr, cutoff, masks, offset: int, out: np.ndarray, *,
                   consensus: bool, normalize: bool, lam: float) -> int:
-    """Merge one chunk into ``out`` (a raw buffer from ``raw_out``); returns how many values are NaN or inf."""
+    """Merge one chunk into ``out`` (a raw buffer from ``raw_out``); returns how many values are NaN or inf.
+    Inputs may come in different raw layouts (see ``common_layout``)."""
+    base, *xs = common_layout((base, *xs))
     return int(_combine(base, tuple(xs), np.asarray(weights, np.float32), np.asarray(factors, np.float32),
                         np.asarray(mode, np.int8), np.asarray(thr, np.float32), np.asarray(cutoff, np.int64), masks,
                         offset, consensus, normalize, np.float32(lam), out))
 
 
 def linear_chunk(xs: tuple, weights, normalize: bool, out: np.ndarray) -> int:
-    return int(_linear(tuple(xs), np.asarray(weights, np.float32), normalize, out))
+    """Weighted sum of one chunk into ``out``; returns the NaN/inf count. Inputs may mix raw layouts."""
+    return int(_linear(common_layout(xs), np.asarray(weights, np.float32), normalize, out))
 
 
 class Selection:

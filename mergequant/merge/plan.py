@@ -7,6 +7,7 @@ fails here, before any tensor data is read and before any output is created.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class TensorPlan:
     per_model: list[dict]  # resolved per-input parameters ({} for the base in task methods)
     copy_index: int | None = None  # non-float tensors are copied from this input
     merge_rows: int | None = None  # vocabulary mismatch: only the first rows are merged, the rest come from the base
+    compute_dtype: torch.dtype | None = None  # --mergekit-dtype: inputs rounded to this and computed in it; None: float32
 
     @property
     def numel(self) -> int:
@@ -59,7 +61,7 @@ class MergePlan:
     tensors: list[TensorPlan]
     num_layers_out: int
     layer_sources: list[tuple[str, int]]  # output layer -> (model, input layer), for per-layer config lists
-    compute_dtype: torch.dtype | None  # None: float32 (float64 for float64 inputs); else mergekit-style
+    compute_dtype: torch.dtype | None  # recipe dtype under --mergekit-dtype, else None; per tensor: TensorPlan.compute_dtype
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -111,7 +113,7 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], *, out_dtype:
     fixed_out = DTYPE_NAMES[out_name] if out_name else None
     compute = DTYPE_NAMES[recipe.dtype] if (mergekit_dtype and recipe.dtype) else None
 
-    builder = _Builder(recipe, spec, checkpoints, fixed_out, allow_vocab_mismatch)
+    builder = _Builder(recipe, spec, checkpoints, fixed_out, allow_vocab_mismatch, mergekit_dtype, compute)
     layer_sources: list[tuple[str, int]] = []
     if recipe.models is not None:
         sources = list(recipe.models)
@@ -155,6 +157,51 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], *, out_dtype:
     return plan
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16`` rather than ``torch.bfloat16``, for messages."""
+    return str(dtype).removeprefix("torch.")
+
+
+def mergekit_compute_dtype(recipe_dtype: torch.dtype | None, input_dtypes) -> torch.dtype:
+    """The dtype mergekit computes one output tensor in, which ``--mergekit-dtype`` reproduces.
+
+    With a recipe ``dtype`` mergekit casts every input to it as it loads it, so that is the answer.
+    Without one, mergekit 0.1.5 (the version the differential tests run) leaves each input in its
+    stored dtype and, before calling the merge method, aligns the inputs of a tensor to their promoted
+    dtype (``torch.promote_types`` over all inputs): all-bf16 computes in bf16, while bf16 + fp16 and
+    bf16 + fp32 compute in float32. So mergekit does *not* use the base model's dtype here; older
+    releases did, inside the task-arithmetic methods only (``x.to(base.dtype)``), which rounds an fp32
+    fine-tune's weights to bf16 before taking the delta. Promotion never rounds an input down before the
+    arithmetic, which is the safer rule to copy. (linear and slerp accumulate in float32, float64 for
+    float64 inputs, in every mergekit version; the engine does the same.)
+
+    Only the compute dtype follows mergekit: the written dtype still follows ``--out-dtype``, the recipe's
+    ``out_dtype``/``dtype``, else the reference input's dtype, whereas mergekit without a ``dtype`` writes
+    the promoted dtype (pass ``--out-dtype float32`` to get its bytes for a bf16 + fp32 mix).
+    """
+    if recipe_dtype is not None:
+        return recipe_dtype
+    return functools.reduce(torch.promote_types, input_dtypes)
+
+
+def check_input_dtypes(out_name: str, inputs: list[tuple[Path, object]]) -> None:
+    """Refuse a tensor whose inputs mix floating-point and non-floating (integer, bool) dtypes.
+
+    Why: float inputs are cast to one compute dtype, whatever their mix. An integer tensor has no such
+    meaning next to a float one (a quantized weight, an index buffer, or a broken export): averaging it
+    would convert its integers to floats, and copying one side would silently drop the other model's
+    values. Checked from the headers, so nothing is read and no output is created.
+    ``inputs`` is [(model path, TensorInfo)] in recipe order."""
+    floats = [(path, info) for path, info in inputs if info.dtype.is_floating_point]
+    others = [(path, info) for path, info in inputs if not info.dtype.is_floating_point]
+    if floats and others:
+        (fp, fi), (op, oi) = floats[0], others[0]
+        raise CheckpointError(
+            f"tensor {out_name}: {op} stores {oi.name} as {dtype_name(oi.dtype)} but {fp} stores {fi.name} as "
+            f"{dtype_name(fi.dtype)}; an integer tensor cannot be merged with floating-point ones "
+            "(convert it, or merge models that store this tensor in the same kind of dtype)")
+
+
 def _check_compatible(recipe: Recipe, ckpts: dict[str, Checkpoint], ref: str, allow_vocab: bool) -> None:
     r = ckpts[ref]
     for name, c in ckpts.items():
@@ -169,8 +216,9 @@ def _check_compatible(recipe: Recipe, ckpts: dict[str, Checkpoint], ref: str, al
 
 
 class _Builder:
-    def __init__(self, recipe, spec, ckpts, fixed_out, allow_vocab):
+    def __init__(self, recipe, spec, ckpts, fixed_out, allow_vocab, mergekit_dtype=False, recipe_compute=None):
         self.recipe, self.spec, self.ckpts, self.fixed_out, self.allow_vocab = recipe, spec, ckpts, fixed_out, allow_vocab
+        self.mergekit_dtype, self.recipe_compute = mergekit_dtype, recipe_compute
         self.tensors: list[TensorPlan] = []
 
     def add(self, out_name: str, inputs: list[tuple[Source, str]], slice_params: dict | None, base: str | None, t: float):
@@ -182,6 +230,7 @@ class _Builder:
             if info is None:
                 raise CheckpointError(f"{ck.path}: tensor {in_name} is missing (needed for output {out_name})")
             infos.append(info)
+        check_input_dtypes(out_name, [(self.ckpts[src.model].path, info) for (src, _), info in zip(inputs, infos)])
         first, first_src = infos[0], inputs[0][0]
         base_index = next((i for i, (s, _) in enumerate(inputs) if s.model == base), None) if base else None
         merge_rows = None
@@ -229,5 +278,6 @@ class _Builder:
         weights = [p["weight"] for p in per_model if "weight" in p]
         if shared.get("normalize") and not spec.consensus and weights and abs(sum(weights)) < 1e-8:
             raise RecipeError(f"{recipe.path}: weights {weights} for tensor {out_name} sum to 0 with normalize: true")
+        compute = mergekit_compute_dtype(self.recipe_compute, [i.dtype for i in infos]) if self.mergekit_dtype else None
         self.tensors.append(TensorPlan(out_name, shape_ref.shape, out_dtype, [(s.model, n) for s, n in inputs],
-                                       base_index, shared, per_model, merge_rows=merge_rows))
+                                       base_index, shared, per_model, merge_rows=merge_rows, compute_dtype=compute))

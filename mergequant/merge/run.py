@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from mergequant.card import merge_card
 from mergequant.io.model_files import copy_tokenizer_files, pick_device
-from mergequant.io.writer import PlannedTensor, ShardedWriter, atomic_output_dir, check_output_location, plan_shards, write_json
+from mergequant.io.output_dir import atomic_output_dir, check_output_location
+from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, write_json
 from mergequant.merge.engine import CHUNK, merge_tensor
 from mergequant.merge.plan import DTYPE_TO_NAME, MergePlan, build_plan, open_models
 from mergequant.recipe import load_recipe
@@ -90,7 +91,7 @@ def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeRe
                       mergekit_dtype=opts.mergekit_dtype)
     for w in plan.warnings:
         log(f"warning: {w}")
-    check_output_location(opts.out, plan.input_dirs, force=opts.force)
+    check_output_location(opts.out, plan.input_dirs, force=opts.force, files=[("recipe", recipe.path)])
     shards = plan_shards([PlannedTensor(t.name, t.out_dtype, t.shape) for t in plan.tensors], opts.shard_size)
     if opts.dry_run:
         log(describe_plan(plan, shards, opts.workers))
@@ -98,7 +99,7 @@ def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeRe
                            plan.warnings)
 
     warnings = list(plan.warnings)
-    with atomic_output_dir(opts.out) as tmp:
+    with atomic_output_dir(opts.out, log=log) as tmp:
         writer = ShardedWriter(tmp, shards, writeback_every=256 * 2**20 if opts.fsync else None)
         try:
             bad = _execute(plan, writer, device, opts)
@@ -143,16 +144,21 @@ def _execute(plan: MergePlan, writer: ShardedWriter, device: torch.device, opts:
                 pending.add(pool.submit(job, tp))
                 if len(pending) >= 2 * opts.workers:
                     break
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    tp = f.result()
-                    done += 1
-                    bar.update(tp.out_bytes)
-                    bar.set_postfix_str(f"tensors {done}/{len(plan.tensors)}", refresh=False)
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending.add(pool.submit(job, nxt))
+            try:
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        tp = f.result()
+                        done += 1
+                        bar.update(tp.out_bytes)
+                        bar.set_postfix_str(f"tensors {done}/{len(plan.tensors)}", refresh=False)
+                        nxt = next(it, None)
+                        if nxt is not None:
+                            pending.add(pool.submit(job, nxt))
+            except BaseException:
+                # A failure, Ctrl-C or SIGTERM: start no queued tensor, so cleanup waits only for the running ones.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     finally:
         bar.close()
         torch.set_num_threads(threads_before)

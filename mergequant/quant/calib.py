@@ -17,6 +17,7 @@ Sources (``--calib``):
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,12 @@ import torch
 from mergequant.errors import MergeQuantError
 
 KNOWN_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
+# Files whose presence means a model folder has a tokenizer AutoTokenizer can try: a fast tokenizer,
+# a sentencepiece or BPE/WordPiece vocabulary, or a tokenizer_config.json (byte-level tokenizers
+# such as ByT5 have nothing else). generation_config.json and chat templates alone are not one.
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                     "spiece.model", "sentencepiece.bpe.model")
+CALIBRATION = "calibration data (--calib)"
 
 
 class CalibrationError(MergeQuantError):
@@ -62,14 +69,46 @@ def parse_hub_source(spec: str) -> HubSource:
     raise CalibrationError(f"{spec}: expected hf:NAME[:CONFIG]:SPLIT[:COLUMN], e.g. hf:wikitext:wikitext-2-raw-v1:train")
 
 
-def load_documents(source: str, *, chat_template=None) -> list[str]:
-    """The documents of a calibration source. ``chat_template`` renders ``messages`` records
-    (a callable list[dict] -> str, usually ``tokenizer.apply_chat_template(..., tokenize=False)``)."""
+def check_count(value, option: str, minimum: int, why: str = "", *, optional: bool = False) -> None:
+    """Refuse a count option (--seqlen, --samples, --stride...) that is not an integer >= ``minimum``.
+    Checked up front by every command and by release files, because the loops these counts drive
+    either never advance (a 1-token eval window) or silently fall back to a default (0)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise MergeQuantError(f"{option} must be an integer >= {minimum}" + (f" ({why})" if why else "")
+                              + f", got {value!r}")
+
+
+def local_data_file(source: str, what: str = CALIBRATION) -> Path | None:
+    """The local file a data source names (None for ``hf:`` sources), checked to be a regular file:
+    cheap, so callers run it before loading a model. ``what`` names the data and its option in
+    messages ("eval data (--data)"), since the same loader serves --calib, --data and --eval.
+    A directory or a FIFO is refused here: reading either fails late or blocks forever."""
     if source.startswith("hf:"):
-        return _hub_documents(parse_hub_source(source))
+        return None
     path = Path(source)
-    if not path.exists():
-        raise CalibrationError(f"{path}: calibration file not found")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: {what}: file not found") from None
+    except OSError as e:
+        raise CalibrationError(f"{path}: {what}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise CalibrationError(f"{path}: {what}: is a directory; give a .txt, .jsonl or .parquet file "
+                               "(or hf:NAME[:CONFIG]:SPLIT[:COLUMN])")
+    if not stat.S_ISREG(mode):
+        raise CalibrationError(f"{path}: {what}: not a regular file; give a .txt, .jsonl or .parquet file")
+    return path
+
+
+def load_documents(source: str, *, chat_template=None, what: str = CALIBRATION) -> list[str]:
+    """The documents of a data source (``what`` names it in messages, see ``local_data_file``).
+    ``chat_template`` renders ``messages`` records (a callable list[dict] -> str, usually
+    ``tokenizer.apply_chat_template(..., tokenize=False)``)."""
+    path = local_data_file(source, what)
+    if path is None:
+        return _hub_documents(parse_hub_source(source))
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         docs = _jsonl_documents(path, chat_template)
@@ -79,7 +118,7 @@ def load_documents(source: str, *, chat_template=None) -> list[str]:
         docs = [d for d in _read_text(path).split("\n\n") if d.strip()]
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise CalibrationError(f"{path}: calibration data is empty")
+        raise CalibrationError(f"{path}: {what}: the file is empty (no text)")
     return docs
 
 
@@ -139,6 +178,29 @@ def _hub_documents(src: HubSource) -> list[str]:
     if src.column not in ds.column_names:
         raise CalibrationError(f"hf:{src.name}: no column '{src.column}' (columns: {', '.join(ds.column_names)})")
     return [v for v in ds[src.column] if isinstance(v, str) and v.strip()]
+
+
+def require_tokenizer(model_dir: str | Path, why: str) -> None:
+    """Refuse a model folder with no tokenizer files before any heavy work: without this, AutoTokenizer
+    treats the folder name as a Hub id or fails with a multi-line message about converting slow
+    tokenizers, after the model (for eval) or the checkpoint scan (for quantize) already ran."""
+    folder = Path(model_dir)
+    if not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
+        raise MergeQuantError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_MARKERS[:3])}, ...); {why} "
+                              "needs the model's tokenizer: copy it into the folder")
+
+
+def load_tokenizer(model_dir: str | Path, why: str):
+    """AutoTokenizer for ``model_dir``, with every failure (missing files, a corrupt tokenizer.json, a
+    tokenizer class that needs an uninstalled package) as one MergeQuantError line naming the folder."""
+    require_tokenizer(model_dir, why)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError... for bad tokenizer files
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise MergeQuantError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {first})") from None
 
 
 def token_stream(documents: list[str], encode, eos_token_id: int | None) -> torch.Tensor:

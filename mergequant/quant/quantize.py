@@ -22,14 +22,8 @@ from tqdm import tqdm
 from mergequant.errors import MergeQuantError
 from mergequant.io.checkpoint import Checkpoint, split_layer_name
 from mergequant.io.model_files import copy_tokenizer_files, pick_device
-from mergequant.io.writer import (
-    PlannedTensor,
-    ShardedWriter,
-    atomic_output_dir,
-    check_output_location,
-    plan_shards,
-    write_json,
-)
+from mergequant.io.output_dir import atomic_output_dir, check_output_location, local_files
+from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, write_json
 from mergequant.memory import release_free_memory
 from mergequant.merge.plan import natural_key
 from mergequant.quant.gptq_method import SEQUENTIAL_GROUPS
@@ -109,8 +103,34 @@ def find_linears(ck: Checkpoint) -> list[QuantLinear]:
     return sorted(found, key=lambda lin: (lin.layer, QUANTIZED_SUFFIXES.index(lin.suffix)))
 
 
-def validate(opts: QuantizeOptions, linears: list[QuantLinear], method: QuantMethod | None = None) -> QuantMethod:
-    """Check options shared by every method, then the method's own; returns the method."""
+def _check_counts(opts: QuantizeOptions) -> None:
+    """Sample and window counts must be real counts: --seqlen 1 made `--eval` loop forever (a 1-token
+    window predicts nothing), and 0 silently meant "the default" for --batch-size."""
+    from mergequant.quant.calib import check_count
+
+    check_count(opts.samples, "--samples", 1)
+    check_count(opts.seqlen, "--seqlen", 2, "tokens per window")
+    check_count(opts.batch_size, "--batch-size", 1, "or leave it out for automatic", optional=True)
+
+
+def _check_inputs(opts: QuantizeOptions, method: QuantMethod, model_dir: Path | None) -> None:
+    """The data files and the tokenizer the run will need, checked now (a stat each) rather than after
+    the checkpoint scan or, for --eval, after the whole quantization."""
+    from mergequant.quant.calib import CALIBRATION, local_data_file, require_tokenizer
+
+    if method.calibrated and opts.calib:
+        local_data_file(opts.calib, CALIBRATION)
+    if opts.eval_data:
+        local_data_file(opts.eval_data, "eval data (--eval)")
+    if model_dir is not None and (method.calibrated or opts.eval_data):
+        require_tokenizer(model_dir, f"--method {opts.method}" if method.calibrated else "--eval")
+
+
+def validate(opts: QuantizeOptions, linears: list[QuantLinear], method: QuantMethod | None = None,
+             model_dir: Path | None = None) -> QuantMethod:
+    """Check options shared by every method, then the method's own, then (with ``model_dir``) the
+    inputs they name; returns the method. Nothing here loads a model."""
+    _check_counts(opts)
     method = method or get_method(opts.method)
     if opts.bits is None:
         opts.bits = method.default_bits
@@ -127,6 +147,7 @@ def validate(opts: QuantizeOptions, linears: list[QuantLinear], method: QuantMet
     method.validate(opts, linears)
     if method.calibrated and not opts.calib:
         raise MergeQuantError(f"--calib is required for --method {opts.method} (or use --method rtn, which needs no data)")
+    _check_inputs(opts, method, model_dir)
     return method
 
 
@@ -154,9 +175,10 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     model_dir = Path(model_dir)
     ck = Checkpoint.open(model_dir)
     linears = find_linears(ck)
-    method = validate(opts, linears)
+    method = validate(opts, linears, model_dir=model_dir)
     method.check_architecture(ck.config)
-    check_output_location(opts.out, [model_dir], force=opts.force)
+    check_output_location(opts.out, [model_dir], force=opts.force,
+                          files=local_files({"calibration data": opts.calib, "eval data": opts.eval_data}))
     if opts.calib and not method.calibrated:
         log(f"note: --method {opts.method} needs no calibration data; --calib is ignored")
     device = pick_device(opts.device)
@@ -167,7 +189,7 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     shards = plan_shards(planned_tensors(ck, linears, method, opts), opts.shard_size)
     fdtype = method.float_dtype(opts)
     quantized = {f"{lin.prefix}.weight" for lin in linears}
-    with atomic_output_dir(opts.out) as tmp:
+    with atomic_output_dir(opts.out, log=log) as tmp:
         writer = ShardedWriter(tmp, shards, writeback_every=256 * 2**20 if opts.fsync else None)
         ctx = QuantContext(opts, writer, result, log, source=ck)
         try:
@@ -200,11 +222,9 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
 def _calibration_ids(model_dir: Path, ck: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
     """Token windows [samples, seqlen] from --calib (the tokenizer is released on return: a large
     vocabulary's tokenizer holds tens of MB that the layer loop does not need)."""
-    from transformers import AutoTokenizer
+    from mergequant.quant.calib import calibration_batch, load_tokenizer
 
-    from mergequant.quant.calib import calibration_batch
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir, f"--method {opts.method}")
     limit = ck.config.get("max_position_embeddings")
     seqlen = min(opts.seqlen, limit) if isinstance(limit, int) else opts.seqlen
     return calibration_batch(opts.calib, tok, samples=opts.samples, seqlen=seqlen, seed=opts.seed)
