@@ -24,7 +24,7 @@ outputs are still on disk with the recorded sizes and hashes. Fingerprints:
   whether it was a dry run (a dry-run push never counts as a real one).
 
 Crash/kill safety: merge and quantize write into ``.OUT.partial-XXXX`` and rename at the end
-(:func:`mergequant.io.writer.atomic_output_dir`); the manifest is updated only after that rename and
+(:func:`mergequant.io.output_dir.atomic_output_dir`); the manifest is updated only after that rename and
 an fsync. Before a step writes, the manifest records that it is writing OUT (``pending``). A run
 killed at any point leaves either the old state or a finished, claimed output without its record
 (redone, identical bytes). Leftover ``.OUT.partial-*``/``.OUT.old-*`` directories of an interrupted
@@ -565,12 +565,14 @@ def leftover_refusal(path: Path, name: str, pending: dict) -> str | None:
     """None when ``path`` is verifiably a leftover of ours, else why it is kept.
 
     The glob alone would take a user's ``.merged.old-backup`` or a link to anywhere. Ours means:
-    exactly the name :func:`mergequant.io.writer.atomic_output_dir` gives (``.NAME.partial-`` or
+    exactly the name :func:`mergequant.io.output_dir.atomic_output_dir` gives (``.NAME.partial-`` or
     ``.NAME.old-`` + 8 hex digits), a real directory (not a link) owned by this user, output
     ``name`` claimed in the manifest by a run that stopped before recording it (see
     :meth:`_Runner.claim`): only such a run can have left one, and created (or renamed: ctime) no
     earlier than that claim, so a look-alike folder that was there before is not taken for it.
-    (A private check until the writer marks its directories itself.)"""
+    (``atomic_output_dir`` also marks its folders and removes stale marked ones of the same output
+    itself; this check adds the workdir's own evidence and covers ``.old-*`` folders, which carry
+    no marker.)"""
     if not re.fullmatch(rf"\.{re.escape(name)}\.(partial|old)-[0-9a-f]{{8}}", path.name):
         return "not named like a mergequant temporary folder"
     st = path.lstat()

@@ -331,3 +331,35 @@ def test_sigkill_leftover_removed_by_next_run_but_not_others(slow_model, recipe,
     assert "removed" in res.stderr and killed.name in res.stderr
     assert not killed.exists() and out.is_dir() and not (out / PARTIAL_MARKER).exists()
     assert leftovers(out) == [foreign, live, remote] and snapshot(foreign, live, remote) == keep
+
+
+# ---------------------------------------------------------------------------------------------------
+# demo --dir: the demo overwrites its folder's contents, so it only takes a new, empty or its own folder
+# ---------------------------------------------------------------------------------------------------
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    work = tmp_path / "project"
+    (work / "merged").mkdir(parents=True)
+    (work / "merged" / "notes.txt").write_text("mine")
+    (work / "ties.yaml").write_text("mine too")
+    before = snapshot(work)
+    res = invoke("demo", "--dir", work)
+    assert_refused(res, str(work), "not made by `mergequant demo`")
+    assert snapshot(work) == before and sorted(p.name for p in work.iterdir()) == ["merged", "ties.yaml"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert_refused(invoke("demo", "--dir", a_file), str(a_file), "not a directory")
+    assert a_file.read_text() == "x"
+
+
+def test_demo_folder_claim_is_kept_for_reruns(tmp_path):
+    from mergequant.demo import DEMO_MARKER, claim_demo_dir
+
+    work = tmp_path / "new" / "demo"
+    claim_demo_dir(work)  # a new folder is created and marked
+    (work / "models").mkdir()
+    claim_demo_dir(work)  # its own folder, not empty: accepted again
+    assert (work / DEMO_MARKER).is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    claim_demo_dir(empty)  # an existing empty folder is fine
+    assert (empty / DEMO_MARKER).is_file()

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from mergequant.cli import app
 from mergequant.errors import MergeQuantError
-from mergequant.io.writer import INDEX_FILE, PlannedTensor, ShardedWriter, atomic_output_dir, plan_shards
+from mergequant.io.output_dir import atomic_output_dir
+from mergequant.io.writer import INDEX_FILE, PlannedTensor, ShardedWriter, plan_shards
 from mergequant.units import parse_size
 
 

@@ -20,7 +20,6 @@ from typing import Iterator
 
 import torch
 
-from mergequant.io.output_dir import atomic_output_dir, check_output_location  # noqa: F401  (re-exported: release.py, tests)
 from mergequant.io.safetensors_format import CODE_FROM_DTYPE, dtype_itemsize
 
 SINGLE_FILE = "model.safetensors"
