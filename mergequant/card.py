@@ -89,7 +89,11 @@ def _local_path(ref: str, base_dir: Path | None) -> str:
 
 def _parents_mark(relation: str, local: list[dict]) -> str:
     """The machine-readable record of local parents that ``push`` rewrites (one HTML comment line)."""
-    return f"<!-- {_MARK}: " + json.dumps({"relation": relation, "local": local}, sort_keys=True) + " -->"
+    record = json.dumps({"relation": relation, "local": local}, sort_keys=True)
+    # a path holding "-->" would end the HTML comment early and show the rest in every Markdown viewer;
+    # JSON's \u escapes keep the record intact and invisible (json.loads reads them back unchanged)
+    record = record.replace("<", "\\u003c").replace(">", "\\u003e")
+    return f"<!-- {_MARK}: " + record + " -->"
 
 
 # ---- licenses ----------------------------------------------------------------------------------------

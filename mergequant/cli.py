@@ -326,8 +326,21 @@ def version():
     typer.echo(__version__)
 
 
+# Libraries that log at import time about optional parts they could not load (torchao's CUDA kernels on a
+# CPU machine, torch's pytree deprecations): not the user's problem, and they would bury our one line.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main():
     install_signal_handlers()
+    quiet_import_noise()
     try:
         app()
     except Terminated as e:  # outside a command's own reporting (while parsing options, after the result)

@@ -125,10 +125,35 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
     if ck.config.get("quantization_config"):
         model, used = _load_quantized(ck, model_dir, dev, backend, log)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(dev).eval()
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report is checked below, as one line, instead of a table
+        try:
+            model, report = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(level)
+        check_load_report(model_dir, report)
+        model = model.to(dev).eval()
     res = perplexity(model, ids, seqlen=seqlen, stride=stride, device=dev, progress=progress)
     res.backend = used
     return res
+
+
+def check_load_report(model_dir, report: dict) -> None:
+    """Refuse a model that transformers loaded with weights missing from the files: it fills them with
+    random values and only logs it, and the perplexity of a random ``lm_head`` (a checkpoint saved
+    without its head, ``tie_word_embeddings: false``) would be reported as the model's."""
+    missing = sorted(report.get("missing_keys") or [])
+    mismatched = report.get("mismatched_keys") or []
+    if missing:
+        raise MergeQuantError(f"{model_dir}: weight {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                              + " missing from the checkpoint (transformers would initialise it randomly); "
+                              "the perplexity would not be this model's")
+    if mismatched:
+        first = mismatched[0]
+        name = first[0] if isinstance(first, (tuple, list)) else first
+        raise MergeQuantError(f"{model_dir}: weight {name} has a shape that does not match config.json")
 
 
 def _capped_seqlen(config: dict, seqlen: int) -> int:

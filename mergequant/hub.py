@@ -217,6 +217,12 @@ def validate_folder(folder: str | Path, files: list[PlannedFile] | None = None) 
             missing = sorted(set(wm.values()) - names)
             if missing:
                 raise PushError(f"{folder}: incomplete checkpoint: the index lists shard(s) not in the folder: {', '.join(missing)}")
+        from mergequant.io.checkpoint import Checkpoint
+
+        try:  # a .bin has no header to check: load it as every command does (weights_only, memory-mapped)
+            Checkpoint.open(folder)
+        except MergeQuantError as e:
+            raise PushError(str(e)) from None
     else:
         raise PushError(f"{folder}: no weights (expected *.safetensors or pytorch_model*.bin)")
 
@@ -357,8 +363,30 @@ def resolve_endpoint(endpoint: str | None) -> str:
     return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
+def token_shape_problem(token: str) -> str | None:
+    """Why ``token`` cannot be a Hub token, never quoting it; None when it can.
+
+    Checked before any request: a token read from a file with a Windows line ending (``\r\n``) or
+    with a stray space used to fail inside the HTTP client, whose message shows the header's escaped
+    repr (``Bearer hf_...\r``), which the exact-string redaction does not recognise, so the token
+    was printed; a non-ASCII one failed with a bare UnicodeEncodeError."""
+    bad = next((c for c in token if not (c.isascii() and c.isprintable()) or c.isspace()), None)
+    if bad is None:
+        return None
+    kind = "whitespace or a line ending" if bad.isspace() else ("a control character" if bad.isascii() else "a non-ASCII character")
+    return (f"the Hugging Face token (--token, HF_TOKEN or the saved login) contains {kind} at position "
+            f"{token.index(bad) + 1} of {len(token)}; tokens are printable ASCII (strip the line ending "
+            "of the file it was read from)")
+
+
 def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
+    """Replace the token in ``text``, also in the escaped forms exception messages show it in."""
+    if not token:
+        return text
+    for form in {token, repr(token)[1:-1], token.encode("unicode_escape").decode("ascii", "replace")}:
+        if form:
+            text = text.replace(form, "***")
+    return text
 
 
 def _explain(e: BaseException, *, repo: str, endpoint: str, revision: str | None) -> str:
@@ -412,6 +440,9 @@ def push(folder: str | Path, opts: PushOptions, log: Callable[[str], None] = pri
     token = resolve_token(opts.token)
     if not token:
         raise PushError("no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth login`")
+    token_problem = token_shape_problem(token)
+    if token_problem:
+        raise PushError(token_problem)
     endpoint = resolve_endpoint(opts.endpoint)
     try:
         return _push(folder, opts, plan, token, endpoint, log)

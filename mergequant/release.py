@@ -243,6 +243,8 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
         out = _typed(path, "merge.out", m.get("out", "merged"), str, "an output name")
         if not NAME_RE.match(out):
             raise _err(path, "merge.out", f"'{out}' is not a plain directory name (letters, digits, . _ -)")
+        if out in PUSH_OPTION_KEYS or out in (MANIFEST, RESULTS_JSON, RESULTS_MD):
+            raise _err(path, "merge.out", f"'{out}' is reserved (the workdir's own files and push options use it)")
         checks = {"out_dtype": (str, "a dtype name", True), "seed": (int, "an integer", False),
                   "device": (str, "cpu, cuda or auto", False), "workers": (int, "an integer", False),
                   "allow_vocab_mismatch": (bool, "true or false", False), "mergekit_dtype": (bool, "true or false", False)}

@@ -335,7 +335,8 @@ def test_bad_options(outlier_model, calib, tmp_path, kw, needle):
 
 
 def test_unsupported_architecture(outlier_model, calib, tmp_path):
-    """OLMo 2 has Llama's Linear names but normalises after attention/MLP: no input norm to fold into."""
+    """OLMo 2 has Llama's Linear names but normalises after attention/MLP: no input norm to fold into.
+    It has no architecture description, so it is refused (for every method) before any work."""
     cfg = AutoConfig.for_model("olmo2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=4, vocab_size=2048,
                                max_position_embeddings=128)
@@ -346,9 +347,6 @@ def test_unsupported_architecture(outlier_model, calib, tmp_path):
         if f.name.startswith("tokenizer"):
             shutil.copy(f, d / f.name)
     out = tmp_path / "out"
-    with pytest.raises(MergeQuantError, match="--method awq has no scaling map for .*Olmo2.*"
-                                              "use --method gptq") as e:
+    with pytest.raises(MergeQuantError, match=r"Olmo2ForCausalLM is not supported \(model_type 'olmo2'") as e:
         _quantize(d, out, method="awq", group_size=32, calib=str(calib), samples=4, seqlen=64)
     assert "\n" not in str(e.value) and not out.exists() and not list(tmp_path.glob(".out.partial-*"))
-    with pytest.raises(MergeQuantError, match=r"Olmo2ForCausalLM \(model_type 'olmo2'\).*--method gptq"):
-        AWQMethod.check_architecture(json.loads((d / "config.json").read_text()))

@@ -185,3 +185,16 @@ def test_quantized_relation_with_two_bases_is_refused():
 def test_invalid_front_matter_is_refused(text, msg):
     with pytest.raises(CardError, match=msg):
         validate_card(text, repo="me/m")
+
+
+def test_parent_record_survives_a_path_that_would_end_the_html_comment():
+    """A local parent named like 'x-->y' must not end the hidden record early (the rest would render)."""
+    import json as _json
+
+    from mergequant.card import _MARK_RE, _parents_mark
+
+    local = [{"path": "/models/x-->y <b>", "role": "base"}]
+    mark = _parents_mark("merge", local)
+    assert mark.count("-->") == 1 and mark.endswith(" -->") and "<b>" not in mark
+    m = _MARK_RE.search(mark + "\n")
+    assert m and _json.loads(m.group(1)) == {"relation": "merge", "local": local}

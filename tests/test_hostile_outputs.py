@@ -363,3 +363,30 @@ def test_demo_folder_claim_is_kept_for_reruns(tmp_path):
     empty.mkdir()
     claim_demo_dir(empty)  # an existing empty folder is fine
     assert (empty / DEMO_MARKER).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# an output that appears while the run writes it (another run, a colleague): never replaced without --force
+# ---------------------------------------------------------------------------------------------------
+def test_output_appearing_during_the_run_is_not_replaced(slow_model, tmp_path):
+    proc, recipe, out = start_slow_merge(slow_model, tmp_path)
+    out.mkdir()  # what another program made while the merge ran
+    (out / "precious.txt").write_text("mine")
+    _, stderr = proc.communicate(timeout=120)
+    line = error_line(2, proc.returncode, stderr, str(out), "appeared while this run was writing it", ".new-")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "mine"
+    kept = Path(line.split("kept at ")[1].strip())
+    assert kept.parent == out.parent and any(kept.glob("*.safetensors")) and (kept / "config.json").exists()
+    assert not (kept / PARTIAL_MARKER).exists() and leftovers(out) == []
+
+
+def test_empty_output_appearing_is_not_replaced_either(tmp_path):
+    """os.rename silently replaces an empty folder; the no-replace rename must not."""
+    out = tmp_path / "out"
+    with pytest.raises(output_dir.OutputAppeared):
+        with atomic_output_dir(out, replace=False) as tmp:
+            (tmp / "new.txt").write_text("new")
+            out.mkdir()
+    assert list(out.iterdir()) == []
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.new-")]
+    assert len(kept) == 1 and (kept[0] / "new.txt").read_text() == "new"

@@ -303,3 +303,26 @@ def test_more_invalid_repo_ids_are_refused_by_both_validators(repo):
 def test_valid_repo_ids_pass_both_validators(repo):
     assert repo_id_problem(repo) is None
     validate_repo_id(repo)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokens that cannot be tokens: refused before any request, never quoted (a CRLF token file used to be printed)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("token, kind", [(TOKEN + "\r", "line ending"), (TOKEN + "\nxyz", "line ending"),
+                                         ("hf_SECRET é", "whitespace"), ("hf_SECRETé", "non-ASCII"),
+                                         ("hf_SECRET\x07", "control character")])
+@pytest.mark.parametrize("via", ["HF_TOKEN", "--token"])
+def test_malformed_token_refused_before_any_request_and_never_printed(model, env, hub, monkeypatch, token, kind, via):
+    args = ["push", model, "--repo", "me/tokencheck", "--endpoint", hub.url]
+    if via == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:
+        args += ["--token", token]
+    res = run_cli(*args)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert kind in lines[0] and "token" in lines[0]
+    assert hub.requests == []
+    secret = token.strip().split()[0].rstrip("\x07é")
+    for text in (res.stdout, res.stderr):
+        assert secret not in text and repr(token)[1:-1] not in text

@@ -105,6 +105,12 @@ def statuses(res) -> dict[str, str]:
     (lambda t: t.replace("gptq: org/tiny-gptq", "gtpq: org/tiny-gptq"), "push.gtpq: unknown key 'gtpq' (did you mean 'gptq'?)"),
     (lambda t: t.replace("merged: org/tiny", "merged: not a repo"), "push.merged: 'not a repo' is not a Hub repo id"),
     (lambda t: t.replace("backend: dequant", "backend: dequnt"), "eval.backend: 'dequnt' is not one of"),
+    (lambda t: t.replace("ties.yaml}", "ties.yaml, out: results.md}").replace("merged: org", "results.md: org"),
+     "merge.out: 'results.md' is reserved"),
+    (lambda t: t.replace("ties.yaml}", "ties.yaml, out: manifest.json}").replace("merged: org", "manifest.json: org"),
+     "merge.out: 'manifest.json' is reserved"),
+    (lambda t: t.replace("seqlen: 64, backend", "seqlen: 64, stride: 0, backend"), "eval: --stride must be an integer >= 1, got 0"),
+    (lambda t: t + "push: {merged: org/other}\n", "duplicate key 'push'"),
 ])
 def test_invalid_release_files_are_rejected_with_file_and_key(family, tmp_path, edit, needle):
     path = write_release(family, tmp_path / "r")

@@ -113,6 +113,7 @@ class Checkpoint:
             tensors = _tensors_without_index(path, contents)
         if not tensors:
             raise CheckpointError(f"{path}: no tensors found")
+        check_config_matches_tensors(path, config, {n: t.shape for n, t in tensors.items()})
         return cls(path, config, tensors, files)
 
     # ---- reading -------------------------------------------------------------------------------------
@@ -286,7 +287,17 @@ def _weight_files(path: Path) -> list[str]:
     raise CheckpointError(f"{path}: no weights found (expected *.safetensors or pytorch_model*.bin)")
 
 
+def _looks_like_torch_save(fpath: Path) -> bool:
+    """A zip archive (torch.save since 1.6) or a pickle stream (legacy format: protocol 2+ starts with
+    0x80); anything else is a corrupt or foreign file, not a file holding code."""
+    with open(fpath, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def _load_bin(fpath: Path) -> dict[str, torch.Tensor]:
+    if not _looks_like_torch_save(fpath):
+        raise CheckpointError(f"{fpath}: not a PyTorch checkpoint (empty, truncated or another format)")
     try:
         try:
             sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
@@ -308,3 +319,34 @@ def _load_bin(fpath: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{fpath}: not a flat state dict of tensors")
     return sd
+
+
+EMBEDDING = "model.embed_tokens.weight"
+DECODER_LAYERS = "model.layers"  # a vision tower's or an MTP head's own "layers" are not the decoder's
+
+
+def check_config_matches_tensors(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a config.json that contradicts the weights it sits next to.
+
+    Every loader builds the model from config.json and then fills it from the files: a wrong
+    ``hidden_size`` or ``vocab_size`` fails deep inside transformers with a size-mismatch report, and a
+    ``num_hidden_layers`` larger than the layers stored leaves layers randomly initialised (smaller:
+    silently ignored). Checked for the tensors whose shape the config fixes in every decoder family:
+    the token embedding and the decoder-layer indices."""
+    where = Path(path) / "config.json"
+    emb = shapes.get(EMBEDDING)
+    if emb is not None and len(emb) == 2:
+        for key, dim, axis in (("vocab_size", emb[0], "rows"), ("hidden_size", emb[1], "columns")):
+            want = config.get(key)
+            if isinstance(want, int) and want != dim:
+                raise CheckpointError(f"{where}: {key} is {want} but {EMBEDDING} has {dim} {axis} "
+                                      f"(shape {list(emb)}); the config does not describe these weights")
+    layers = sorted({parts[1] for n in shapes if (parts := split_layer_name(n)) and parts[0] == DECODER_LAYERS})
+    want = config.get("num_hidden_layers")
+    if layers and isinstance(want, int) and layers != list(range(want)):
+        missing = sorted(set(range(want)) - set(layers))
+        extra = [i for i in layers if i >= want]
+        detail = (f"layer {missing[0]} has no tensors" + (f" ({len(missing)} layers missing)" if len(missing) > 1 else "")
+                  if missing else f"the weights have layer {extra[0]}")
+        raise CheckpointError(f"{where}: num_hidden_layers is {want} but {detail}; the config does not describe "
+                              "these weights")

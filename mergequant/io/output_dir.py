@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator
 from mergequant.errors import MergeQuantError
 
 PARTIAL_MARKER = ".mergequant-partial"
+NAME_MAX = 255  # bytes in one path component on Linux/macOS filesystems
 _PARTIAL_RE = re.compile(r"/\.(?P<name>[^/]+)\.partial-[0-9a-f]{8}(?=/|$)")
 
 Protected = tuple[str, Path]  # (what it is, for the message: "recipe", "input model", ...; its path)
@@ -111,6 +112,10 @@ def check_output_location(out: Path, inputs: list[Path], *, force: bool, files: 
     why = nesting_refusal(resolved, inputs) or replacement_refusal(resolved, protected)
     if why:
         raise MergeQuantError(f"refusing to write {out}: {why}")
+    room = NAME_MAX - len(f".{target.name}.partial-00000000".encode()) + len(target.name.encode())
+    if len(target.name.encode()) > room:
+        raise MergeQuantError(f"refusing to write {out}: its name is {len(target.name.encode())} bytes; at most {room} "
+                              "fit, since the output is first written to a hidden sibling '.NAME.partial-XXXXXXXX'")
     ancestor = _first_existing(target.parent)
     if not ancestor.is_dir():
         raise MergeQuantError(f"cannot create {out}: {ancestor} is not a directory")
@@ -269,6 +274,51 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         _delete(old)
 
 
+class OutputAppeared(MergeQuantError):
+    """The output did not exist when the run started but does now (another run or program made it)."""
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, atomically where the kernel can
+    (``renameat2(RENAME_NOREPLACE)``); a plain ``os.rename`` would silently replace an empty folder
+    and, after an existence check, still race with whoever creates ``dst`` in between."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):  # not supported here: fall back below
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _place_new(tmp: Path, target: Path, out: Path) -> None:
+    """Without --force: move the finished ``tmp`` to ``target`` unless something appeared there during
+    the run; then nothing is replaced, and the finished output is kept beside it under a new name."""
+    import errno
+
+    try:
+        _rename_noreplace(tmp, target)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    kept = target.parent / f"{target.name}.new-{uuid.uuid4().hex[:8]}"
+    os.rename(tmp, kept)
+    raise OutputAppeared(f"{out} appeared while this run was writing it (another run or program?); it was left "
+                         f"untouched and the new output was kept at {kept}")
+
+
 def _remove_stale(target: Path, log: Callable[[str], None] | None) -> None:
     for p in stale_partials(target):
         pid = read_marker(p)["pid"]
@@ -278,8 +328,9 @@ def _remove_stale(target: Path, log: Callable[[str], None] | None) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, log: Callable[[str], None] | None = None) -> Iterator[Path]:
-    """Yield a temporary marked sibling folder; on success rename it to ``out`` (replacing an old one), else delete it.
+def atomic_output_dir(out: Path, log: Callable[[str], None] | None = None, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary marked sibling folder; on success rename it to ``out`` (replacing an old one
+    only with ``replace``, i.e. ``--force``), else delete it.
 
     An interrupted or failed run (exception, Ctrl-C, SIGTERM via the CLI, disk full) leaves nothing:
     not the partial folder, not the parent folders it created; a SIGKILLed one leaves a marked
@@ -295,7 +346,12 @@ def atomic_output_dir(out: Path, log: Callable[[str], None] | None = None) -> It
         (tmp / PARTIAL_MARKER).write_text(json.dumps(_marker()) + "\n")
         yield tmp
         os.unlink(tmp / PARTIAL_MARKER)  # the output must not carry it (push would upload it)
-        _swap_into_place(tmp, target)
+        if replace:
+            _swap_into_place(tmp, target)
+        else:
+            _place_new(tmp, target, out)
+    except OutputAppeared:
+        raise  # the finished output was kept under a new name and the message says where
     except BaseException as e:
         if tmp is not None and os.path.lexists(tmp):
             _remove_quietly(tmp)

@@ -119,6 +119,7 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], *, out_dtype:
         sources = list(recipe.models)
         if recipe.base_model and recipe.base_model not in [s.model for s in sources]:
             sources.append(Source(recipe.base_model, None, None, "base_model"))
+        check_nothing_dropped(ref, checkpoints, [s.model for s in sources])
         n_layers = ref_ckpt.num_layers or 0
         for name in sorted(ref_ckpt.tensors, key=natural_key):
             parts = split_layer_name(name)
@@ -152,9 +153,54 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], *, out_dtype:
                 out_layer += 1
         for name in [n for n in non_layer if not _is_pre_layer(n)]:
             builder.add(name, [(s, name) for s in last.sources], last.parameters, last.base_model or recipe.base_model, 0.0)
+    warnings = list(recipe.warnings)
+    zeroed = zero_weight_tensors(builder.tensors, spec)
+    if zeroed and len(zeroed) == sum(1 for tp in builder.tensors if tp.copy_index is None):
+        raise RecipeError(f"{recipe.path}: every model has weight 0 for every tensor (normalize is off), so the "
+                          "merge would be all zeros; give at least one model a non-zero weight")
+    if zeroed:
+        warnings.append(f"{len(zeroed)} tensor(s) have weight 0 for every model and are written as zeros "
+                        f"(first: {zeroed[0]}); check the recipe's weights and filters")
     plan = MergePlan(recipe, spec, checkpoints, ref, builder.tensors, len(layer_sources), layer_sources, compute,
-                     list(recipe.warnings))
+                     warnings)
     return plan
+
+
+IGNORABLE_EXTRA = ("rotary_emb.inv_freq",)  # buffers that old checkpoints store and every loader recomputes
+
+
+def check_nothing_dropped(ref: str, checkpoints: dict[str, Checkpoint], models: list[str]) -> None:
+    """Refuse a merge that would silently drop another model's tensor.
+
+    The output takes its tensor list from the reference model (base, else first). A tensor that another
+    input has and the reference lacks would vanish without a word: a fine-tune's ``lm_head.weight``
+    under a base with ``tie_word_embeddings: true`` (or a base saved without its head), which a loader
+    then fills with the embeddings or with random values."""
+    r = checkpoints[ref]
+    for model in models:
+        c = checkpoints[model]
+        extra = sorted((n for n in c.tensors if n not in r.tensors and not n.endswith(IGNORABLE_EXTRA)), key=natural_key)
+        if extra:
+            tied = " (it ties lm_head to the embeddings: tie_word_embeddings is true)" if r.config.get("tie_word_embeddings") else ""
+            raise CheckpointError(f"{c.path}: tensor {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+                                  + f" is not in the reference model {r.path}{tied}; the merge would drop it. "
+                                  "Merge models with the same tensors (make the model that has it the base_model, "
+                                  "or untie the base first)")
+
+
+def zero_weight_tensors(tensors: list[TensorPlan], spec) -> list[str]:
+    """Output tensors of a pure weighted sum (no base to fall back to) whose every weight is 0: they
+    come out as zeros, which a user never means (a whole model of them is refused)."""
+    if spec.consensus or not spec.per_model or "weight" not in spec.per_model:
+        return []
+    out = []
+    for tp in tensors:
+        if tp.copy_index is not None or (tp.base_index is not None and not spec.per_model_applies_to_base):
+            continue  # copied, or a task method: the base is the output where every delta weighs 0
+        weights = [p.get("weight") for p in tp.per_model]
+        if weights and all(w == 0 for w in weights) and not tp.shared.get("normalize"):
+            out.append(tp.name)
+    return out
 
 
 def dtype_name(dtype: torch.dtype) -> str:

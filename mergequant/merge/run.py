@@ -99,7 +99,7 @@ def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeRe
                            plan.warnings)
 
     warnings = list(plan.warnings)
-    with atomic_output_dir(opts.out, log=log) as tmp:
+    with atomic_output_dir(opts.out, log=log, replace=opts.force) as tmp:
         writer = ShardedWriter(tmp, shards, writeback_every=256 * 2**20 if opts.fsync else None)
         try:
             bad = _execute(plan, writer, device, opts)

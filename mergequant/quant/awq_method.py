@@ -8,16 +8,19 @@ Per decoder layer (float32, materialized by the layer runner):
    ``SEARCH_TOKENS`` tokens, with the attention module's call arguments (rotary embeddings, mask).
    Memory per layer is then about ``SEARCH_TOKENS x 2 hidden`` floats plus the block outputs plus
    ``3 hidden^2 + intermediate^2`` floats for the Gram matrices, whatever ``--samples`` is.
-2. For each scaling group in order (input_layernorm -> q,k,v; v_proj -> o_proj when the shapes match;
-   post_attention_layernorm (or pre_feedforward_layernorm) -> gate,up; up_proj -> down_proj) the
+2. For each scaling group of the family's description (``Architecture.scaling``, in order; for Llama
+   input_layernorm -> q,k,v; v_proj -> o_proj when the shapes match; post_attention_layernorm (or
+   Gemma 2/3's pre_feedforward_layernorm) -> gate,up; up_proj -> down_proj; for Phi-3 the fused
+   qkv_proj and gate_up_proj are one group each and v/up are row chunks of them) the
    scale ``s`` is searched (:func:`mergequant.quant.awq.search_scale`) on the block output against
    the float output: the whole attention module or MLP run on the kept inputs, or, for o_proj and
    down_proj, the Linear's exact output error over all tokens from ``X^T X``. Then ``s`` is folded:
    the previous op's output is divided by ``s`` and the group's input columns multiplied by ``s``.
    The float function of the layer is unchanged by folding, so the statistics of step 1 stay valid
    (rescaled by ``1/s``).
-3. Each Linear's weights are clipped per group (error from the diagonal blocks of ``X^T X``; not q/k, whose errors are amplified through the
-   softmax and whose best clip depends on the other factor of q.k) and quantized; the codes are
+3. Each Linear's weights are clipped per group (error from the diagonal blocks of ``X^T X``; not q/k
+   (``Architecture.no_clip``), whose errors are amplified through the softmax and whose best clip
+   depends on the other factor of q.k) and quantized; the codes are
    written and the dequantized weights put back into the layer, which the runner then runs to make
    the next layer's inputs.
 
@@ -27,45 +30,22 @@ The driver writes the (now folded) norms and biases from the module after ``proc
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
+from mergequant.architectures import Architecture, architecture_for_layer_class
 from mergequant.errors import MergeQuantError
 from mergequant.io.writer import PlannedTensor
 from mergequant.quant import awq, formats
-from mergequant.quant.norms import norm_offset
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
 
 SEARCH_TOKENS = 16384  # calibration tokens per layer kept to judge the attention and MLP blocks
 
-# model_type -> decoder layer class (transformers) whose scaling map below is implemented and tested
-SUPPORTED = {
-    "llama": "LlamaDecoderLayer",
-    "mistral": "MistralDecoderLayer",
-    "qwen2": "Qwen2DecoderLayer",
-    "qwen3": "Qwen3DecoderLayer",
-    "gemma": "GemmaDecoderLayer",
-    "gemma2": "Gemma2DecoderLayer",
-    "gemma3_text": "Gemma3DecoderLayer",
-}
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
-
 
 def _unsupported(what: str) -> MergeQuantError:
-    return MergeQuantError(f"--method awq has no scaling map for {what} (supported: "
-                           f"{', '.join(SUPPORTED)}); use --method gptq")
-
-
-def check_architecture(config: dict) -> None:
-    """Refuse a model whose ``config.json`` names an architecture without a known AWQ scaling map.
-    (The driver may call this before any work; ``process_layer`` re-checks the decoder layer class.)"""
-    mt = config.get("model_type")
-    if mt not in SUPPORTED:
-        arch = (config.get("architectures") or [mt])[0]
-        raise _unsupported(f"{arch} (model_type {mt!r})")
+    return MergeQuantError(f"--method awq has no scaling map for {what}; use --method gptq")
 
 
 def _first(out):
@@ -73,52 +53,63 @@ def _first(out):
 
 
 class ScalingGroup:
-    """One AWQ scaling group: ``prev`` (norm or Linear) produces the input of ``linears``."""
+    """One AWQ scaling group of a materialized layer: the description's ``ScaleGroup`` bound to its
+    modules. ``prev`` (norm or Linear) produces the input of ``linears``; ``rows`` are the rows of a
+    Linear ``prev`` that produce it (all of them unless ``prev`` is fused); ``point`` names where that
+    input is recorded; ``block`` the module AWQ judges the scale on (None: the Linears alone)."""
 
-    def __init__(self, name: str, prev: nn.Module, prev_kind: str, linears: list[str], block: str, point: str):
-        self.name, self.prev, self.prev_kind, self.linears, self.block, self.point = name, prev, prev_kind, linears, block, point
+    def __init__(self, name: str, prev: nn.Module, prev_kind: str, linears: list[str], block: str | None,
+                 point: str, rows: slice | None = None, offset: float = 0.0):
+        self.name, self.prev, self.prev_kind, self.linears, self.block = name, prev, prev_kind, linears, block
+        self.point, self.rows, self.offset = point, rows, offset
 
 
-def scaling_groups(layer: nn.Module, modules: dict[str, nn.Linear]) -> list[ScalingGroup]:
-    """The scaling map of a Llama-style decoder layer (raises MergeQuantError for other layers)."""
+def capture_points(arch: Architecture) -> dict[str, str]:
+    """Linear -> the point its input is recorded at: the first Linear of its true-sequential group
+    (the members of a group read one tensor, e.g. q/k/v the attention norm's output)."""
+    return {s: group[0] for group in arch.sequential for s in group}
+
+
+def scaling_groups(layer: nn.Module, modules: dict[str, nn.Linear], arch: Architecture | None = None
+                   ) -> list[ScalingGroup]:
+    """The scaling map of ``arch`` (by default the family whose decoder-layer class ``layer`` is) bound
+    to ``layer``'s modules; groups whose shapes do not allow the fold (``v -> o`` under grouped-query
+    attention) are left out. Raises MergeQuantError for an unknown layer or a missing Linear."""
     cls = type(layer).__name__
-    if cls not in SUPPORTED.values():
-        raise _unsupported(f"decoder layer {cls}")
-    missing = [s for s in LINEARS if s not in modules]
+    try:
+        arch = arch or architecture_for_layer_class(cls)
+    except MergeQuantError:
+        raise _unsupported(f"decoder layer {cls}") from None
+    missing = [s for s in arch.quantized if s not in modules]
     if missing:
         raise _unsupported(f"decoder layer {cls} without {', '.join(missing)}")
-    mlp_norm = getattr(layer, "pre_feedforward_layernorm", None)  # Gemma 2/3: post_attention_layernorm is on
-    if mlp_norm is None:                                            # the attention output, not the MLP input
-        mlp_norm = layer.post_attention_layernorm
-    groups = [ScalingGroup("qkv", layer.input_layernorm, "norm",
-                           ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "attn", "attn")]
-    v, o = modules["self_attn.v_proj"], modules["self_attn.o_proj"]
-    if v.out_features == o.in_features:  # with grouped-query attention v's rows are shared by heads: skip
-        groups.append(ScalingGroup("o", v, "linear", ["self_attn.o_proj"], "linear", "o"))
-    groups.append(ScalingGroup("gate_up", mlp_norm, "norm", ["mlp.gate_proj", "mlp.up_proj"], "mlp", "mlp"))
-    groups.append(ScalingGroup("down", modules["mlp.up_proj"], "linear", ["mlp.down_proj"], "linear", "down"))
+    points = capture_points(arch)
+    groups = []
+    for g in arch.scaling:
+        prev = layer.get_submodule(g.prev)
+        rows = None
+        if g.prev_kind == "linear":
+            rows = g.rows(prev.out_features, modules[g.linears[0]].in_features)
+            if rows is None:  # e.g. grouped-query attention: v's rows are shared by several heads
+                continue
+        groups.append(ScalingGroup(g.name, prev, g.prev_kind, list(g.linears), g.block, points[g.linears[0]],
+                                   rows, arch.norm_offset))
     return groups
-
-
-# where each Linear's input is recorded (q/k/v share the attention input, gate/up the MLP input)
-POINT_OF = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
-            "self_attn.o_proj": "o", "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.down_proj": "down"}
-POINT_MODULE = {"attn": "self_attn.q_proj", "o": "self_attn.o_proj", "mlp": "mlp.gate_proj", "down": "mlp.down_proj"}
-KEEP_INPUTS = ("attn", "mlp")  # blocks with a non-linear function need the inputs themselves
 
 
 class _Capture:
     """What the searches need from one pass over the calibration chunks: per capture point the mean
-    |x| per channel and ``X^T X`` over every token, and for the attention and MLP inputs the inputs
-    themselves (first chunks, up to ``budget`` tokens) with the attention call arguments."""
+    |x| per channel and ``X^T X`` over every token, and for the inputs of judged blocks (attention,
+    MLP) the inputs themselves (first chunks, up to ``budget`` tokens) with the blocks' call arguments."""
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, keep_points: Collection[str] = ()):
         self.budget = budget
+        self.keep_points = set(keep_points)  # points whose inputs are kept (a block is judged on them)
         self.x: dict[str, list[torch.Tensor]] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.gram: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
-        self.attn_calls: list[tuple[tuple, dict]] = []
+        self.calls: dict[str, list[tuple[tuple, dict]]] = {}  # block -> its (args, kwargs) per kept chunk
         self.keep = True  # whether the current chunk is within the budget
 
     def add(self, point: str, x: torch.Tensor) -> None:
@@ -132,7 +123,7 @@ class _Capture:
             self.abs_sum[point] = flat.abs().sum(dim=0)
             self.gram[point] = flat.T @ flat
             self.count[point] = flat.shape[0]
-        if self.keep and point in KEEP_INPUTS:
+        if self.keep and point in self.keep_points:
             self.x.setdefault(point, []).append(x.float())
 
     def mean(self, point: str) -> torch.Tensor:
@@ -146,18 +137,27 @@ class _Capture:
 
 
 @torch.no_grad()
-def capture(layer: nn.Module, inputs, modules: dict[str, nn.Linear], budget: int = SEARCH_TOKENS) -> _Capture:
-    """Run ``layer`` over ``inputs`` once, recording what the scaling groups need (see module doc)."""
-    cap = _Capture(budget)
+def capture(layer: nn.Module, inputs, modules: dict[str, nn.Linear], budget: int = SEARCH_TOKENS,
+            arch: Architecture | None = None) -> _Capture:
+    """Run ``layer`` over ``inputs`` once, recording what the scaling groups need (see module doc):
+    every quantized Linear's input statistics at its capture point, and for each judged block its
+    inputs and call arguments (rotary embeddings, mask). ``arch``: by default the layer's family."""
+    arch = arch or architecture_for_layer_class(type(layer).__name__)
+    groups = scaling_groups(layer, modules, arch)
+    points = dict.fromkeys(capture_points(arch).values())
+    cap = _Capture(budget, {g.point for g in groups if g.block})
     hooks = []
-    for point, suffix in POINT_MODULE.items():
-        hooks.append(modules[suffix].register_forward_pre_hook(lambda m, args, p=point: cap.add(p, args[0])))
+    for point in points:
+        hooks.append(modules[point].register_forward_pre_hook(lambda m, args, p=point: cap.add(p, args[0])))
 
-    def attn_pre(m, args, kwargs):
-        if cap.keep:
-            cap.attn_calls.append((tuple(args), dict(kwargs)))
+    def block_pre(name):
+        def hook(m, args, kwargs):
+            if cap.keep:
+                cap.calls.setdefault(name, []).append((tuple(args), dict(kwargs)))
+        return hook
 
-    hooks.append(layer.self_attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
+    for block in dict.fromkeys(g.block for g in groups if g.block):
+        hooks.append(layer.get_submodule(block).register_forward_pre_hook(block_pre(block), with_kwargs=True))
     seen = 0
     try:
         for hidden, kw in inputs:
@@ -192,34 +192,32 @@ def _swapped(mods: list[nn.Linear], weights: list[torch.Tensor]):
 class _Block:
     """The function a scaling group is judged by: ``loss(candidate weights)`` = output MSE vs float.
 
-    Attention and MLP blocks are run on the recorded inputs (up to ``SEARCH_TOKENS`` tokens); a
-    Linear-only block (o_proj, down_proj) is scored exactly over every calibration token from its
-    ``X^T X`` (:func:`awq.linear_output_mse`)."""
+    A judged block (attention, MLP) is run on the recorded inputs (up to ``SEARCH_TOKENS`` tokens)
+    with its recorded call arguments; a Linear-only group (o_proj, down_proj) is scored exactly over
+    every calibration token from its ``X^T X`` (:func:`awq.linear_output_mse`)."""
 
     def __init__(self, group: ScalingGroup, layer: nn.Module, modules: dict[str, nn.Linear], cap: _Capture):
         self.mods = [modules[s] for s in group.linears]
-        self.kind = group.block
+        self.block = group.block
         self.layer = layer
         self.cap, self.point = cap, group.point
-        if self.kind == "linear":
+        if self.block is None:
             self.w0 = self.mods[0].weight.data.float().clone()
         else:
             self.ref = self.outputs()  # float output, before any scaling
 
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
-        xs = self.cap.x[self.point]
-        if self.kind == "attn":
-            outs = []
-            for x, (a, kw) in zip(xs, self.cap.attn_calls):
-                a, kw = _with_hidden(a, kw, x)
-                outs.append(_first(self.layer.self_attn(*a, **kw)))
-            return outs
-        return [self.layer.mlp(x) for x in xs]
+        module = self.layer.get_submodule(self.block)
+        outs = []
+        for x, (a, kw) in zip(self.cap.x[self.point], self.cap.calls[self.block]):
+            a, kw = _with_hidden(a, kw, x)
+            outs.append(_first(module(*a, **kw)))
+        return outs
 
     @torch.no_grad()
     def loss(self, weights: list[torch.Tensor]) -> float:
-        if self.kind == "linear":
+        if self.block is None:
             return awq.linear_output_mse(weights[0] - self.w0, self.cap.gram[self.point], self.cap.count[self.point])
         with _swapped(self.mods, weights):
             outs = self.outputs()
@@ -229,12 +227,14 @@ class _Block:
 
 @torch.no_grad()
 def apply_scale(group: ScalingGroup, modules: dict[str, nn.Linear], s: torch.Tensor) -> None:
-    """Fold ``1/s`` into the group's previous op and ``s`` into its Linears' input columns (in place)."""
+    """Fold ``1/s`` into the group's previous op (a norm's gain, or the rows of a Linear that produce
+    the input) and ``s`` into its Linears' input columns (in place)."""
     if group.prev_kind == "norm":
-        awq.fold_into_norm(group.prev.weight.data, getattr(group.prev, "bias", None), s, norm_offset(group.prev))
+        awq.fold_into_norm(group.prev.weight.data, getattr(group.prev, "bias", None), s, group.offset)
     else:
+        rows = group.rows or slice(None)
         b = group.prev.bias
-        awq.fold_into_linear_rows(group.prev.weight.data, None if b is None else b.data, s)
+        awq.fold_into_linear_rows(group.prev.weight.data[rows], None if b is None else b.data[rows], s)
     for suffix in group.linears:
         awq.scale_linear_cols(modules[suffix].weight.data, s)
 
@@ -249,18 +249,10 @@ class AWQMethod(QuantMethod):
     def validate(self, opts, linears: list[QuantLinear]) -> None:
         if opts.n_grid < 1:
             raise MergeQuantError(f"--n-grid must be >= 1, got {opts.n_grid}")
-        by_layer: dict[int, set[str]] = {}
-        for lin in linears:
-            by_layer.setdefault(lin.layer, set()).add(lin.suffix)
+        for lin in linears:  # (the driver checked every layer has all of its family's Linears)
             if lin.out_features % 8:
                 raise MergeQuantError(f"AWQ packs 8 output features per int32; {lin.prefix} has out_features "
                                       f"{lin.out_features}, not a multiple of 8 (use --method gptq)")
-        for layer, found in sorted(by_layer.items()):
-            missing = [s for s in LINEARS if s not in found]
-            if missing:
-                raise _unsupported(f"decoder layers without {', '.join(missing)} (layer {layer})")
-
-    check_architecture = staticmethod(check_architecture)
 
     def planned(self, lin: QuantLinear, opts) -> list[PlannedTensor]:
         K, N = lin.in_features, lin.out_features
@@ -272,10 +264,12 @@ class AWQMethod(QuantMethod):
     # ---- the work ----------------------------------------------------------------------------------
     def process_layer(self, ctx: QuantContext, i, layer, inputs, todo, modules) -> None:
         o = ctx.opts
-        groups = scaling_groups(layer, modules)  # raises for an unsupported layer before any search
+        arch = ctx.arch
+        groups = scaling_groups(layer, modules, arch)  # raises for a layer missing a Linear before any search
         stats = ctx.extra.setdefault("awq", [])
         qkw = {"bits": o.bits, "group_size": o.group_size, "zero_point": o.zero_point}
-        cap = capture(layer, inputs, modules)
+        cap = capture(layer, inputs, modules, arch=arch)
+        point_of = capture_points(arch)
         for g in groups:
             if not all(s in todo for s in g.linears):
                 continue
@@ -288,13 +282,13 @@ class AWQMethod(QuantMethod):
                 apply_scale(g, modules, res.scales)
                 cap.rescale(g.point, res.scales)
             del block
-        for suffix in LINEARS:
+        for suffix in arch.quantized:
             if suffix not in todo:
                 continue
             mod, lin = modules[suffix], todo[suffix]
             W = mod.weight.data.float()
-            if suffix not in NO_CLIP:
-                blocks = awq.gram_blocks(cap.gram[POINT_OF[suffix]], o.group_size)
+            if suffix not in arch.no_clip:
+                blocks = awq.gram_blocks(cap.gram[point_of[suffix]], o.group_size)
                 W = awq.apply_clip(W, awq.search_clip(W, blocks, **qkw), o.group_size)
             qw = awq.pseudo_quantize(W, **qkw)
             mod.weight.data.copy_(qw.w_hat.to(mod.weight.dtype))

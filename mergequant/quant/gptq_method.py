@@ -1,6 +1,7 @@
 """GPTQ and round-to-nearest, both exported in the GPTQ on-disk format (qweight/qzeros/scales/g_idx).
 
-GPTQ runs per decoder layer in true-sequential order (k,v,q | o | up,gate | down): each group's
+GPTQ runs per decoder layer in true-sequential order (the family's ``Architecture.sequential``, for
+Llama k,v,q | o | up,gate | down): each group's
 input Hessians are accumulated on activations computed with the previous groups already quantized,
 then the group is solved and its dequantized weights put back into the layer.
 """
@@ -21,15 +22,6 @@ from mergequant.quant.gptq import (
     quantize_rtn,
 )
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
-
-# True-sequential order inside a decoder layer: each group is quantized after the previous ones, on
-# inputs computed with the previous groups already quantized.
-SEQUENTIAL_GROUPS = [
-    ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.up_proj", "mlp.gate_proj"],
-    ["mlp.down_proj"],
-]
 
 
 def _fmt(opts) -> str:
@@ -121,7 +113,8 @@ class GPTQMethod(RTNMethod):
         from mergequant.quant.runner import capture_module_inputs
 
         widest = max(m.in_features for m in modules.values())
-        for group in SEQUENTIAL_GROUPS:
+        # each group is quantized after the previous ones, on inputs computed with them already quantized
+        for group in ctx.arch.sequential:
             names = [s for s in group if s in todo and s in modules]
             if not names:
                 continue

@@ -1,6 +1,7 @@
 """The contract between the quantization driver and each method (gptq, rtn, awq, int8, w8a8).
 
-The driver (``quantize.py``) owns everything methods share: finding the decoder Linear modules,
+The driver (``quantize.py``) owns everything methods share: finding the decoder Linear modules
+(from the family's ``mergequant.architectures`` description, handed to methods as ``ctx.arch``),
 calibration data, the layer runner, the sharded atomic writer, config/card files and ``--eval``.
 A method only says which tensors replace each quantized ``weight`` (so the shard layout can be
 planned before any work), how it turns weights (and, if calibrated, a materialized decoder layer
@@ -24,6 +25,7 @@ from mergequant.errors import MergeQuantError
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
+    from mergequant.architectures import Architecture
     from mergequant.io.checkpoint import Checkpoint
     from mergequant.io.writer import PlannedTensor, ShardedWriter
     from mergequant.quant.runner import LayerInputs
@@ -51,18 +53,34 @@ class QuantContext:
     log: Callable[[str], None]
     extra: dict = field(default_factory=dict)  # per-run scratch space for a method
     source: "Checkpoint | None" = None  # the input checkpoint (memory-mapped), for deferred weights
+    arch: "Architecture | None" = None  # the model family's description: groups, scaling map, names
 
     def source_weight(self, lin: QuantLinear) -> torch.Tensor:
         """``lin``'s float weight [out, in] as stored in the input checkpoint (memory-mapped: reading it
         costs file-backed pages, not anonymous memory; cast or copy it to compute with it)."""
         if self.source is None:
             raise RuntimeError("QuantContext.source is not set")
-        return self.source.get(f"{lin.prefix}.weight")
+        name = f"{lin.prefix}.weight"
+        return require_finite(self.source.path, name, self.source.get(name))
 
     def write(self, lin: QuantLinear, tensors: dict[str, torch.Tensor]) -> None:
         """Write ``{key: tensor}`` as ``<lin.prefix>.<key>`` (each tensor in its planned dtype)."""
         for key, t in tensors.items():
             self.writer.write(f"{lin.prefix}.{key}", t.contiguous())
+
+
+def require_finite(where, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t``, after refusing NaN or infinite values in the input weight ``name``.
+
+    A non-finite weight makes every rounding grid NaN (RTN's packer then fails on out-of-range
+    codes) and, in a calibrated run, poisons the activations of every later layer, so GPTQ reported
+    "Cholesky failed" everywhere and wrote a garbage checkpoint with exit 0. Checked where each
+    weight is first read; the cost is one pass over values that are being read anyway."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise MergeQuantError(f"{where}: tensor {name} has {bad} NaN or infinite value(s); the checkpoint is "
+                              "corrupt or was saved after a diverged update, so it cannot be quantized")
+    return t
 
 
 class QuantMethod:

@@ -1,6 +1,8 @@
 """Drive a quantization: checkpoint + calibration data -> quantized checkpoint on disk.
 
-Data flow: the decoder Linear modules are found by name; the chosen method (``method.py``) says
+Data flow: the decoder Linear modules are found by name, from the model family's description
+(``mergequant.architectures``: a family without one, or a mixture-of-experts family, is refused
+before anything is read or written); the chosen method (``method.py``) says
 which tensors replace each weight, so the output shards are planned before any work. Uncalibrated
 methods (rtn, int8) quantize weight by weight straight from the checkpoint. Calibrated methods
 (gptq, awq, w8a8) run through the layer runner, which materializes one decoder layer at a time with
@@ -19,17 +21,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mergequant.architectures import Architecture, architecture_for, model_name
 from mergequant.errors import MergeQuantError
-from mergequant.io.checkpoint import Checkpoint, split_layer_name
+from mergequant.io.checkpoint import Checkpoint
 from mergequant.io.model_files import copy_tokenizer_files, pick_device
 from mergequant.io.output_dir import atomic_output_dir, check_output_location, local_files
 from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, write_json
 from mergequant.memory import release_free_memory
 from mergequant.merge.plan import natural_key
-from mergequant.quant.gptq_method import SEQUENTIAL_GROUPS
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod, get_method
 
-QUANTIZED_SUFFIXES = [s for g in SEQUENTIAL_GROUPS for s in g]
 # Calibration samples per forward chunk when --batch-size is not given: as many as fit in
 # CHUNK_ACTIVATION_BYTES of transient activations inside one decoder layer (~3 MLP-wide and ~4
 # hidden-wide float32 tensors per token), at most CHUNK_TOKENS tokens, at least one sample. Large
@@ -86,21 +87,49 @@ class QuantizeResult:
     perplexity: dict = field(default_factory=dict)
 
 
-def find_linears(ck: Checkpoint) -> list[QuantLinear]:
-    """The decoder Linear weights that get quantized, from the checkpoint's tensor names and shapes."""
+def quantizable_architecture(ck: Checkpoint) -> Architecture:
+    """The description of ``ck``'s family, refusing (one line) families without one and
+    mixture-of-experts families, whose experts are not plain Linears (not supported yet)."""
+    arch = architecture_for(ck.config, f"{ck.path}: ")
+    if arch.is_moe:
+        raise MergeQuantError(f"{ck.path}: {model_name(ck.config)} (model_type {arch.model_type!r}) is a "
+                              "mixture-of-experts model; quantizing MoE models is not supported yet")
+    return arch
+
+
+def find_linears(ck: Checkpoint, arch: Architecture | None = None) -> list[QuantLinear]:
+    """The decoder Linear weights that get quantized (the description's, in true-sequential order per
+    layer), from the checkpoint's tensor names and shapes. A layer missing one of them is refused
+    here, before any work, rather than half-quantized."""
+    arch = arch or quantizable_architecture(ck)
+    order = {s: k for k, s in enumerate(arch.quantized)}
     found = []
     for name, info in ck.tensors.items():
-        parts = split_layer_name(name)
-        if not parts or not name.endswith(".weight") or len(info.shape) != 2:
+        loc = arch.split_name(name)
+        if not loc or not name.endswith(".weight") or len(info.shape) != 2:
             continue
-        suffix = parts[2][: -len(".weight")]
-        if suffix in QUANTIZED_SUFFIXES:
+        suffix = loc[1][: -len(".weight")]
+        if suffix in order:
             prefix = name[: -len(".weight")]
-            found.append(QuantLinear(prefix, parts[1], suffix, info.shape[0], info.shape[1], f"{prefix}.bias" in ck.tensors))
+            found.append(QuantLinear(prefix, loc[0], suffix, info.shape[0], info.shape[1], f"{prefix}.bias" in ck.tensors))
     if not found:
         raise MergeQuantError(f"{ck.path}: no decoder Linear weights found ({ck.architecture} is not supported: "
-                              f"expected names like model.layers.N.self_attn.q_proj.weight)")
-    return sorted(found, key=lambda lin: (lin.layer, QUANTIZED_SUFFIXES.index(lin.suffix)))
+                              f"expected names like {arch.layer_prefix(0)}{arch.quantized[0]}.weight)")
+    found.sort(key=lambda lin: (lin.layer, order[lin.suffix]))
+    _check_complete_layers(ck, arch, found)
+    return found
+
+
+def _check_complete_layers(ck: Checkpoint, arch: Architecture, linears: list[QuantLinear]) -> None:
+    """Every layer that has one of the description's Linears has all of them."""
+    by_layer: dict[int, set[str]] = {}
+    for lin in linears:
+        by_layer.setdefault(lin.layer, set()).add(lin.suffix)
+    for i, have in sorted(by_layer.items()):
+        missing = [s for s in arch.quantized if s not in have]
+        if missing:
+            raise MergeQuantError(f"{ck.path}: tensor {arch.layer_prefix(i)}{missing[0]}.weight is missing "
+                                  f"({arch.model_type} decoder layers have {', '.join(arch.quantized)})")
 
 
 def _check_counts(opts: QuantizeOptions) -> None:
@@ -174,7 +203,8 @@ def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> QuantizeResult:
     model_dir = Path(model_dir)
     ck = Checkpoint.open(model_dir)
-    linears = find_linears(ck)
+    arch = quantizable_architecture(ck)
+    linears = find_linears(ck, arch)
     method = validate(opts, linears, model_dir=model_dir)
     method.check_architecture(ck.config)
     check_output_location(opts.out, [model_dir], force=opts.force,
@@ -189,18 +219,18 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     shards = plan_shards(planned_tensors(ck, linears, method, opts), opts.shard_size)
     fdtype = method.float_dtype(opts)
     quantized = {f"{lin.prefix}.weight" for lin in linears}
-    with atomic_output_dir(opts.out, log=log) as tmp:
+    with atomic_output_dir(opts.out, log=log, replace=opts.force) as tmp:
         writer = ShardedWriter(tmp, shards, writeback_every=256 * 2**20 if opts.fsync else None)
-        ctx = QuantContext(opts, writer, result, log, source=ck)
+        ctx = QuantContext(opts, writer, result, log, source=ck, arch=arch)
         try:
             for name in ck.tensors:  # outside the decoder layers (all of them when uncalibrated): as stored
-                if name not in quantized and (not method.calibrated or not split_layer_name(name)):
+                if name not in quantized and (not method.calibrated or not arch.split_name(name)):
                     writer.write(name, _as_stored(ck.get(name), fdtype))
             if method.calibrated:
                 _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, device, fdtype)
             else:
                 for lin in tqdm(linears, desc=opts.method, disable=opts.quiet or None, file=sys.stderr):
-                    method.quantize_weight(ctx, lin, ck.get(f"{lin.prefix}.weight").float())
+                    method.quantize_weight(ctx, lin, ctx.source_weight(lin).float())
             writer.finish(fsync=opts.fsync)
         finally:
             writer.close()
@@ -238,17 +268,17 @@ def _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, devic
         by_layer.setdefault(lin.layer, {})[lin.suffix] = lin
     layer_tensors: dict[int, list[str]] = {}
     for name in ck.tensors:
-        parts = split_layer_name(name)
-        if parts and name not in quantized:
-            layer_tensors.setdefault(parts[1], []).append(name)
+        loc = ctx.arch.split_name(name)
+        if loc and name not in quantized:
+            layer_tensors.setdefault(loc[0], []).append(name)
     batch = ctx.opts.batch_size or auto_batch_size(ck.config, calib_ids.shape[1], calib_ids.shape[0])
-    runner = LayerRunner(model_dir, calib_ids, device, batch_size=batch)
+    runner = LayerRunner(model_dir, calib_ids, device, batch_size=batch, arch=ctx.arch)
     bar = tqdm(total=runner.num_layers, desc=ctx.opts.method, unit="layer", disable=ctx.opts.quiet or None,
                file=sys.stderr)
 
     def process(i, layer, inputs):
         method.process_layer(ctx, i, layer, inputs, by_layer.get(i, {}), linear_modules(layer))
-        prefix = f"{runner.layers_path}.{i}."
+        prefix = ctx.arch.layer_prefix(i)
         params = {prefix + n: p for n, p in layer.named_parameters()}
         for name in layer_tensors.get(i, []):  # norms, biases... as the method left them
             t = params[name].data.cpu() if name in params else ck.get(name)

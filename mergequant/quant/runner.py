@@ -18,7 +18,9 @@ model:
    position embeddings and causal masks, and we record exactly what each layer receives -- per layer,
    because Gemma 2/3 give sliding-window and full-attention layers different masks and rotary
    embeddings.  No decoder-layer parameter is touched (they are still on meta).
-3. ``run(process_layer)``: for each layer i, load its parameters (``model.layers.{i}.*``), call
+3. ``run(process_layer)``: for each layer i, load its parameters (``model.layers.{i}.*``: where the
+   layers are, and the names outside them, come from the family's ``mergequant.architectures``
+   description), call
    ``process_layer(i, layer, inputs)`` (collect statistics with hooks, quantize in place), recompute
    the layer's outputs with the possibly modified weights, feed them to layer i+1, and put the layer's
    parameters back on meta.
@@ -44,10 +46,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mergequant.architectures import Architecture, architecture_for, resolve
 from mergequant.errors import MergeQuantError
 from mergequant.io.checkpoint import Checkpoint
 from mergequant.memory import release_free_memory
 from mergequant.quant.compact import CheckpointForward, remove_forwards
+from mergequant.quant.method import require_finite
 
 __all__ = ["LayerInputs", "LayerRunner", "StopLayer", "capture_module_inputs", "linear_modules", "run_layer"]
 
@@ -218,12 +222,13 @@ class LayerRunner:
 
     Parameters: ``model_dir`` (a transformers model directory with safetensors), ``calib_ids`` an
     integer tensor [S, T], ``device`` where layers run, ``dtype`` the compute dtype of loaded weights
-    (float32 by default), ``batch_size`` samples per forward chunk.
+    (float32 by default), ``batch_size`` samples per forward chunk, ``arch`` the family's description
+    (looked up from config.json when not given).
     """
 
     def __init__(self, model_dir: str | Path, calib_ids: torch.Tensor, device: str | torch.device = "cpu",
                  *, dtype: torch.dtype = torch.float32, batch_size: int = 8,
-                 activation_dtype: torch.dtype | None = None):
+                 activation_dtype: torch.dtype | None = None, arch: Architecture | None = None):
         if calib_ids.dim() != 2:
             raise MergeQuantError(f"calibration ids must be [samples, tokens], got shape {tuple(calib_ids.shape)}")
         if batch_size < 1:
@@ -235,9 +240,10 @@ class LayerRunner:
         self.calib_ids = calib_ids.long()
         self.model = self._build_skeleton()
         self.arch = type(self.model).__name__
-        self.layers: nn.ModuleList = self.model.model.layers
+        self.description = arch or architecture_for(self.ckpt.config, f"{self.ckpt.path}: ")
+        self.layers: nn.ModuleList = self._find_layers()
         self.num_layers = len(self.layers)
-        self.layers_path = self._module_path(self.layers)
+        self.layers_path = self.description.layers
         self._inputs: list[LayerInputs] | None = None  # per-layer kwargs after capture (hidden only in [0])
         # Hidden states between layers are stored in the checkpoint's own 16-bit dtype when it has one
         # (what the model computes in at inference; GPTQModel and AutoGPTQ keep them in the model's
@@ -277,11 +283,21 @@ class LayerRunner:
             raise MergeQuantError(f"{where}: {type(cfg).__name__} ({model_type}) has no causal-LM model in "
                                   f"transformers ({str(e).splitlines()[0]})") from None
         model.eval()
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        if not isinstance(layers, nn.ModuleList):
-            raise MergeQuantError(f"{where}: architecture {type(model).__name__} is unsupported "
-                                  "(decoder layers not found at model.model.layers)")
         return model
+
+    def _find_layers(self) -> nn.ModuleList:
+        """The decoder layers where the description puts them, of the class it names (a config whose
+        model_type builds something else is refused rather than run with the wrong names)."""
+        d = self.description
+        layers = resolve(self.model, d.layers)
+        if not isinstance(layers, nn.ModuleList) or self._module_path(layers) != d.layers:
+            raise MergeQuantError(f"{self.ckpt.path}: architecture {self.arch} is unsupported "
+                                  f"(decoder layers not found at {d.layers})")
+        found = {type(layer).__name__ for layer in layers}
+        if found != {d.layer_class}:
+            raise MergeQuantError(f"{self.ckpt.path}: architecture {self.arch} is unsupported (decoder layers are "
+                                  f"{', '.join(sorted(found))}; the {d.model_type} description expects {d.layer_class})")
+        return layers
 
     def _module_path(self, module: nn.Module) -> str:
         for name, m in self.model.named_modules():
@@ -310,7 +326,7 @@ class LayerRunner:
                 if key not in self.ckpt.tensors and fallback and key in fallback:
                     key = fallback[key]
                 self._require(key)
-                t = self.ckpt.get(key)
+                t = require_finite(self.ckpt.path, key, self.ckpt.get(key))
                 if tuple(t.shape) != tuple(p.shape):
                     raise MergeQuantError(f"{self.ckpt.path}: tensor {key} has shape {tuple(t.shape)}, "
                                           f"{self.arch} expects {tuple(p.shape)}")
@@ -368,7 +384,7 @@ class LayerRunner:
         """The inputs of layer 0 (and, kept internally, the kwargs every layer receives)."""
         if self._inputs is not None:
             return self._inputs[0]
-        shell = self.model.model
+        shell = resolve(self.model, self.layers_path.rpartition(".")[0])  # the base model around the layers
         self._load(shell, self._module_path(shell) + ".", skip=(self.layers,), embeddings_as_stored=True)
         # plain embeddings stay in their stored dtype (a 32k x 4096 table is 0.5 GiB in float32); their
         # output is cast to the compute dtype, which gives exactly the values a float32 copy would
@@ -445,14 +461,14 @@ class LayerRunner:
     @torch.no_grad()
     def logits(self, hidden: list[torch.Tensor]) -> torch.Tensor:
         """Final norm + lm_head (+ final logit soft-capping) over the last layer's outputs: [S, T, V]."""
-        shell, head = self.model.model, self.model.get_output_embeddings()
-        norm = getattr(shell, "norm", None)
+        d = self.description
+        norm, head = resolve(self.model, d.final_norm), resolve(self.model, d.lm_head)
         if norm is None or head is None:
-            raise MergeQuantError(f"{self.arch}: unsupported architecture (no model.norm / lm_head)")
-        shell_path, head_path = self._module_path(shell), self._module_path(head)
-        embed_key = f"{shell_path}.embed_tokens.weight"
-        self._load(norm, f"{shell_path}.norm.")
-        self._load(head, f"{head_path}.", fallback={f"{head_path}.weight": embed_key})  # tied embeddings
+            raise MergeQuantError(f"{self.arch}: unsupported architecture (no {d.final_norm} / {d.lm_head})")
+        self._load(norm, f"{d.final_norm}.")
+        head_key = f"{d.lm_head}.weight"  # tied embeddings: the checkpoint may hold only the embedding
+        self._load(head, f"{d.lm_head}.",
+                   fallback={head_key: d.head_weight_on_disk(self.ckpt.config, self.ckpt.tensors)})
         try:
             out = torch.cat([head(norm(h.to(self.dtype))) for h in hidden], dim=0)
         finally:

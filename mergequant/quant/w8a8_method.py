@@ -3,13 +3,15 @@ format (vLLM runs it with int8 GEMMs, activations quantized per token at run tim
 
 Per decoder layer (materialized in float32 by the layer runner):
 
-1. **Smoothing groups are found structurally**, not by name: one forward over the calibration inputs
-   with hooks on every normalization module (any non-Linear module with a 1-D ``weight`` whose class name
-   contains "Norm") and on every Linear; a Linear whose input *is* (same tensor object) a norm's output is
-   fed by that norm. For Llama/Mistral/Qwen this gives ``input_layernorm -> q,k,v`` and
-   ``post_attention_layernorm -> gate,up``; for Gemma 2/3 ``pre_feedforward_layernorm -> gate,up``
-   (their ``post_attention_layernorm`` acts on the attention output). The same pass records the
-   per-input-channel absmax of each norm's output over all calibration tokens.
+1. **Smoothing groups come from the family's description**: the norm-fed groups of
+   ``Architecture.scaling`` (``input_layernorm -> q,k,v`` and ``post_attention_layernorm -> gate,up``
+   for Llama/Mistral/Qwen; ``pre_feedforward_layernorm -> gate,up`` for Gemma 2/3, whose
+   ``post_attention_layernorm`` acts on the attention output; Phi-3's fused ``qkv_proj`` and
+   ``gate_up_proj`` as one Linear each). One forward over the calibration inputs with hooks on those
+   norms records the per-input-channel absmax of each norm's output over all calibration tokens.
+   ``find_smoothing_groups`` finds the same groups structurally (a Linear whose input *is* a norm's
+   output); the tests check it agrees with every description, and ``smooth_layer`` uses it for a
+   module without one.
    ``o_proj`` and ``down_proj`` are not smoothed: their inputs come from attention / the gated
    activation, where a scale would have to be folded into ``v_proj`` (valid only without GQA
    mismatches) and ``up_proj``; SmoothQuant's reference recipe and llm-compressor's default Llama
@@ -33,12 +35,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mergequant.architectures import Architecture
 from mergequant.errors import MergeQuantError
 from mergequant.io.writer import PlannedTensor
 from mergequant.quant.int8 import (channel_int8_dequantize, channel_int8_quantize, fold_into_linear, fold_into_norm,
                                    smooth_scales, weight_column_absmax)
-from mergequant.quant.norms import norm_offset
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
+from mergequant.quant.norms import norm_offset
 
 FOLD_CHECK_RTOL = 1e-3
 
@@ -51,27 +54,25 @@ def _is_norm(m: nn.Module) -> bool:
             and isinstance(w, torch.Tensor) and w.dim() == 1)
 
 
-@torch.no_grad()
-def find_smoothing_groups(layer: nn.Module, inputs) -> tuple[list[tuple[str, list[str], torch.Tensor]], list]:
-    """Run ``layer`` over ``inputs`` once: ([(norm name, [Linear names fed by it], act absmax [H])], the
-    layer's output on the first chunk).
+def _absmax_hook(absmax: dict, first_out: dict, state: dict, name: str):
+    """Forward hook: running per-channel absmax of a norm's output; chunk 0's output itself kept."""
+    def hook(mod, args, out):
+        t = out[0] if isinstance(out, (tuple, list)) else out
+        a = t.detach().float().abs().reshape(-1, t.shape[-1]).amax(dim=0)
+        absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
+        if state["chunk"] == 0:
+            first_out[name] = t
+    return hook
 
-    Groups are returned only for norms that feed at least one Linear."""
-    norms = {n: m for n, m in layer.named_modules() if _is_norm(m)}
-    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+@torch.no_grad()
+def _run_recording(layer: nn.Module, inputs, norms: dict[str, nn.Module], linears: dict[str, nn.Module]):
+    """One pass of ``layer`` over ``inputs``: (norm output absmax over every token, chunk 0's norm
+    outputs, chunk 0's Linear inputs, the layer's output on chunk 0)."""
     absmax: dict[str, torch.Tensor] = {}
     first_out: dict[str, torch.Tensor] = {}  # chunk 0: the tensors themselves (kept alive: ids stay unique)
     first_in: dict[str, torch.Tensor] = {}
     state = {"chunk": 0}
-
-    def norm_hook(name):
-        def hook(mod, args, out):
-            t = out[0] if isinstance(out, (tuple, list)) else out
-            a = t.detach().float().abs().reshape(-1, t.shape[-1]).amax(dim=0)
-            absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
-            if state["chunk"] == 0:
-                first_out[name] = t
-        return hook
 
     def lin_hook(name):
         def hook(mod, args):
@@ -79,7 +80,7 @@ def find_smoothing_groups(layer: nn.Module, inputs) -> tuple[list[tuple[str, lis
                 first_in[name] = args[0]
         return hook
 
-    handles = [m.register_forward_hook(norm_hook(n)) for n, m in norms.items()]
+    handles = [m.register_forward_hook(_absmax_hook(absmax, first_out, state, n)) for n, m in norms.items()]
     handles += [m.register_forward_pre_hook(lin_hook(n)) for n, m in linears.items()]
     first = None
     try:
@@ -91,6 +92,18 @@ def find_smoothing_groups(layer: nn.Module, inputs) -> tuple[list[tuple[str, lis
     finally:
         for hd in handles:
             hd.remove()
+    return absmax, first_out, first_in, first
+
+
+@torch.no_grad()
+def find_smoothing_groups(layer: nn.Module, inputs) -> tuple[list[tuple[str, list[str], torch.Tensor]], list]:
+    """Run ``layer`` over ``inputs`` once: ([(norm name, [Linear names fed by it], act absmax [H])], the
+    layer's output on the first chunk), found structurally (see the module docstring).
+
+    Groups are returned only for norms that feed at least one Linear."""
+    norms = {n: m for n, m in layer.named_modules() if _is_norm(m)}
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    absmax, first_out, first_in, first = _run_recording(layer, inputs, norms, linears)
     groups = []
     for nname, t in first_out.items():
         fed = [lname for lname, x in first_in.items() if x is t]
@@ -99,21 +112,37 @@ def find_smoothing_groups(layer: nn.Module, inputs) -> tuple[list[tuple[str, lis
     return groups, first
 
 
+def described_smoothing_groups(arch: Architecture) -> list[tuple[str, list[str]]]:
+    """The norm-fed scaling groups of a family: [(norm, [Linears it feeds])]."""
+    return [(g.prev, list(g.linears)) for g in arch.scaling if g.prev_kind == "norm"]
+
+
 @torch.no_grad()
-def smooth_layer(layer: nn.Module, inputs, alpha: float, *, check: bool = True, log=None) -> list[tuple[str, list[str]]]:
+def smooth_layer(layer: nn.Module, inputs, alpha: float, *, check: bool = True, log=None,
+                 groups: list[tuple[str, list[str]]] | None = None, offset: float | None = None,
+                 ) -> list[tuple[str, list[str]]]:
     """SmoothQuant-fold ``layer`` in place (see the module docstring); returns the groups smoothed
-    ([] when there was nothing to smooth or the fold check failed and the fold was undone)."""
-    groups, ref = find_smoothing_groups(layer, inputs)
-    if not groups:
+    ([] when there was nothing to smooth or the fold check failed and the fold was undone).
+
+    ``groups``: [(norm, [Linears])] as described for the family; None finds them structurally.
+    ``offset``: the norms' gain offset (1.0 for ``(1 + w)`` norms); None probes each norm."""
+    if groups is None:
+        found, ref = find_smoothing_groups(layer, inputs)
+    else:
+        norms = {n: layer.get_submodule(n) for n, _ in groups}
+        absmax, _, _, ref = _run_recording(layer, inputs, norms, {})
+        found = [(n, list(lnames), absmax[n]) for n, lnames in groups]
+    if not found:
         return []
     mods = dict(layer.named_modules())
     saved = {n: p.data.clone() for n, p in layer.named_parameters()
-             if any(n.startswith(g[0] + ".") or any(n.startswith(x + ".") for x in g[1]) for g in groups)}
-    for nname, lnames, act in groups:
+             if any(n.startswith(g[0] + ".") or any(n.startswith(x + ".") for x in g[1]) for g in found)}
+    for nname, lnames, act in found:
         norm = mods[nname]
         s = smooth_scales(act, weight_column_absmax([mods[x].weight for x in lnames]), alpha)
         bias = getattr(norm, "bias", None)
-        fold_into_norm(norm.weight, s, norm_offset(norm), bias if isinstance(bias, torch.Tensor) else None)
+        fold_into_norm(norm.weight, s, norm_offset(norm) if offset is None else offset,
+                       bias if isinstance(bias, torch.Tensor) else None)
         for x in lnames:
             fold_into_linear(mods[x].weight, s)
     if check and ref is not None:
@@ -130,7 +159,7 @@ def smooth_layer(layer: nn.Module, inputs, alpha: float, *, check: bool = True, 
                 log(f"warning: SmoothQuant folding changed the layer's output (max error {err:.3g}); "
                     "this layer is quantized without smoothing")
             return []
-    return [(n, lnames) for n, lnames, _ in groups]
+    return [(n, lnames) for n, lnames, _ in found]
 
 
 # ---- the method ---------------------------------------------------------------------------------------------
@@ -156,8 +185,8 @@ class W8A8Method(QuantMethod):
 
     def process_layer(self, ctx: QuantContext, i, layer, inputs, todo, modules) -> None:
         if self.smooth:
-            smoothed = smooth_layer(layer, inputs, ctx.opts.alpha,
-                                    log=lambda m: ctx.log(f"layer {i}: {m}"))
+            smoothed = smooth_layer(layer, inputs, ctx.opts.alpha, log=lambda m: ctx.log(f"layer {i}: {m}"),
+                                    groups=described_smoothing_groups(ctx.arch), offset=ctx.arch.norm_offset)
             ctx.extra.setdefault("smoothed", {})[i] = smoothed
         fdtype = self.float_dtype(ctx.opts)
         for suffix, lin in todo.items():

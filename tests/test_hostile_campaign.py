@@ -1,0 +1,149 @@
+"""Findings of the follow-up hostile-input campaign: inputs that used to give a silently wrong model or a
+traceback. Each is refused by the real CLI with one `error:` line (exit 2), no output left behind and
+every input byte-identical (helpers from test_hostile_checkpoint), or, for partial problems, warned about.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli
+from test_hostile_checkpoint import assert_refused, command, edit_json, recipe_for
+
+
+def single_file_copy(src: Path, dst: Path, *, drop=(), config=None) -> Path:
+    """``src`` re-saved as one model.safetensors without the tensors in ``drop``, config.json updated."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    save_file({k: v for k, v in tensors.items() if k not in drop}, dst / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        edit_json(dst / "config.json", lambda c: c.update(config))
+    return dst
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# tensors the merge would drop without a word
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [{"tie_word_embeddings": True}, {}], ids=["tied-base", "base-without-head"])
+def test_merge_refuses_to_drop_a_fine_tunes_lm_head(f32_models, tmp_path, config):
+    base = single_file_copy(f32_models["base"], tmp_path / "base", drop={"lm_head.weight"}, config=config)
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                                               f"  - model: {f32_models['a']}\n    parameters: {{weight: 0.5}}\n")
+    out = tmp_path / "out"
+    line = assert_refused(["merge", recipe, "-o", out], out, [base, f32_models["a"]],
+                          "lm_head.weight", str(base), "would drop it")
+    assert ("tie_word_embeddings" in line) == bool(config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# weights that make the output all zeros
+# ---------------------------------------------------------------------------------------------------
+def test_all_zero_weights_without_normalize_refused(f32_models, tmp_path):
+    a, b = f32_models["a"], f32_models["b"]
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 0}}}}\n"
+                                               f"  - {{model: {b}, parameters: {{weight: 0.0}}}}\nparameters: {{normalize: false}}\n")
+    out = tmp_path / "out"
+    assert_refused(["merge", recipe, "-o", out], out, [a, b], str(recipe), "weight 0", "all zeros")
+
+
+def test_some_zero_weight_tensors_are_warned_about(f32_models, tmp_path):
+    a, b = f32_models["a"], f32_models["b"]
+    w = "{weight: [{filter: mlp, value: 0}, {value: 0.5}]}"
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {w}}}\n"
+                                               f"  - {{model: {b}, parameters: {w}}}\nparameters: {{normalize: false}}\n")
+    out = tmp_path / "out"
+    proc = run_cli("merge", recipe, "-o", out, "-q", check=True)
+    mlp = [n for n in load_file(next(out.glob("*.safetensors"))) if ".mlp." in n]
+    n_mlp = sum(1 for f in out.glob("*.safetensors") for n in load_file(f) if ".mlp." in n)
+    assert mlp and f"warning: {n_mlp} tensor(s) have weight 0 for every model" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# config.json that contradicts the weights
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key, value, needle", [
+    ("hidden_size", 128, "hidden_size is 128"),
+    ("vocab_size", 4096, "vocab_size is 4096"),
+    ("num_hidden_layers", 6, "num_hidden_layers is 6 but layer 4 has no tensors"),
+    ("num_hidden_layers", 2, "num_hidden_layers is 2 but the weights have layer 2"),
+])
+@pytest.mark.parametrize("cmd", ["merge", "inspect", "eval", "quantize"])
+def test_config_contradicting_the_weights_refused(f32_models, tmp_path, key, value, needle, cmd):
+    model = tmp_path / "model"
+    shutil.copytree(f32_models["a"], model)
+    edit_json(model / "config.json", lambda c: c.update({key: value}))
+    args, out = command(cmd, model, f32_models["b"], tmp_path)
+    assert_refused(args, out, [model, f32_models["b"]], str(model / "config.json"), needle)
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval of a checkpoint with weights missing: transformers fills them randomly and only logs it
+# ---------------------------------------------------------------------------------------------------
+def test_eval_refuses_a_checkpoint_without_its_lm_head(f32_models, tmp_path):
+    model = single_file_copy(f32_models["a"], tmp_path / "nohead", drop={"lm_head.weight"})
+    assert json.loads((model / "config.json").read_text()).get("tie_word_embeddings") is not True
+    args, _ = command("eval", model, f32_models["b"], tmp_path)
+    assert_refused([*args, "-q"], None, [model], str(model), "lm_head.weight", "missing")
+
+
+# ---------------------------------------------------------------------------------------------------
+# .bin weights that are not PyTorch checkpoints; output names too long for the temporary sibling
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100], ids=["empty", "garbage"])
+@pytest.mark.parametrize("cmd", ["inspect", "push --dry-run"])
+def test_bin_that_is_not_a_checkpoint_refused(f32_models, tmp_path, content, cmd):
+    model = tmp_path / "binmodel"
+    model.mkdir()
+    shutil.copy(f32_models["a"] / "config.json", model / "config.json")
+    (model / "pytorch_model.bin").write_bytes(content)
+    args, out = command(cmd, model, f32_models["b"], tmp_path)
+    line = assert_refused(args, out, [model], str(model / "pytorch_model.bin"), "not a PyTorch checkpoint")
+    assert "unpickle code" not in line
+
+
+def test_output_name_too_long_for_the_temporary_sibling(f32_models, tmp_path):
+    name = "y" * 240  # a legal name, but '.NAME.partial-XXXXXXXX' would not be
+    out = tmp_path / name
+    recipe = recipe_for(tmp_path, f32_models["a"], f32_models["b"])
+    assert_refused(["merge", recipe, "-o", out], out, [f32_models["a"], f32_models["b"]], "240 bytes", "at most 237")
+
+
+# ---------------------------------------------------------------------------------------------------
+# NaN / inf weights: RTN used to crash in the packer, GPTQ to write a garbage checkpoint with exit 0
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["rtn", "int8", "gptq", "w8a8"])
+def test_quantize_refuses_non_finite_weights(f32_models, tmp_path, method):
+    import torch
+
+    src = f32_models["a"]
+    model = tmp_path / "nan"
+    shutil.copytree(src, model, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    bad = "model.layers.2.mlp.up_proj.weight"
+    tensors[bad] = tensors[bad].clone()
+    tensors[bad][3, 5] = float("nan") if method != "int8" else float("inf")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    data = tmp_path / "calib.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    args = ["quantize", model, "-o", out, "--method", method, "-q"]
+    if method in ("rtn", "gptq"):
+        args += ["--group-size", 32]
+    if method in ("gptq", "w8a8"):
+        args += ["--calib", data, "--samples", 4, "--seqlen", 32]
+    assert_refused(args, out, [model], str(model), bad, "NaN or infinite")
+    assert torch.isnan(tensors[bad]).any() or torch.isinf(tensors[bad]).any()
