@@ -278,6 +278,30 @@ def repo_id_problem(repo: object) -> str | None:
     return None
 
 
+def branch_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a git branch name (git check-ref-format's rules, which the Hub applies);
+    None when it is. Checked before any request, so ``--revision ../x`` fails the same way offline."""
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 or c in "~^:?*[\\" for c in name):
+        return "no spaces, control characters or any of ~ ^ : ? * [ \\"
+    if ".." in name or "@{" in name or "//" in name:
+        return "no '..', '@{' or '//'"
+    if name.startswith(("-", "/", ".")) or name.endswith(("/", ".", ".lock")) or "/." in name or name == "@":
+        return "no leading '-', '/' or '.', no trailing '/', '.' or '.lock', no component starting with '.'"
+    return None
+
+
+def public_endpoint(endpoint: str) -> str:
+    """``endpoint`` without credentials (``https://user:secret@host`` -> ``https://host``) for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(endpoint)
+    if parts.username is None and parts.password is None:
+        return endpoint
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def check_options(opts: PushOptions) -> None:
     """Option errors found before anything is read or sent."""
     repo = opts.repo
@@ -289,6 +313,8 @@ def check_options(opts: PushOptions) -> None:
                         f"{opts.revision!r} (push to the branch without --create-pr, or drop --revision)")
     if opts.revision is not None and (not opts.revision.strip() or opts.revision.startswith("refs/pr/")):
         raise PushError(f"--revision {opts.revision!r}: expected a branch name")
+    if opts.revision is not None and branch_name_problem(opts.revision):
+        raise PushError(f"--revision {opts.revision!r}: not a valid branch name ({branch_name_problem(opts.revision)})")
     if opts.commit_message is not None and not opts.commit_message.strip():
         raise PushError("--commit-message must not be empty")
     try:
@@ -444,14 +470,18 @@ def push(folder: str | Path, opts: PushOptions, log: Callable[[str], None] = pri
     if token_problem:
         raise PushError(token_problem)
     endpoint = resolve_endpoint(opts.endpoint)
+    from urllib.parse import urlsplit
+
+    secrets = [token, urlsplit(endpoint).password or ""]
+    clean = lambda text: _scrub(_scrub(text.replace(endpoint, public_endpoint(endpoint)), secrets[0]), secrets[1])  # noqa: E731
     try:
         return _push(folder, opts, plan, token, endpoint, log)
     except PushError as e:
-        raise PushError(_scrub(str(e), token)) from None
+        raise PushError(clean(str(e))) from None
     except MergeQuantError:
         raise
-    except Exception as e:  # translate what the client raises into one line, without the token
-        raise PushError(_scrub(_explain(e, repo=opts.repo, endpoint=endpoint, revision=opts.revision), token)) from None
+    except Exception as e:  # translate what the client raises into one line, without the token or URL password
+        raise PushError(clean(_explain(e, repo=opts.repo, endpoint=public_endpoint(endpoint), revision=opts.revision))) from None
 
 
 def _push(folder: Path, opts: PushOptions, plan: PushResult, token: str, endpoint: str,
@@ -479,7 +509,7 @@ def _push(folder: Path, opts: PushOptions, plan: PushResult, token: str, endpoin
         else:
             ops.append(CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.source)))
     message = opts.commit_message or f"Upload {folder.name or 'model'} with mergequant"
-    log(f"pushing {len(ops)} file(s) to {repo} ({endpoint}) ...")
+    log(f"pushing {len(ops)} file(s) to {repo} ({public_endpoint(endpoint)}) ...")
     info = api.create_commit(repo, ops, commit_message=message, revision=revision,
                              create_pr=opts.create_pr or None)
     changed = [op.path_in_repo for op in ops

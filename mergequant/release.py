@@ -264,6 +264,13 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
             raise _err(path, "merge.model", f"not a model directory (no config.json): {model}")
         model = model.resolve()
         out = None
+    if recipe is not None:
+        from mergequant.merge.run import MergeOptions, check_merge_options
+
+        try:  # the same rules as `mergequant merge` (workers, device, seed, shard size), before any step runs
+            check_merge_options(MergeOptions(out=Path(out), **options))
+        except MergeQuantError as e:
+            raise _err(path, "merge", str(e)) from None
     merge = MergeSpec(recipe, model, out or "", options)
 
     # quantize
@@ -717,8 +724,23 @@ class _Runner:
 
     def is_ours(self, name: str) -> bool:
         """Whether the workdir entry ``name`` was written by a run of this workdir (see
-        :func:`recorded_outputs`) and is still a real folder or file, not a link put in its place."""
-        return name in recorded_outputs(self.manifest) and not (self.wd / name).is_symlink()
+        :func:`recorded_outputs`) and is still a real folder or file, not a link put in its place,
+        holding nothing but what that run recorded (see :meth:`foreign_files`)."""
+        return (name in recorded_outputs(self.manifest) and not (self.wd / name).is_symlink()
+                and not self.foreign_files(name))
+
+    def foreign_files(self, name: str) -> list[str]:
+        """Files inside the recorded output folder ``name`` that no run of ours wrote there: a note a
+        user added to a finished output, or a whole folder of theirs put at the name after the output
+        was deleted. Redoing the step would delete them, so their presence makes the folder not ours.
+        (An output claimed by an interrupted run has no file list yet: nothing to compare.)"""
+        folder = self.wd / name
+        recorded = next((rec.get("files") for rec in self.records.values()
+                         if isinstance(rec, dict) and rec.get("output") == name), None)
+        if not isinstance(recorded, dict) or folder.is_symlink() or not folder.is_dir():
+            return []
+        return [p.relative_to(folder).as_posix() for p in _files(folder)
+                if p.relative_to(folder).as_posix() not in recorded]
 
     def unrecorded(self) -> list[tuple[Step, Path]]:
         """(step, path) of every existing entry a step would replace that is not ours."""
@@ -726,8 +748,12 @@ class _Runner:
                 if os.path.lexists(self.wd / name) and not self.is_ours(name)]
 
     def unrecorded_refusal(self, step: Step, path: Path) -> str:
-        return (f"{path} exists but {self.wd / MANIFEST} has no record of mergequant writing it: refusing to replace "
-                f"it (move it away, rename the step, or pass --force-step {step.id} to keep it under another name)")
+        extra = self.foreign_files(path.name)
+        why = (f"holds {len(extra)} file(s) mergequant did not write there ({', '.join(extra[:3])}"
+               f"{', ...' if len(extra) > 3 else ''})" if extra
+               else f"exists but {self.wd / MANIFEST} has no record of mergequant writing it")
+        return (f"{path} {why}: refusing to replace it (move it away, rename the step, or pass "
+                f"--force-step {step.id} to keep it under another name)")
 
     def refusals(self) -> list[str]:
         """Everything that stops this run, before it writes anything (workdir and manifest as read now)."""

@@ -18,12 +18,15 @@ def parse_size(text: str | int) -> int:
     >>> parse_size("500MB")
     500000000
     """
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
+    if isinstance(text, bool):
         raise MergeQuantError(f"cannot parse size {text!r}: use e.g. 500MB, 2GB, 5GB or 1GiB")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if isinstance(text, int):  # a number of bytes (release files): as positive as a parsed one
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise MergeQuantError(f"cannot parse size {text!r}: use e.g. 500MB, 2GB, 5GB or 1GiB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if value <= 0:
         raise MergeQuantError(f"size must be positive, got {text!r}")
     return value

@@ -147,3 +147,51 @@ def test_quantize_refuses_non_finite_weights(f32_models, tmp_path, method):
         args += ["--calib", data, "--samples", 4, "--seqlen", 32]
     assert_refused(args, out, [model], str(model), bad, "NaN or infinite")
     assert torch.isnan(tensors[bad]).any() or torch.isinf(tensors[bad]).any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# already-quantized inputs: used to be "quantized" again (exit 0, an output nothing loads) or crash
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("again", ["rtn", "int8"])
+def test_quantize_refuses_an_already_quantized_checkpoint(f32_models, tmp_path, again):
+    first = tmp_path / "int8"
+    run_cli("quantize", f32_models["a"], "-o", first, "--method", "int8", "-q", check=True)
+    out = tmp_path / "again"
+    assert_refused(["quantize", first, "-o", out, "--method", again, "--group-size", 32], out, [first],
+                   str(first), "already quantized", "bitsandbytes")
+    cfg = json.loads((first / "config.json").read_text())  # and without its quantization_config: int8 weights
+    del cfg["quantization_config"]
+    (first / "config.json").write_text(json.dumps(cfg))
+    assert_refused(["quantize", first, "-o", out, "--method", again, "--group-size", 32], out, [first],
+                   str(first), "int8", "not floating point")
+
+
+# ---------------------------------------------------------------------------------------------------
+# merge options: the CLI and release files share one check (workers, shard size, device, seed)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option, value, needle", [("--workers", 0, "--workers must be an integer >= 1"),
+                                                   ("--workers", -1, "--workers must be an integer >= 1"),
+                                                   ("--workers", 10000, "--workers must be at most"),
+                                                   ("--seed", 2**70, "--seed must be a 64-bit integer")])
+def test_merge_option_values_refused(f32_models, tmp_path, option, value, needle):
+    recipe = recipe_for(tmp_path, f32_models["a"], f32_models["b"])
+    out = tmp_path / "out"
+    assert_refused(["merge", recipe, "-o", out, option, value], out, [f32_models["a"], f32_models["b"]], needle)
+
+
+@pytest.mark.parametrize("merge_opts, needle", [("shard_size: -5", "merge.shard_size: size must be positive"),
+                                                ("shard_size: 0", "merge.shard_size: size must be positive"),
+                                                ("workers: -5", "merge: --workers must be an integer >= 1"),
+                                                ("device: tpu", "merge: --device must be cpu, cuda or auto")])
+def test_release_merge_options_checked_when_the_file_is_read(f32_models, tmp_path, merge_opts, needle):
+    recipe = recipe_for(tmp_path, f32_models["a"], f32_models["b"])
+    release = write_recipe(tmp_path / "release.yaml", f"workdir: {tmp_path / 'w'}\nmerge: {{recipe: {recipe}, {merge_opts}}}\n")
+    for extra in (["--dry-run"], []):
+        assert_refused(["run", release, *extra], tmp_path / "w", [f32_models["a"]], str(release), needle)
+
+
+def test_release_quantize_shard_size_checked(f32_models, tmp_path):
+    recipe = recipe_for(tmp_path, f32_models["a"], f32_models["b"])
+    release = write_recipe(tmp_path / "release.yaml", f"workdir: {tmp_path / 'w'}\nmerge: {{recipe: {recipe}}}\n"
+                                                      "quantize:\n  - {name: q, method: rtn, shard_size: 0}\n")
+    assert_refused(["run", release, "--dry-run"], tmp_path / "w", [f32_models["a"]], str(release), "size must be positive")

@@ -114,6 +114,28 @@ def test_unrecorded_output_folder_is_refused_and_force_step_keeps_it(models, tmp
     assert json.loads((mine.parent / MANIFEST).read_text())["steps"]["merge"]["output"] == "merged"
 
 
+@pytest.mark.parametrize("how", ["a note added to the finished output", "the user's folder put in its place"])
+def test_recorded_output_holding_files_we_did_not_write_is_refused(models, tmp_path, how):
+    """The manifest records `merged`, but the folder now holds a file no run wrote: redoing the step
+    (because the files differ) used to delete it."""
+    path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n")
+    run_cli("run", path, check=True)
+    mine = tmp_path / "out" / "merged"
+    if how.startswith("the user's"):
+        shutil.rmtree(mine)
+        mine.mkdir()
+    (mine / "NOTES.txt").write_text("precious")
+    before = tree(tmp_path)
+    dry = run_cli("run", path, "--dry-run")
+    refused(dry, str(mine), "did not write there (NOTES.txt)")
+    refused(run_cli("run", path), str(mine), "did not write there (NOTES.txt)", "--force-step merge")
+    assert tree(tmp_path) == before
+    done = run_cli("run", path, "--force-step", "merge", check=True)
+    kept = [p for p in mine.parent.iterdir() if p.name.startswith("merged.set-aside-")]
+    assert len(kept) == 1 and (kept[0] / "NOTES.txt").read_text() == "precious", done.stdout
+    assert not (mine / "NOTES.txt").exists() and (mine / "config.json").exists()
+
+
 def test_step_named_like_an_input_model_is_refused(models, tmp_path):
     """The reported case: `workdir: ../models` and a quantization named like a merge parent."""
     path = release(tmp_path, f"workdir: models\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n"
@@ -326,3 +348,24 @@ def test_malformed_token_refused_before_any_request_and_never_printed(model, env
     secret = token.strip().split()[0].rstrip("\x07é")
     for text in (res.stdout, res.stderr):
         assert secret not in text and repr(token)[1:-1] not in text
+
+
+@pytest.mark.parametrize("revision", ["../x", "-rf", "a..b", "x y", "br~1", "x.lock", "a/.b"])
+def test_invalid_branch_names_refused_before_any_request(model, env, hub, revision):
+    res = run_cli("push", model, "--repo", "me/branchcheck", "--endpoint", hub.url, "--token", TOKEN,
+                  "--revision", revision)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "not a valid branch name" in lines[0], res.stderr
+    assert hub.requests == []
+
+
+def test_endpoint_credentials_never_printed(model, env):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = run_cli("push", model, "--repo", "me/creds", "--token", TOKEN,
+                  "--endpoint", f"http://user:pa55word@127.0.0.1:{port}")
+    assert res.returncode == 2 and "pa55word" not in res.stdout + res.stderr, res.stderr
+    assert f"127.0.0.1:{port}" in res.stderr

@@ -133,8 +133,19 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / fname, dst / fname)
 
 
+DEVICE_NAMES = ("cpu", "cuda", "auto")
+
+
+def check_device_name(name) -> None:
+    """Refuse a ``--device`` that is not one of :data:`DEVICE_NAMES` (a pure check: release files run
+    it when they are read, before any step, whether or not a GPU is present)."""
+    if name not in DEVICE_NAMES:
+        raise MergeQuantError(f"--device must be cpu, cuda or auto, not {name!r}")
+
+
 def pick_device(name: str) -> torch.device:
     """``--device`` for every command: cpu, cuda, or auto (cuda when available)."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

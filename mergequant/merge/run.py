@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from mergequant.card import merge_card
+from mergequant.errors import MergeQuantError
 from mergequant.io.model_files import copy_tokenizer_files, pick_device
 from mergequant.io.output_dir import atomic_output_dir, check_output_location
 from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, write_json
@@ -83,7 +84,28 @@ def describe_plan(plan: MergePlan, shards, workers: int) -> str:
     return "\n".join(lines)
 
 
+MAX_WORKERS = 256  # tensors in flight; each holds a few chunk buffers, so more only costs memory
+
+
+def check_merge_options(opts: MergeOptions) -> None:
+    """Options that cannot work, refused before the recipe is read (the CLI and release files share
+    this): ``--workers 0`` or a negative count used to be accepted, and gave a negative peak-memory
+    estimate in the dry run."""
+    from mergequant.io.model_files import check_device_name
+    from mergequant.quant.calib import check_count
+    from mergequant.units import parse_size
+
+    check_count(opts.workers, "--workers", 1)
+    if opts.workers > MAX_WORKERS:
+        raise MergeQuantError(f"--workers must be at most {MAX_WORKERS}, got {opts.workers}")
+    parse_size(opts.shard_size)  # positive
+    check_device_name(opts.device)
+    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or not -2**63 <= opts.seed < 2**63:
+        raise MergeQuantError(f"--seed must be a 64-bit integer, got {opts.seed!r}")
+
+
 def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeResult:
+    check_merge_options(opts)
     recipe = load_recipe(recipe_path)
     device = pick_device(opts.device)
     checkpoints = open_models(recipe)

@@ -132,6 +132,21 @@ def _check_complete_layers(ck: Checkpoint, arch: Architecture, linears: list[Qua
                                   f"({arch.model_type} decoder layers have {', '.join(arch.quantized)})")
 
 
+def refuse_quantized_input(ck: Checkpoint) -> None:
+    """Quantizing needs full-precision weights. An int8 or W8A8 checkpoint used to be "quantized" again
+    (its int8 codes read as floats, its scale tensors copied along, its config replaced by GPTQ's: exit 0
+    and an output nothing loads), or crashed; GPTQ/AWQ ones were refused as "no Linear weights found"."""
+    qc = ck.config.get("quantization_config")
+    if isinstance(qc, dict) and qc:
+        kind = qc.get("quant_method") or qc.get("format") or "unknown method"
+        raise MergeQuantError(f"{ck.path}: already quantized (config.json quantization_config: {kind}); quantize "
+                              "needs the full-precision model it was made from")
+    ints = [n for n, t in ck.tensors.items() if n.endswith(".weight") and not t.dtype.is_floating_point]
+    if ints:
+        raise MergeQuantError(f"{ck.path}: tensor {ints[0]} is stored as {str(ck.tensors[ints[0]].dtype).removeprefix('torch.')}, "
+                              "not floating point: the checkpoint looks quantized; quantize needs full-precision weights")
+
+
 def _check_counts(opts: QuantizeOptions) -> None:
     """Sample and window counts must be real counts: --seqlen 1 made `--eval` loop forever (a 1-token
     window predicts nothing), and 0 silently meant "the default" for --batch-size."""
@@ -140,6 +155,13 @@ def _check_counts(opts: QuantizeOptions) -> None:
     check_count(opts.samples, "--samples", 1)
     check_count(opts.seqlen, "--seqlen", 2, "tokens per window")
     check_count(opts.batch_size, "--batch-size", 1, "or leave it out for automatic", optional=True)
+    from mergequant.io.model_files import check_device_name
+    from mergequant.units import parse_size
+
+    parse_size(opts.shard_size)  # positive (a release file gives a number of bytes)
+    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or not -2**63 <= opts.seed < 2**63:
+        raise MergeQuantError(f"--seed must be a 64-bit integer, got {opts.seed!r}")
+    check_device_name(opts.device)
 
 
 def _check_inputs(opts: QuantizeOptions, method: QuantMethod, model_dir: Path | None) -> None:
@@ -202,7 +224,9 @@ def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> QuantizeResult:
     model_dir = Path(model_dir)
+    _check_counts(opts)  # before any file is opened
     ck = Checkpoint.open(model_dir)
+    refuse_quantized_input(ck)
     arch = quantizable_architecture(ck)
     linears = find_linears(ck, arch)
     method = validate(opts, linears, model_dir=model_dir)
