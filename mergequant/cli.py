@@ -54,10 +54,15 @@ def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
+CLEANUP_SIGNALS = ("SIGTERM", "SIGHUP")  # timeout/docker/systemd; a closed terminal or dropped ssh session
+
+
 def install_signal_handlers() -> None:
-    """Turn SIGTERM into :class:`Terminated`, unless it is ignored (``nohup``-style parents mean that)."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    """Turn SIGTERM and SIGHUP into :class:`Terminated`, unless ignored (``nohup`` ignores SIGHUP on purpose)."""
+    for name in CLEANUP_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_terminated)
 
 
 def os_error_line(command: str, e: OSError) -> str:
@@ -89,6 +94,10 @@ def _reported(command: str, after: str) -> Iterator[None]:
         _fail(str(e))
     except OSError as e:
         _fail(os_error_line(command, e))
+    except UnicodeError as e:  # a path with bytes that are not UTF-8 (legal on Linux) reaching a text file or message
+        bad = e.object[e.start:e.end] if isinstance(getattr(e, "object", None), (str, bytes)) else ""
+        _fail(f"{command}: a path or text holds characters that cannot be written as UTF-8 ({bad!r}); "
+              f"rename it; {after}")
     except Terminated as e:
         _fail(f"terminated ({_signal_name(e.signum)}); {after}", 128 + e.signum)
     except KeyboardInterrupt:
@@ -109,6 +118,7 @@ def merge(
     workers: int = typer.Option(2, help="Tensors processed concurrently (reading, computing and writing overlap)."),
     allow_vocab_mismatch: bool = typer.Option(False, "--allow-vocab-mismatch", help="Merge models whose vocabulary sizes differ: the shared rows of embeddings/lm_head are merged, the extra rows come from the base model (whose tokenizer is kept)."),
     mergekit_dtype: bool = typer.Option(False, "--mergekit-dtype", help="Compute like mergekit: round inputs to the recipe dtype and run task-arithmetic methods in it (default: float32 compute, one rounding at the end)."),
+    moe_layout: str = typer.Option("per-expert", "--moe-layout", help="Mixture-of-experts output: per-expert (one tensor per expert, the architecture's original names) or fused (mlp.experts.gate_up_proj / down_proj, as mergekit and transformers' save_original_format=False write)."),
 ):
     """Merge the models of RECIPE into OUT.
 
@@ -121,7 +131,8 @@ def merge(
 
         opts = MergeOptions(out=out, device=device, shard_size=parse_size(shard_size), out_dtype=out_dtype,
                             dry_run=dry_run, force=force, seed=seed, quiet=quiet, workers=workers,
-                            allow_vocab_mismatch=allow_vocab_mismatch, mergekit_dtype=mergekit_dtype)
+                            allow_vocab_mismatch=allow_vocab_mismatch, mergekit_dtype=mergekit_dtype,
+                            moe_layout=moe_layout)
         result = run_merge(recipe, opts, log=log)
     if not dry_run:
         typer.echo(summary(result))

@@ -101,7 +101,7 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
         raise MergeQuantError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     from mergequant.io.checkpoint import Checkpoint
     from mergequant.io.model_files import pick_device
-    from mergequant.quant.calib import load_documents, load_tokenizer, local_data_file
+    from mergequant.quant.calib import check_token_ids, load_documents, load_tokenizer, local_data_file
 
     local_data_file(data, EVAL_DATA)
     ck = Checkpoint.open(model_dir)  # clear errors for missing/corrupt directories before transformers
@@ -121,6 +121,7 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
         hf_logging.disable_progress_bar()
     tok = load_tokenizer(model_dir, "eval")
     ids = _eval_ids(tok, load_documents(data, what=EVAL_DATA), max_tokens, data)
+    check_token_ids(ids, ck.config.get("vocab_size"), model_dir, data)
     used = "transformers"
     if ck.config.get("quantization_config"):
         model, used = _load_quantized(ck, model_dir, dev, backend, log)
@@ -164,10 +165,23 @@ def _capped_seqlen(config: dict, seqlen: int) -> int:
 
 
 def _eval_ids(tok, documents: list[str], max_tokens: int | None, data: str) -> torch.Tensor:
-    """The token ids scored: the documents joined by blank lines, tokenized once, cut to --max-tokens."""
+    """The token ids scored: the documents joined by blank lines, tokenized (in bounded pieces when
+    long, see calib.encode_text), cut to --max-tokens. With --max-tokens only a prefix of the text is
+    tokenized: enough characters for the tokens asked plus a margin (so the cut never falls inside the
+    last token scored), doubled until it suffices or the text is used up."""
+    from mergequant.quant.calib import encode_text
+
     text = "\n\n".join(documents)
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if max_tokens is not None:
+    encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if max_tokens is None:
+        ids = encode_text(text, encode)
+    else:
+        chars = 8 * (max_tokens + 64)
+        while True:
+            ids = encode_text(text[:chars], encode, limit=max_tokens + 64)
+            if ids.numel() >= max_tokens + 64 or chars >= len(text):
+                break
+            chars *= 2
         ids = ids[:max_tokens]
     if ids.numel() < 2:
         raise MergeQuantError(f"{data}: {EVAL_DATA}: only {ids.numel()} token(s); perplexity needs at least 2")

@@ -453,6 +453,41 @@ def _explain(e: BaseException, *, repo: str, endpoint: str, revision: str | None
     return f"push to {repo} failed: {type(cause).__name__}: {' '.join(str(cause).split())}"
 
 
+HUB_TIMEOUT_ENV = "MERGEQUANT_HUB_TIMEOUT"  # seconds without progress before a Hub request is given up
+DEFAULT_HUB_TIMEOUT = 120.0
+
+
+def hub_timeout() -> float:
+    raw = os.environ.get(HUB_TIMEOUT_ENV)
+    try:
+        value = float(raw) if raw else DEFAULT_HUB_TIMEOUT
+    except ValueError:
+        raise PushError(f"{HUB_TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
+    if not value > 0:
+        raise PushError(f"{HUB_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def bound_hub_requests() -> None:
+    """Give huggingface_hub's HTTP client a timeout. Its default has none, so an endpoint that accepts
+    the connection and never answers (a black-holing proxy, a stalled server) hung `push` and `run`
+    silently for as long as one waited. The limit is per wait (connect, each read or write), not per
+    transfer: a large upload that keeps moving is never cut."""
+    import httpx2
+    from huggingface_hub import close_session, set_client_factory
+    from huggingface_hub.utils import _http
+
+    seconds = hub_timeout()
+
+    def factory():
+        client = _http.default_client_factory()
+        client.timeout = httpx2.Timeout(seconds, connect=min(seconds, 30.0))
+        return client
+
+    set_client_factory(factory)
+    close_session()  # a session made before (by the caller or an earlier push) picks up the factory
+
+
 def push(folder: str | Path, opts: PushOptions, log: Callable[[str], None] = print) -> PushResult:
     """Validate ``folder`` and push it to ``opts.repo`` as one commit (or PR). With ``opts.dry_run``,
     only the plan (nothing is sent and no token is needed)."""
@@ -491,6 +526,7 @@ def _push(folder: Path, opts: PushOptions, plan: PushResult, token: str, endpoin
     for f in plan.files:
         if f.link:
             log(f"{f.path} -> {f.link} (link inside the folder): uploading the file it points to as {f.path}")
+    bound_hub_requests()
     api = HfApi(endpoint=endpoint, token=token)
     repo = opts.repo
     repo_url = str(api.create_repo(repo, private=True if opts.private else None, exist_ok=True))

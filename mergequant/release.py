@@ -40,6 +40,7 @@ never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
@@ -71,7 +72,7 @@ HASH_CHUNK = 8 * 2**20
 
 TOP_KEYS = {"workdir", "merge", "quantize", "eval", "push"}
 MERGE_KEYS = {"recipe", "model", "out", "shard_size", "out_dtype", "seed", "device", "workers",
-              "allow_vocab_mismatch", "mergekit_dtype"}
+              "allow_vocab_mismatch", "mergekit_dtype", "moe_layout"}
 # QuantizeOptions fields a release does not set per quantization (the runner decides them).
 QUANT_RESERVED = {"out", "force", "quiet", "fsync", "eval_data"}
 EVAL_KEYS = {"data", "seqlen", "stride", "max_tokens", "device", "backend"}
@@ -247,7 +248,8 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
             raise _err(path, "merge.out", f"'{out}' is reserved (the workdir's own files and push options use it)")
         checks = {"out_dtype": (str, "a dtype name", True), "seed": (int, "an integer", False),
                   "device": (str, "cpu, cuda or auto", False), "workers": (int, "an integer", False),
-                  "allow_vocab_mismatch": (bool, "true or false", False), "mergekit_dtype": (bool, "true or false", False)}
+                  "allow_vocab_mismatch": (bool, "true or false", False), "mergekit_dtype": (bool, "true or false", False),
+                  "moe_layout": (str, "per-expert or fused", False)}
         for k, (kind, what, nullable) in checks.items():
             if k in m:
                 options[k] = _typed(path, f"merge.{k}", m[k], kind, what, nullable=nullable)
@@ -451,13 +453,61 @@ def read_manifest(workdir: Path) -> dict:
     p = workdir / MANIFEST
     if not p.exists():
         return {"format": MANIFEST_FORMAT, "steps": {}}
+    if p.is_symlink() or not p.is_file():
+        raise ReleaseError(f"{p}: not a regular file; delete it to redo every step")
+    if p.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ReleaseError(f"{p}: {p.stat().st_size} bytes is not a manifest of ours; delete it to redo every step")
     try:
         data = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ReleaseError(f"{p}: unreadable manifest ({e}); delete it to redo every step") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ReleaseError(f"{p}: unreadable manifest ({' '.join(str(e).split())[:200]}); delete it to redo every step") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("steps"), dict):
         raise ReleaseError(f"{p}: not a {MANIFEST_FORMAT} manifest; delete it to redo every step")
+    problem = manifest_problem(data)
+    if problem:
+        raise ReleaseError(f"{p}: {problem}; it was not written by mergequant (or was edited): delete it to redo every step")
     return data
+
+
+MAX_MANIFEST_BYTES = 64 * 2**20  # a manifest lists files by name and hash: a few KB per step
+
+
+def manifest_problem(data: dict) -> str | None:
+    """What in a manifest's records has the wrong shape, else None. Every field a run reads is checked
+    here, once, so an edited manifest is one line instead of a KeyError deep in a step decision."""
+    def files_problem(where: str, files) -> str | None:
+        if not isinstance(files, dict):
+            return f"{where}.files is not an object"
+        for rel, rec in files.items():
+            parts = Path(rel).parts
+            if Path(rel).is_absolute() or ".." in parts or not parts:
+                return f"{where}.files: {rel!r} is not a path inside the workdir"
+            if not (isinstance(rec, dict) and isinstance(rec.get("size"), int) and isinstance(rec.get("sha256"), str)):
+                return f"{where}.files[{rel!r}] is not {{size, sha256}}"
+        return None
+
+    for sid, rec in data["steps"].items():
+        where = f"steps[{sid!r}]"
+        if not isinstance(rec, dict):
+            return f"{where} is not an object"
+        for key, kind in (("kind", str), ("fingerprint", str), ("output", str), ("content_hash", str),
+                          ("settings", dict), ("inputs", dict), ("result", dict), ("files", dict)):
+            if key in rec and not isinstance(rec[key], kind):
+                return f"{where}.{key} has the wrong type"
+        if "output" in rec and not NAME_RE.match(rec["output"]):
+            return f"{where}.output {rec['output']!r} is not a plain name"
+        if "output" in rec and not ("files" in rec and "content_hash" in rec):
+            return f"{where} records an output without its files and content_hash"
+        if rec.get("kind") == "eval" and "files" not in rec:
+            return f"{where} records an evaluation without its files"
+        if "files" in rec and (bad := files_problem(where, rec["files"])):
+            return bad
+    pending = data.get(PENDING, {})
+    if not isinstance(pending, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("since_ns"), int) and isinstance(v.get("step"), str)
+            for v in pending.values()):
+        return f"'{PENDING}' is not {{output name: {{step, since_ns}}}}"
+    return None
 
 
 def write_manifest(workdir: Path, manifest: dict) -> None:
@@ -641,6 +691,10 @@ class _Runner:
         self.force = resolve_force(self.steps, opts.force_steps)
         self.manifest = read_manifest(self.wd)
         self.records: dict = self.manifest["steps"]
+        # what earlier runs wrote stays ours for this whole run, even after a step's new record replaces
+        # the one that named it (merge.out renamed and a quantization given the old name)
+        self.recorded_at_start = recorded_outputs(self.manifest)
+        self.records_at_start = [dict(r) for r in self.records.values() if isinstance(r, dict)]
         self.rebuilt: set[str] = set()  # dry run: outputs that would be rewritten (unknown new content)
         self._merge_plan = None
 
@@ -726,8 +780,8 @@ class _Runner:
         """Whether the workdir entry ``name`` was written by a run of this workdir (see
         :func:`recorded_outputs`) and is still a real folder or file, not a link put in its place,
         holding nothing but what that run recorded (see :meth:`foreign_files`)."""
-        return (name in recorded_outputs(self.manifest) and not (self.wd / name).is_symlink()
-                and not self.foreign_files(name))
+        recorded = recorded_outputs(self.manifest) | self.recorded_at_start
+        return name in recorded and not (self.wd / name).is_symlink() and not self.foreign_files(name)
 
     def foreign_files(self, name: str) -> list[str]:
         """Files inside the recorded output folder ``name`` that no run of ours wrote there: a note a
@@ -735,7 +789,7 @@ class _Runner:
         was deleted. Redoing the step would delete them, so their presence makes the folder not ours.
         (An output claimed by an interrupted run has no file list yet: nothing to compare.)"""
         folder = self.wd / name
-        recorded = next((rec.get("files") for rec in self.records.values()
+        recorded = next((rec.get("files") for rec in [*self.records.values(), *self.records_at_start]
                          if isinstance(rec, dict) and rec.get("output") == name), None)
         if not isinstance(recorded, dict) or folder.is_symlink() or not folder.is_dir():
             return []
@@ -877,6 +931,8 @@ class _Runner:
         try:
             self.manifest = read_manifest(self.wd)  # again, now that no other run can be writing it
             self.records = self.manifest["steps"]
+            self.recorded_at_start = recorded_outputs(self.manifest)
+            self.records_at_start = [dict(r) for r in self.records.values() if isinstance(r, dict)]
             _refuse(self.refusals())
             self.validate_quantizations()
             outcomes = []
@@ -896,7 +952,11 @@ class _Runner:
                 started, t0 = _now(), time.perf_counter()
                 record = {"kind": step.kind, "settings": step.settings, "inputs": inputs, "fingerprint": fp,
                           "started": started}
-                record.update(getattr(self, f"_do_{step.kind}")(step))
+                try:
+                    record.update(getattr(self, f"_do_{step.kind}")(step))
+                except BaseException:
+                    self._drop_unused_claims(step)
+                    raise
                 record["finished"] = _now()
                 record["seconds"] = round(time.perf_counter() - t0, 3)
                 self.records[step.id] = record
@@ -909,6 +969,22 @@ class _Runner:
             return ReleaseResult(self.wd, outcomes, results)
         finally:
             lock.release()
+
+    def _drop_unused_claims(self, step: Step) -> None:
+        """After a step failed or was interrupted (exception, Ctrl-C, SIGTERM), drop its claims on outputs
+        that do not exist: the writer cleaned up and renamed nothing into place, so nothing there is
+        ours, and a folder a user puts at that name later must be refused, not replaced. A claim whose
+        output exists stays (the rename happened, the record did not). Only a SIGKILL, which runs no
+        code, can leave a claim on a missing output."""
+        pending = self.manifest.get(PENDING, {})
+        gone = [n for n in step_outputs(step) if n in pending and not os.path.lexists(self.wd / n)]
+        if gone:
+            for name in gone:
+                pending.pop(name, None)
+            if not pending:
+                self.manifest.pop(PENDING, None)
+            with contextlib.suppress(OSError):  # already failing: keep the first error
+                write_manifest(self.wd, self.manifest)
 
     def _unclaim(self, step: Step) -> None:
         pending = self.manifest.get(PENDING, {})
@@ -991,10 +1067,16 @@ class _Runner:
 
         src = self.source_dir()
         rec = self.records.get("merge")
-        if self.rel.merge.model is not None or (rec is not None and (src / "config.json").is_file()
-                                                and self.decide(self.steps[0], verify=False)[0] is False):
+        if self.rel.merge.model is not None:
             ck = Checkpoint.open(src)
             return ck.config, ck.tensors
+        if (rec is not None and (src / "config.json").is_file() and self.decide(self.steps[0], verify=False)[0] is False
+                and rec.get("files", {}).get("config.json", {}).get("sha256") == sha256_file(src / "config.json")):
+            try:
+                ck = Checkpoint.open(src)
+                return ck.config, ck.tensors
+            except MergeQuantError:
+                pass  # a damaged merge output: the merge step finds it (verify) and redoes it; plan from the recipe
         plan = self.merge_plan()
         config = dict(plan.checkpoints[plan.ref_model].config)
         for key in ("num_hidden_layers", "n_layer", "num_layers"):

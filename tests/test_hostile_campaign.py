@@ -195,3 +195,84 @@ def test_release_quantize_shard_size_checked(f32_models, tmp_path):
     release = write_recipe(tmp_path / "release.yaml", f"workdir: {tmp_path / 'w'}\nmerge: {{recipe: {recipe}}}\n"
                                                       "quantize:\n  - {name: q, method: rtn, shard_size: 0}\n")
     assert_refused(["run", release, "--dry-run"], tmp_path / "w", [f32_models["a"]], str(release), "size must be positive")
+
+
+def test_options_a_method_does_not_read_are_named():
+    from mergequant.quant.quantize import QuantizeOptions, ignored_options
+
+    out = Path("o")
+    assert ignored_options(QuantizeOptions(out=out, method="awq", alpha=0.8, n_grid=5)) == ["--alpha"]
+    assert ignored_options(QuantizeOptions(out=out, method="w8a8", alpha=0.8)) == []
+    assert ignored_options(QuantizeOptions(out=out, method="rtn", desc_act=True, sym=False)) == ["--desc-act"]
+    assert ignored_options(QuantizeOptions(out=out, method="int8")) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# big data files: tokenized in bounded pieces, and only as far as needed (a 30 MB file took 5.4 GB to
+# score 500 tokens; a 264 MB one exhausted the machine)
+# ---------------------------------------------------------------------------------------------------
+def test_pieces_tokenize_exactly_like_the_whole_text(f32_models):
+    import torch
+    from transformers import AutoTokenizer
+
+    from mergequant.demo import demo_text
+    from mergequant.quant.calib import text_pieces
+
+    tok = AutoTokenizer.from_pretrained(f32_models["a"])
+    text = demo_text(3, paragraphs=200) + "\n\n  indented\n\n\nlast line"
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    whole = enc(text)
+    for size in (5000, 997, 131):
+        pieces = list(text_pieces(text, size))
+        assert "".join(pieces) == text and len(pieces) > 2
+        assert torch.equal(torch.cat([torch.tensor(enc(p), dtype=torch.long) for p in pieces]),
+                           torch.tensor(whole, dtype=torch.long))
+
+
+def test_token_stream_stops_at_its_limit():
+    from mergequant.quant.calib import token_stream
+
+    seen = []
+    encode = lambda s: (seen.append(s), [1] * len(s.split()))[1]  # noqa: E731
+    stream = token_stream(["a b c"] * 1000, encode, eos_token_id=0, limit=40)
+    assert 40 <= stream.numel() <= 44 and len(seen) == 10
+
+
+def test_eval_max_tokens_on_a_big_file_is_bounded(f32_models, tmp_path):
+    import resource
+    import time
+
+    big = tmp_path / "big.txt"
+    line = "the quick brown fox jumps over the lazy dog " * 20 + "\n"
+    with open(big, "w") as f:
+        for _ in range(20_000_000 // len(line)):
+            f.write(line)
+    t0 = time.monotonic()
+    proc = run_cli("eval", f32_models["a"], "--data", big, "--seqlen", 32, "--max-tokens", 300, "-q", check=True)
+    took = time.monotonic() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert "over 299 tokens" in proc.stdout and took < 60
+    assert peak < 2 * 2**30, f"peak RSS {peak / 2**30:.1f} GiB"  # whole-file tokenization took ~3.6 GB here
+
+
+# ---------------------------------------------------------------------------------------------------
+# a tokenizer with tokens the embedding has no row for (added without resizing): one line, not an IndexError
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cmd", ["eval", "gptq"])
+def test_token_ids_beyond_the_vocabulary_refused(f32_models, tmp_path, cmd):
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "grown"
+    shutil.copytree(f32_models["a"], model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_tokens(["<brand_new_token>"])
+    tok.save_pretrained(model)
+    data = tmp_path / "text.txt"
+    data.write_text("the quick brown fox <brand_new_token> jumps over the lazy dog\n" * 50)
+    if cmd == "eval":
+        args, out = ["eval", model, "--data", data, "--seqlen", 16, "-q"], None
+    else:
+        out = tmp_path / "q"
+        args = ["quantize", model, "-o", out, "--method", "gptq", "--group-size", 32, "--calib", data,
+                "--samples", 4, "--seqlen", 16, "-q"]
+    assert_refused(args, out, [model], str(model), "vocab_size is 2048", "without resizing")

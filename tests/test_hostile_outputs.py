@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -292,6 +293,7 @@ def start_slow_merge(slow_model: Path, tmp_path: Path) -> tuple[subprocess.Popen
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGHUP, 129, "terminated (SIGHUP)"),
                                              (signal.SIGINT, 130, "interrupted")])
 def test_signal_cleans_up(slow_model, tmp_path, sig, code, word):
     inputs = snapshot(slow_model)
@@ -390,3 +392,27 @@ def test_empty_output_appearing_is_not_replaced_either(tmp_path):
     assert list(out.iterdir()) == []
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.new-")]
     assert len(kept) == 1 and (kept[0] / "new.txt").read_text() == "new"
+
+
+@pytest.mark.parametrize("pid", [2**70, 2**40, True, -1, "123"])
+def test_crafted_marker_is_not_ours_and_not_a_crash(recipe, tmp_path, pid):
+    """A look-alike partial whose marker claims an impossible pid is kept, and the merge goes on."""
+    out = tmp_path / "out"
+    fake = tmp_path / ".out.partial-0000abcd"
+    fake.mkdir()
+    (fake / PARTIAL_MARKER).write_text(json.dumps({"tool": "mergequant", "pid": pid, "host": socket.gethostname(),
+                                                   "pid_namespace": output_dir._pid_namespace()}))
+    res = invoke("merge", recipe, "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    assert fake.is_dir() and (fake / PARTIAL_MARKER).is_file() and out.is_dir()
+
+
+def test_non_utf8_path_is_one_line(f32_models, tmp_path):
+    """Linux allows any bytes in a name; where one cannot be written as UTF-8 text (the card names the
+    source model) the run ends in one line with nothing left behind."""
+    model = Path(os.fsdecode(bytes(tmp_path) + b"/m\xffodel"))
+    shutil.copytree(f32_models["a"], model)
+    out = tmp_path / "q"
+    proc = run_cli("quantize", model, "-o", out, "--method", "rtn", "--group-size", 32, "-q")
+    line = error_line(2, proc.returncode, proc.stderr, "cannot be written as UTF-8", "no output was written")
+    assert line and not out.exists() and leftovers(out) == []

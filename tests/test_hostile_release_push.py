@@ -369,3 +369,145 @@ def test_endpoint_credentials_never_printed(model, env):
                   "--endpoint", f"http://user:pa55word@127.0.0.1:{port}")
     assert res.returncode == 2 and "pa55word" not in res.stdout + res.stderr, res.stderr
     assert f"127.0.0.1:{port}" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# second campaign: claims of interrupted steps, edited manifests
+# ---------------------------------------------------------------------------------------------------
+def test_interrupted_step_does_not_make_a_later_user_folder_ours(models, tmp_path, monkeypatch):
+    """A step that fails or is interrupted renamed nothing into place: its claim must not make a folder
+    a user puts at that name afterwards look like ours (it used to be replaced on the next run)."""
+    import mergequant.release as release_mod
+
+    path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n")
+
+    def interrupted(self, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(release_mod._Runner, "_do_merge", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        release_mod.run_release(path, release_mod.RunOptions(quiet=True), log=lambda m: None)
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert "pending" not in manifest, manifest
+    monkeypatch.undo()
+    mine = tmp_path / "out" / "merged"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    refused(run_cli("run", path), str(mine), "no record")
+    assert (mine / "notes.txt").read_text() == "precious"
+
+
+def _edited(manifest: dict, how: str) -> dict:
+    m = json.loads(json.dumps(manifest))
+    rec = m["steps"]["merge"]
+    if how == "pending a list":
+        m["pending"] = ["merged"]
+    elif how == "pending a number":
+        m["pending"] = 5
+    elif how == "no content_hash":
+        del rec["content_hash"]
+    elif how == "files null":
+        rec["files"] = None
+    elif how == "output outside":
+        rec["output"] = "../x"
+    elif how == "file outside":
+        rec["files"] = {"../../etc/passwd": {"size": 1, "sha256": "0"}}
+    elif how == "record a list":
+        m["steps"]["merge"] = []
+    return m
+
+
+@pytest.mark.parametrize("how", ["pending a list", "pending a number", "no content_hash", "files null",
+                                 "output outside", "file outside", "record a list", "nested", "symlink"])
+def test_edited_manifest_is_one_line(models, tmp_path, how):
+    path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n")
+    run_cli("run", path, check=True)
+    mpath = tmp_path / "out" / MANIFEST
+    if how == "nested":
+        mpath.write_text("[" * 100000 + "]" * 100000)
+    elif how == "symlink":
+        real = tmp_path / "elsewhere.json"
+        real.write_text(mpath.read_text())
+        mpath.unlink()
+        mpath.symlink_to(real)
+    else:
+        mpath.write_text(json.dumps(_edited(json.loads(mpath.read_text()), how)))
+    before = tree(tmp_path)
+    refused(run_cli("run", path), str(mpath), "delete it to redo every step")
+    assert tree(tmp_path) == before
+
+
+def test_endpoint_that_never_answers_times_out_in_one_line(model, env, monkeypatch):
+    """A server that accepts connections and never answers used to hang `push` (no timeout at all)."""
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    monkeypatch.setenv("MERGEQUANT_HUB_TIMEOUT", "2")
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    try:
+        t0 = time.monotonic()
+        import subprocess
+        import sys
+
+        res = subprocess.run([sys.executable, "-m", "mergequant", "push", str(model), "--repo", "me/blackhole",
+                              "--endpoint", url, "--token", TOKEN], capture_output=True, text=True, timeout=90,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})  # a regression fails, not hangs
+        took = time.monotonic() - t0
+    finally:
+        stop.set()
+        t.join()
+        for c in held:
+            c.close()
+        srv.close()
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and url in lines[0], res.stderr
+    assert "imeout" in lines[0] or "timed out" in lines[0], lines[0]
+    assert took < 45 and TOKEN not in res.stderr
+
+
+@pytest.mark.parametrize("damage", ["delete weights", "truncate weights", "empty config"])
+def test_damaged_merge_output_is_redone_not_an_error(models, tmp_path, damage):
+    """The quantizations' plan used to open the damaged merge output before the merge step could see
+    the damage and redo itself: the run stopped instead of resuming."""
+    path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n"
+                             "quantize:\n  - {name: q, method: rtn, bits: 4, group_size: 32}\n")
+    run_cli("run", path, check=True)
+    merged = tmp_path / "out" / "merged"
+    weights = next(merged.glob("*.safetensors"))
+    if damage == "delete weights":
+        weights.unlink()
+    elif damage == "truncate weights":
+        os.truncate(weights, 100)
+    else:
+        (merged / "config.json").write_text("{}")
+    assert run_cli("run", path, "--dry-run").returncode == 0
+    done = run_cli("run", path, check=True)
+    assert "[merge] run" in done.stdout and "[quantize/q] skip" in done.stdout, done.stdout
+    assert json.loads((merged / "config.json").read_text()).get("architectures")
+
+
+def test_own_earlier_output_reused_under_a_new_step_is_not_set_aside(models, tmp_path):
+    """merge.out renamed and a quantization given the old name: the old folder is ours (an earlier run
+    wrote it); it is replaced, not renamed aside as if it were someone else's."""
+    recipe = tmp_path / "recipe.yaml"
+    path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {recipe}}}\n")
+    run_cli("run", path, check=True)
+    path.write_text(f"workdir: out\nmerge: {{recipe: {recipe}, out: m2}}\n"
+                    "quantize:\n  - {name: merged, method: rtn, bits: 4, group_size: 32}\n")
+    done = run_cli("run", path, check=True)
+    assert "set-aside" not in done.stdout and not list((tmp_path / "out").glob("*.set-aside-*")), done.stdout
+    assert json.loads((tmp_path / "out" / "merged" / "config.json").read_text()).get("quantization_config")

@@ -112,9 +112,10 @@ def check_output_location(out: Path, inputs: list[Path], *, force: bool, files: 
     why = nesting_refusal(resolved, inputs) or replacement_refusal(resolved, protected)
     if why:
         raise MergeQuantError(f"refusing to write {out}: {why}")
-    room = NAME_MAX - len(f".{target.name}.partial-00000000".encode()) + len(target.name.encode())
-    if len(target.name.encode()) > room:
-        raise MergeQuantError(f"refusing to write {out}: its name is {len(target.name.encode())} bytes; at most {room} "
+    size = len(os.fsencode(target.name))  # bytes on disk (a non-UTF-8 name round-trips through fsencode)
+    room = NAME_MAX - len(os.fsencode(f".{target.name}.partial-00000000")) + size
+    if size > room:
+        raise MergeQuantError(f"refusing to write {out}: its name is {size} bytes; at most {room} "
                               "fit, since the output is first written to a hidden sibling '.NAME.partial-XXXXXXXX'")
     ancestor = _first_existing(target.parent)
     if not ancestor.is_dir():
@@ -147,7 +148,9 @@ def read_marker(partial: Path) -> dict | None:
         info = json.loads((partial / PARTIAL_MARKER).read_text())
     except (OSError, ValueError):
         return None
-    ok = isinstance(info, dict) and info.get("tool") == "mergequant" and isinstance(info.get("pid"), int)
+    pid = info.get("pid") if isinstance(info, dict) else None
+    ok = (info.get("tool") == "mergequant" and isinstance(pid, int) and not isinstance(pid, bool)
+          and 0 < pid < 2**22) if isinstance(info, dict) else False  # Linux pids stay below 2**22
     return info if ok else None
 
 

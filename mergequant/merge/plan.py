@@ -18,6 +18,7 @@ from mergequant.errors import CheckpointError, RecipeError
 from mergequant.io.checkpoint import Checkpoint, split_layer_name
 from mergequant.io.resolve import resolve_model
 from mergequant.merge.methods import REQUIRED, MethodSpec
+from mergequant.merge.moe_layout import check_same_experts, filter_name, moe_architecture, per_expert_view
 from mergequant.merge.params import layer_position, resolve
 from mergequant.recipe import Recipe, Source
 
@@ -104,6 +105,9 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], *, out_dtype:
                allow_vocab_mismatch: bool = False, mergekit_dtype: bool = False) -> MergePlan:
     spec = recipe.spec
     ref = recipe.base_model or recipe.all_sources()[0].model
+    # Mixture-of-experts inputs in the fused layout are seen under per-expert names, so every input, in
+    # either layout, merges expert by expert under the architecture's original names (moe_layout.py).
+    checkpoints = {r: per_expert_view(c) for r, c in checkpoints.items()}
     ref_ckpt = checkpoints[ref]
     _check_compatible(recipe, checkpoints, ref, allow_vocab_mismatch)
 
@@ -256,6 +260,7 @@ def _check_compatible(recipe: Recipe, ckpts: dict[str, Checkpoint], ref: str, al
         if recipe.models is not None and c.num_layers != r.num_layers:
             raise CheckpointError(f"{c.path}: {c.num_layers} layers but {r.path} has {r.num_layers}; "
                                   "use the slices form with layer_range to merge different depths")
+        check_same_experts([(r.path, r.config), (c.path, c.config)])
         if c.vocab_size != r.vocab_size and not allow_vocab:
             raise CheckpointError(f"{c.path}: vocabulary size {c.vocab_size} differs from {r.vocab_size} of {r.path}; "
                                   "pass --allow-vocab-mismatch to merge the shared rows and keep the reference model's extra rows")
@@ -266,6 +271,8 @@ class _Builder:
         self.recipe, self.spec, self.ckpts, self.fixed_out, self.allow_vocab = recipe, spec, ckpts, fixed_out, allow_vocab
         self.mergekit_dtype, self.recipe_compute = mergekit_dtype, recipe_compute
         self.tensors: list[TensorPlan] = []
+        # filters also match a mixture-of-experts weight's fused-layout name (mergekit's), see moe_layout.FilterName
+        self.moe_arch = moe_architecture(ckpts[recipe.base_model or recipe.all_sources()[0].model].config)
 
     def add(self, out_name: str, inputs: list[tuple[Source, str]], slice_params: dict | None, base: str | None, t: float):
         recipe, spec = self.recipe, self.spec
@@ -298,7 +305,7 @@ class _Builder:
             return
         shared = {}
         for pname, default in spec.shared.items():
-            v = resolve(pname, [slice_params, recipe.parameters], out_name, t)
+            v = resolve(pname, [slice_params, recipe.parameters], filter_name(self.moe_arch, out_name), t)
             if v is None:
                 if default is REQUIRED:
                     raise RecipeError(f"{recipe.path}: missing required parameter '{pname}' for tensor {out_name}")
@@ -311,7 +318,7 @@ class _Builder:
                 continue
             vals = {}
             for pname, default in spec.per_model.items():
-                v = resolve(pname, [src.parameters, slice_params, recipe.parameters], in_name, t)
+                v = resolve(pname, [src.parameters, slice_params, recipe.parameters], filter_name(self.moe_arch, in_name), t)
                 if v is None:
                     if default is REQUIRED:
                         raise RecipeError(f"{recipe.path}: missing required parameter '{pname}' for model '{src.model}' "

@@ -19,6 +19,7 @@ from mergequant.io.model_files import copy_tokenizer_files, pick_device
 from mergequant.io.output_dir import atomic_output_dir, check_output_location
 from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, write_json
 from mergequant.merge.engine import CHUNK, merge_tensor
+from mergequant.merge.moe_layout import FusedOutput, check_layout_name, fused_output, moe_architecture
 from mergequant.merge.plan import DTYPE_TO_NAME, MergePlan, build_plan, open_models
 from mergequant.recipe import load_recipe
 from mergequant.units import format_bytes
@@ -39,6 +40,7 @@ class MergeOptions:
     workers: int = 2
     allow_vocab_mismatch: bool = False
     mergekit_dtype: bool = False
+    moe_layout: str = "per-expert"  # mixture-of-experts output: per-expert (the architecture's own) or fused
     fsync: bool = True
 
 
@@ -100,6 +102,7 @@ def check_merge_options(opts: MergeOptions) -> None:
         raise MergeQuantError(f"--workers must be at most {MAX_WORKERS}, got {opts.workers}")
     parse_size(opts.shard_size)  # positive
     check_device_name(opts.device)
+    check_layout_name(opts.moe_layout)
     if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or not -2**63 <= opts.seed < 2**63:
         raise MergeQuantError(f"--seed must be a 64-bit integer, got {opts.seed!r}")
 
@@ -114,7 +117,8 @@ def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeRe
     for w in plan.warnings:
         log(f"warning: {w}")
     check_output_location(opts.out, plan.input_dirs, force=opts.force, files=[("recipe", recipe.path)])
-    shards = plan_shards([PlannedTensor(t.name, t.out_dtype, t.shape) for t in plan.tensors], opts.shard_size)
+    layout = output_layout(plan, opts.moe_layout)
+    shards = plan_shards([PlannedTensor(*t) for t in layout.tensors], opts.shard_size)
     if opts.dry_run:
         log(describe_plan(plan, shards, opts.workers))
         return MergeResult(None, len(plan.tensors), plan.bytes_to_read, plan.bytes_to_write, [s.file for s in shards],
@@ -124,7 +128,7 @@ def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeRe
     with atomic_output_dir(opts.out, log=log, replace=opts.force) as tmp:
         writer = ShardedWriter(tmp, shards, writeback_every=256 * 2**20 if opts.fsync else None)
         try:
-            bad = _execute(plan, writer, device, opts)
+            bad = _execute(plan, writer, device, opts, layout.placement)
             writer.finish(fsync=opts.fsync)
         finally:
             writer.close()
@@ -136,9 +140,27 @@ def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeRe
     return MergeResult(opts.out, len(plan.tensors), plan.bytes_to_read, plan.bytes_to_write, [s.file for s in shards], warnings)
 
 
-def _execute(plan: MergePlan, writer: ShardedWriter, device: torch.device, opts: MergeOptions) -> list[str]:
+def output_layout(plan: MergePlan, moe_layout: str) -> FusedOutput:
+    """The tensors to write (name, dtype, shape) and where each planned tensor goes in them: the plan's
+    own tensors, or with ``moe_layout`` "fused" its per-expert tensors grouped into fused ones."""
+    tensors = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+    if moe_layout != "fused":
+        return FusedOutput(tensors, {})
+    ref = plan.checkpoints[plan.ref_model]
+    arch = moe_architecture(ref.config)
+    if arch is None:
+        raise MergeQuantError(f"--moe-layout fused: {ref.path} ({ref.architecture}) is not a mixture-of-experts "
+                              "model; nothing to fuse")
+    return fused_output(arch, tensors)
+
+
+def _execute(plan: MergePlan, writer: ShardedWriter, device: torch.device, opts: MergeOptions,
+             placement: dict[str, tuple[str, int]] | None = None) -> list[str]:
     """Run every tensor through the engine on a small thread pool (torch releases the GIL, so reading,
-    computing and writing of neighbouring tensors overlap). Returns names of non-finite tensors."""
+    computing and writing of neighbouring tensors overlap). Returns names of non-finite tensors.
+    ``placement`` sends a tensor's chunks into another written tensor at an element offset (an expert
+    weight into its fused tensor; see moe_layout.fused_output)."""
+    placement = placement or {}
     bad: list[str] = []
     lock = threading.Lock()
     bar = tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
@@ -146,7 +168,9 @@ def _execute(plan: MergePlan, writer: ShardedWriter, device: torch.device, opts:
     done = 0
 
     def job(tp):
-        ok = merge_tensor(plan, tp, lambda chunk, off: writer.write(tp.name, chunk, off), seed=opts.seed, device=device)
+        target, start = placement.get(tp.name, (tp.name, 0))
+        ok = merge_tensor(plan, tp, lambda chunk, off: writer.write(target, chunk, start + off), seed=opts.seed,
+                          device=device)
         if not ok:
             with lock:
                 bad.append(tp.name)

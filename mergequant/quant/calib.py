@@ -203,14 +203,76 @@ def load_tokenizer(model_dir: str | Path, why: str):
         raise MergeQuantError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {first})") from None
 
 
-def token_stream(documents: list[str], encode, eos_token_id: int | None) -> torch.Tensor:
-    """All documents tokenized (``encode(str) -> list[int]``, no special tokens) and joined by EOS."""
-    ids: list[int] = []
+# Texts longer than this are tokenized in pieces cut after a newline: a fast tokenizer's memory for one
+# call grows with the text (a 30 MB file took 5.4 GB and a 264 MB one exhausted the machine), and a
+# signal is acted on only between calls. Shorter texts are tokenized whole, exactly as before.
+ENCODE_PIECE_CHARS = 4 * 2**20
+# Calibration windows are drawn from at most this many times samples x seqlen tokens of the data.
+CALIB_OVERSAMPLE = 16
+
+
+def _cut_point(text: str, start: int, end: int) -> int:
+    """Where to end a piece in (start, end]: just after a single newline between two non-space
+    characters, else just before a single space between two (a word keeps its leading space). Byte-level
+    BPE pre-tokenizers split there the same way whether or not the text is cut; runs of whitespace or a
+    cut inside a word would tokenize differently. ``end`` when there is neither (no space in 4 MB)."""
+    for sep, after in (("\n", 1), (" ", 0)):
+        pos = text.rfind(sep, start, end)
+        while pos > start:
+            if pos + 1 < len(text) and not text[pos - 1].isspace() and not text[pos + 1].isspace():
+                return pos + after
+            pos = text.rfind(sep, start, pos)
+    return end
+
+
+def text_pieces(text: str, size: int = ENCODE_PIECE_CHARS):
+    """``text`` in consecutive pieces of at most ``size`` characters, cut where tokenization does not
+    change (see _cut_point)."""
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            end = _cut_point(text, start, end)
+        yield text[start:end]
+        start = end
+
+
+def encode_text(text: str, encode, limit: int | None = None) -> torch.Tensor:
+    """``encode(text)`` as a LongTensor, in bounded pieces for long texts (see ENCODE_PIECE_CHARS),
+    stopping once ``limit`` tokens are collected."""
+    parts, n = [], 0
+    for piece in text_pieces(text):
+        parts.append(torch.tensor(encode(piece), dtype=torch.long))
+        n += parts[-1].numel()
+        if limit is not None and n >= limit:
+            break
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size, model_dir, source: str) -> torch.Tensor:
+    """``ids``, after refusing token ids the model's embedding has no row for: a tokenizer with tokens
+    added but the embeddings not resized produces them, and the model's forward then fails deep inside
+    an embedding lookup (IndexError) after the model is loaded."""
+    if isinstance(vocab_size, int) and ids.numel() and int(ids.max()) >= vocab_size:
+        raise CalibrationError(f"{model_dir}: the tokenizer gives token id {int(ids.max())} on {source}, but the model's "
+                               f"vocab_size is {vocab_size}: tokens were added to the tokenizer without resizing the "
+                               "embeddings")
+    return ids
+
+
+def token_stream(documents: list[str], encode, eos_token_id: int | None, limit: int | None = None) -> torch.Tensor:
+    """All documents tokenized (``encode(str) -> list[int]``, no special tokens) and joined by EOS,
+    stopping after the document that brings the stream to ``limit`` tokens."""
+    parts, n = [], 0
+    eos = torch.tensor([eos_token_id], dtype=torch.long) if eos_token_id is not None else None
     for doc in documents:
-        ids.extend(encode(doc))
-        if eos_token_id is not None:
-            ids.append(eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+        parts.append(encode_text(doc, encode, None if limit is None else limit - n))
+        if eos is not None:
+            parts.append(eos)
+        n += parts[-1].numel() + (parts[-2].numel() if eos is not None else 0)
+        if limit is not None and n >= limit:
+            break
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
 def sample_windows(stream: torch.Tensor, *, samples: int, seqlen: int, seed: int, source: str = "calibration data") -> torch.Tensor:
@@ -233,5 +295,5 @@ def calibration_batch(source: str, tokenizer, *, samples: int = 128, seqlen: int
             return tokenizer.apply_chat_template(messages, tokenize=False)
     docs = load_documents(source, chat_template=template)
     stream = token_stream(docs, lambda s: tokenizer(s, add_special_tokens=False)["input_ids"],
-                          getattr(tokenizer, "eos_token_id", None))
+                          getattr(tokenizer, "eos_token_id", None), limit=CALIB_OVERSAMPLE * samples * seqlen)
     return sample_windows(stream, samples=samples, seqlen=seqlen, seed=seed, source=source)

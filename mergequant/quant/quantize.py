@@ -132,6 +132,23 @@ def _check_complete_layers(ck: Checkpoint, arch: Architecture, linears: list[Qua
                                   f"({arch.model_type} decoder layers have {', '.join(arch.quantized)})")
 
 
+# Options that only one family of methods reads: (CLI flag, methods that use it).
+METHOD_OPTIONS = {
+    "desc_act": ("--desc-act", ("gptq",)), "static_groups": ("--static-groups", ("gptq",)),
+    "damp": ("--damp", ("gptq",)), "sym": ("--no-sym", ("gptq", "rtn")),
+    "zero_point": ("--no-zero-point", ("awq",)), "n_grid": ("--n-grid", ("awq",)),
+    "duo_scaling": ("--no-duo-scaling", ("awq",)), "alpha": ("--alpha", ("w8a8",)),
+}
+
+
+def ignored_options(opts: QuantizeOptions) -> list[str]:
+    """The flags given (different from their default) that ``opts.method`` does not read: said, so that
+    ``--method awq --alpha 0.8`` does not look as if it had an effect."""
+    defaults = QuantizeOptions(out=opts.out)
+    return [flag for name, (flag, methods) in METHOD_OPTIONS.items()
+            if opts.method not in methods and getattr(opts, name) != getattr(defaults, name)]
+
+
 def refuse_quantized_input(ck: Checkpoint) -> None:
     """Quantizing needs full-precision weights. An int8 or W8A8 checkpoint used to be "quantized" again
     (its int8 codes read as floats, its scale tensors copied along, its config replaced by GPTQ's: exit 0
@@ -235,6 +252,8 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
                           files=local_files({"calibration data": opts.calib, "eval data": opts.eval_data}))
     if opts.calib and not method.calibrated:
         log(f"note: --method {opts.method} needs no calibration data; --calib is ignored")
+    for flag in ignored_options(opts):
+        log(f"note: {flag} does not apply to --method {opts.method}; it is ignored")
     device = pick_device(opts.device)
     calib_ids = _calibration_ids(model_dir, ck, opts) if method.calibrated else None
     release_free_memory()  # the tokenizer's
@@ -276,12 +295,13 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
 def _calibration_ids(model_dir: Path, ck: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
     """Token windows [samples, seqlen] from --calib (the tokenizer is released on return: a large
     vocabulary's tokenizer holds tens of MB that the layer loop does not need)."""
-    from mergequant.quant.calib import calibration_batch, load_tokenizer
+    from mergequant.quant.calib import calibration_batch, check_token_ids, load_tokenizer
 
     tok = load_tokenizer(model_dir, f"--method {opts.method}")
     limit = ck.config.get("max_position_embeddings")
     seqlen = min(opts.seqlen, limit) if isinstance(limit, int) else opts.seqlen
-    return calibration_batch(opts.calib, tok, samples=opts.samples, seqlen=seqlen, seed=opts.seed)
+    ids = calibration_batch(opts.calib, tok, samples=opts.samples, seqlen=seqlen, seed=opts.seed)
+    return check_token_ids(ids, ck.config.get("vocab_size"), model_dir, opts.calib)
 
 
 def _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, device, fdtype):
