@@ -29,7 +29,10 @@ from conftest import run_cli
 from mergequant.errors import MergeQuantError
 from mergequant.merge.run import MergeOptions, run_merge
 
-MIXTRAL = Path("/work/shared/models/moe-mixtral")
+# the read-only shared folder sits beside the repository (also in CI's fresh clone); /work/shared here
+MIXTRAL = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "models" / "moe-mixtral",
+                            Path("/work/shared/models/moe-mixtral")) if (p / "base" / "config.json").exists()),
+               Path("/work/shared/models/moe-mixtral"))
 NEEDS_MIXTRAL = pytest.mark.skipif(not (MIXTRAL / "base" / "config.json").exists(), reason="shared tiny Mixtral missing")
 EXTRA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 # (per-expert module, gate, up, down, router in the per-expert layout) per family; the fused router is mlp.gate
