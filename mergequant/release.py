@@ -59,6 +59,7 @@ from typing import Any
 
 
 from mergequant.errors import MergeQuantError, suggestion
+from mergequant.io.output_dir import within
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mergequant-release/1"
@@ -647,14 +648,9 @@ def leftover_refusal(path: Path, name: str, pending: dict) -> str | None:
     return None
 
 
-def _within(path: Path, folder: Path) -> bool:
-    """``path`` is ``folder`` or lies inside it (both resolved)."""
-    return path == folder or folder in path.parents
-
-
 def _overlap(a: Path, b: Path) -> bool:
     """Writing or replacing one of ``a``/``b`` (resolved) would change the other."""
-    return _within(a, b) or _within(b, a)
+    return within(a, b) or within(b, a)
 
 
 def _aside(path: Path) -> Path:
@@ -689,12 +685,7 @@ class _Runner:
         self.wd = rel.workdir
         self.steps = build_steps(rel)
         self.force = resolve_force(self.steps, opts.force_steps)
-        self.manifest = read_manifest(self.wd)
-        self.records: dict = self.manifest["steps"]
-        # what earlier runs wrote stays ours for this whole run, even after a step's new record replaces
-        # the one that named it (merge.out renamed and a quantization given the old name)
-        self.recorded_at_start = recorded_outputs(self.manifest)
-        self.records_at_start = [dict(r) for r in self.records.values() if isinstance(r, dict)]
+        self._load_manifest()
         self.rebuilt: set[str] = set()  # dry run: outputs that would be rewritten (unknown new content)
         self._merge_plan = None
 
@@ -765,7 +756,7 @@ class _Runner:
             return [f"{self.rel.path}: workdir {self.wd} exists and is not a folder"]
         out = [f"{self.rel.path}: workdir {self.wd} is {'the' if wd == real else 'inside the'} input model folder {p} "
                f"({what}): nothing may be written there; choose a workdir outside every input"
-               for what, p, real, model in inputs if model and _within(wd, real)]
+               for what, p, real, model in inputs if model and within(wd, real)]
         if out:  # every output would be inside that input too: one refusal says it
             return out
         for step in self.steps:
@@ -776,11 +767,19 @@ class _Runner:
                         "another workdir" for what, p, real, _ in inputs if _overlap(target, real)]
         return out
 
+    def _load_manifest(self) -> None:
+        """Read the manifest, keeping a copy as it was: what earlier runs wrote stays ours for this whole
+        run, even after a step's new record replaces the one that named it (merge.out renamed and a
+        quantization given the old name)."""
+        self.manifest = read_manifest(self.wd)
+        self.records: dict = self.manifest["steps"]
+        self.manifest_at_start = json.loads(json.dumps(self.manifest))
+
     def is_ours(self, name: str) -> bool:
         """Whether the workdir entry ``name`` was written by a run of this workdir (see
         :func:`recorded_outputs`) and is still a real folder or file, not a link put in its place,
         holding nothing but what that run recorded (see :meth:`foreign_files`)."""
-        recorded = recorded_outputs(self.manifest) | self.recorded_at_start
+        recorded = recorded_outputs(self.manifest) | recorded_outputs(self.manifest_at_start)
         return name in recorded and not (self.wd / name).is_symlink() and not self.foreign_files(name)
 
     def foreign_files(self, name: str) -> list[str]:
@@ -789,7 +788,7 @@ class _Runner:
         was deleted. Redoing the step would delete them, so their presence makes the folder not ours.
         (An output claimed by an interrupted run has no file list yet: nothing to compare.)"""
         folder = self.wd / name
-        recorded = next((rec.get("files") for rec in [*self.records.values(), *self.records_at_start]
+        recorded = next((rec.get("files") for rec in [*self.records.values(), *self.manifest_at_start["steps"].values()]
                          if isinstance(rec, dict) and rec.get("output") == name), None)
         if not isinstance(recorded, dict) or folder.is_symlink() or not folder.is_dir():
             return []
@@ -929,10 +928,7 @@ class _Runner:
         _refuse(self.refusals())  # before the lock: a refused run creates nothing (not even the workdir)
         lock = _Lock(self.wd)
         try:
-            self.manifest = read_manifest(self.wd)  # again, now that no other run can be writing it
-            self.records = self.manifest["steps"]
-            self.recorded_at_start = recorded_outputs(self.manifest)
-            self.records_at_start = [dict(r) for r in self.records.values() if isinstance(r, dict)]
+            self._load_manifest()  # again, now that no other run can be writing it
             _refuse(self.refusals())
             self.validate_quantizations()
             outcomes = []
@@ -979,16 +975,17 @@ class _Runner:
         pending = self.manifest.get(PENDING, {})
         gone = [n for n in step_outputs(step) if n in pending and not os.path.lexists(self.wd / n)]
         if gone:
-            for name in gone:
-                pending.pop(name, None)
-            if not pending:
-                self.manifest.pop(PENDING, None)
+            self._release_claims(gone)
             with contextlib.suppress(OSError):  # already failing: keep the first error
                 write_manifest(self.wd, self.manifest)
 
     def _unclaim(self, step: Step) -> None:
+        self._release_claims(step_outputs(step))
+
+    def _release_claims(self, names) -> None:
+        """Remove ``names`` from the manifest's claims (in memory; the caller writes it)."""
         pending = self.manifest.get(PENDING, {})
-        for name in step_outputs(step):
+        for name in names:
             pending.pop(name, None)
         if not pending:
             self.manifest.pop(PENDING, None)

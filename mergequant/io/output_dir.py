@@ -69,7 +69,8 @@ def _standing_protections() -> list[Protected]:
     return found
 
 
-def _within(child: Path, parent: Path) -> bool:
+def within(child: Path, parent: Path) -> bool:
+    """``child`` is ``parent`` or lies inside it (both already resolved)."""
     return child == parent or parent in child.parents
 
 
@@ -77,7 +78,7 @@ def replacement_refusal(target: Path, protected: Iterable[Protected]) -> str | N
     """Why replacing the (resolved) ``target`` would delete something the run does not own, else None."""
     for label, path in protected:
         for p in (output_path(path), path.resolve()):  # a symlinked input: the link and what it points to
-            if _within(p, target):
+            if within(p, target):
                 return f"it {'is' if p == target else 'holds'} the {label} {path}"
     return None
 

@@ -94,7 +94,7 @@ def check_merge_options(opts: MergeOptions) -> None:
     this): ``--workers 0`` or a negative count used to be accepted, and gave a negative peak-memory
     estimate in the dry run."""
     from mergequant.io.model_files import check_device_name
-    from mergequant.quant.calib import check_count
+    from mergequant.quant.calib import check_count, check_seed
     from mergequant.units import parse_size
 
     check_count(opts.workers, "--workers", 1)
@@ -103,8 +103,7 @@ def check_merge_options(opts: MergeOptions) -> None:
     parse_size(opts.shard_size)  # positive
     check_device_name(opts.device)
     check_layout_name(opts.moe_layout)
-    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or not -2**63 <= opts.seed < 2**63:
-        raise MergeQuantError(f"--seed must be a 64-bit integer, got {opts.seed!r}")
+    check_seed(opts.seed)
 
 
 def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeResult:

@@ -80,6 +80,12 @@ def check_count(value, option: str, minimum: int, why: str = "", *, optional: bo
                               + f", got {value!r}")
 
 
+def check_seed(seed) -> None:
+    """``--seed`` must be a 64-bit integer (torch's generators take no more; 2**70 was a traceback)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
+        raise MergeQuantError(f"--seed must be a 64-bit integer, got {seed!r}")
+
+
 def local_data_file(source: str, what: str = CALIBRATION) -> Path | None:
     """The local file a data source names (None for ``hf:`` sources), checked to be a regular file:
     cheap, so callers run it before loading a model. ``what`` names the data and its option in

@@ -107,10 +107,6 @@ class QuantMethod:
     def validate(self, opts, linears: list[QuantLinear]) -> None:
         """Raise MergeQuantError for options this method cannot honour (before anything is written)."""
 
-    def check_architecture(self, config: dict) -> None:
-        """Raise MergeQuantError if the model (its config.json) is one this method cannot handle,
-        before calibration data is read or anything is written."""
-
     def planned(self, lin: QuantLinear, opts) -> list["PlannedTensor"]:
         """The tensors (names relative to ``lin.prefix``) that replace ``lin.prefix.weight``.
         The bias, if any, is written by the driver as a normal float tensor."""

@@ -167,17 +167,15 @@ def refuse_quantized_input(ck: Checkpoint) -> None:
 def _check_counts(opts: QuantizeOptions) -> None:
     """Sample and window counts must be real counts: --seqlen 1 made `--eval` loop forever (a 1-token
     window predicts nothing), and 0 silently meant "the default" for --batch-size."""
-    from mergequant.quant.calib import check_count
+    from mergequant.io.model_files import check_device_name
+    from mergequant.quant.calib import check_count, check_seed
+    from mergequant.units import parse_size
 
     check_count(opts.samples, "--samples", 1)
     check_count(opts.seqlen, "--seqlen", 2, "tokens per window")
     check_count(opts.batch_size, "--batch-size", 1, "or leave it out for automatic", optional=True)
-    from mergequant.io.model_files import check_device_name
-    from mergequant.units import parse_size
-
     parse_size(opts.shard_size)  # positive (a release file gives a number of bytes)
-    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or not -2**63 <= opts.seed < 2**63:
-        raise MergeQuantError(f"--seed must be a 64-bit integer, got {opts.seed!r}")
+    check_seed(opts.seed)
     check_device_name(opts.device)
 
 
@@ -247,7 +245,6 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     arch = quantizable_architecture(ck)
     linears = find_linears(ck, arch)
     method = validate(opts, linears, model_dir=model_dir)
-    method.check_architecture(ck.config)
     check_output_location(opts.out, [model_dir], force=opts.force,
                           files=local_files({"calibration data": opts.calib, "eval data": opts.eval_data}))
     if opts.calib and not method.calibrated:
