@@ -88,14 +88,54 @@ class ExpertLayout:
     shared_expert: tuple[str, ...] = ()  # dense Linears of a shared expert (quantizable like an MLP)
     shared_expert_gate: str | None = None
 
+    memory_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    sparse_step_key: str | None = None  # qwen MoE: layers (i + 1) % step != 0, or in mlp_only_layers, are dense
+
+    def expert_module(self, e: int, which: int) -> str:
+        """Name (relative to the layer) of expert ``e``'s gate (0), up (1) or down (2) Linear once the
+        quantizer has un-fused the experts (``mergequant.quant.moe``): ``mlp.experts.3.gate_proj``.
+        These are also the names GPTQModel loads quantized experts under."""
+        return f"{self.memory_block}.experts.{e}.{self.memory_linears[which]}"
+
+    def parse_expert_module(self, name: str) -> tuple[int, int] | None:
+        """(expert, part) of an un-fused expert Linear name (``mlp.experts.3.up_proj`` -> (3, 1)), else None."""
+        m = re.fullmatch(rf"{re.escape(self.memory_block)}\.experts\.(\d+)\.(\w+)", name)
+        if not m or m.group(2) not in self.memory_linears:
+            return None
+        return int(m.group(1)), self.memory_linears.index(m.group(2))
+
+    def is_sparse_layer(self, config: Mapping[str, Any], i: int) -> bool:
+        """Whether decoder layer ``i`` holds routed experts (Qwen MoE may keep some layers dense)."""
+        if self.sparse_step_key is None:
+            return True
+        step = _get(config, self.sparse_step_key) or 1
+        only = _get(config, "mlp_only_layers") or ()
+        return i not in only and (i + 1) % step == 0
+
     def expert_weight(self, e: int, which: int) -> str:
         """On-disk name (relative to the layer) of expert ``e``'s gate (0), up (1) or down (2) weight."""
         return f"{self.disk_block}.experts.{e}.{self.expert_linears[which]}.weight"
 
     def to_disk(self, memory_name: str) -> str:
-        """A non-expert module name in memory -> its name on disk (``mlp.gate`` -> ``block_sparse_moe.gate``)."""
+        """A module or parameter name in memory -> its name on disk (``mlp.gate`` -> ``block_sparse_moe.gate``,
+        ``mlp.experts.3.gate_proj.weight`` -> ``block_sparse_moe.experts.3.w1.weight``)."""
         head, _, rest = memory_name.partition(".")
-        return f"{self.disk_block}.{rest}" if head == self.memory_block and rest else memory_name
+        if head != self.memory_block or not rest:
+            return memory_name
+        parts = rest.split(".")
+        if len(parts) >= 3 and parts[0] == "experts" and parts[1].isdigit() and parts[2] in self.memory_linears:
+            parts[2] = self.expert_linears[self.memory_linears.index(parts[2])]
+        return ".".join([self.disk_block, *parts])
+
+    def to_memory(self, disk_name: str) -> str:
+        """Inverse of ``to_disk``: ``block_sparse_moe.experts.3.w1.weight`` -> ``mlp.experts.3.gate_proj.weight``."""
+        head, _, rest = disk_name.partition(".")
+        if head != self.disk_block or not rest:
+            return disk_name
+        parts = rest.split(".")
+        if len(parts) >= 3 and parts[0] == "experts" and parts[1].isdigit() and parts[2] in self.expert_linears:
+            parts[2] = self.memory_linears[self.expert_linears.index(parts[2])]
+        return ".".join([self.memory_block, *parts])
 
 
 @dataclass(frozen=True)
@@ -126,6 +166,38 @@ class Architecture:
     @property
     def is_moe(self) -> bool:
         return self.experts is not None
+
+    def layer_groups(self, config: Mapping[str, Any], i: int, num_experts: int | None = None
+                     ) -> tuple[tuple[str, ...], ...]:
+        """Layer ``i``'s quantized Linears in true-sequential groups, by their names in memory.
+
+        Dense families: ``sequential``. MoE: the attention groups, a shared expert's (Qwen2-MoE), then
+        every routed expert's gate and up as one group (they all read the post-attention norm's output:
+        with all-token calibration that is one input, hence one Hessian), then every expert's down
+        (each reads its own input). A layer without experts (Qwen MoE's ``mlp_only_layers``) has a
+        dense MLP: the Llama groups."""
+        if not self.is_moe:
+            return self.sequential
+        ex = self.experts
+        if not ex.is_sparse_layer(config, i):
+            return self.sequential[:2] + _MLP
+        n = num_experts if num_experts is not None else _get(config, ex.num_experts_key)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            n = _get(config, "num_local_experts") if ex.num_experts_key != "num_local_experts" else None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise MergeQuantError(f"{model_name(config)}: config.json has no usable expert count "
+                                  f"({ex.num_experts_key})")
+        gate_up = tuple(ex.expert_module(e, w) for e in range(n) for w in (1, 0))
+        down = tuple(ex.expert_module(e, 2) for e in range(n))
+        return self.sequential + (gate_up, down)
+
+    def to_disk(self, name: str) -> str:
+        """A layer-relative name in memory -> on disk (identity for dense families)."""
+        return self.experts.to_disk(name) if self.experts else name
+
+    def to_memory(self, name: str) -> str:
+        """A layer-relative name on disk -> in memory (identity for dense families)."""
+        return self.experts.to_memory(name) if self.experts else name
 
     def layer_prefix(self, i: int) -> str:
         """Tensor-name prefix of decoder layer ``i``: ``model.layers.3.``."""
@@ -214,12 +286,14 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
          ExpertLayout("block_sparse_moe", "mlp", ("w1", "w3", "w2"), "num_local_experts")),
     _moe("qwen2_moe", "Qwen2MoeDecoderLayer",
          ExpertLayout("mlp", "mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+                      sparse_step_key="decoder_sparse_step",
                       shared_expert=("mlp.shared_expert.up_proj", "mlp.shared_expert.gate_proj",
                                      "mlp.shared_expert.down_proj"),
                       shared_expert_gate="mlp.shared_expert_gate"),
          notes="q/k/v have biases; layers in mlp_only_layers (or off decoder_sparse_step) have a dense mlp"),
     _moe("qwen3_moe", "Qwen3MoeDecoderLayer",
-         ExpertLayout("mlp", "mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts"),
+         ExpertLayout("mlp", "mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+                      sparse_step_key="decoder_sparse_step"),
          notes="q_norm/k_norm as Qwen3; layers in mlp_only_layers (or off decoder_sparse_step) have a dense mlp"),
 )}
 

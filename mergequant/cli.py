@@ -174,6 +174,9 @@ def quantize(
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="awq: scales from activation and weight magnitudes (default) or activations only."),
     alpha: float = typer.Option(0.5, help="w8a8: SmoothQuant migration strength in [0, 1] (how much activation range moves into the weights)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration samples per forward pass (more is faster, uses more memory; default: as many as fit in ~64 MiB of activations inside one layer, at most 8192 tokens)."),
+    moe_calibration: str = typer.Option("all", "--moe-calibration", help="Mixture of experts: all (every expert's statistics from every calibration token; the layer output still uses the real routing) or routed (only the tokens the router sends it; starved experts fall back to round-to-nearest)."),
+    moe_min_share: float = typer.Option(0.05, "--moe-min-share", help="--moe-calibration routed: an expert with fewer routed tokens than this fraction of its uniform share (tokens x top-k / experts) is rounded to nearest."),
+    moe_names: str = typer.Option("original", "--moe-names", help="Mixture of experts: original (the architecture's per-expert names, e.g. Mixtral block_sparse_moe.experts.E.w1; what vLLM loads) or gptqmodel (mlp.experts.E.gate_proj; what GPTQModel.load needs for Mixtral)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
@@ -190,7 +193,8 @@ def quantize(
                                static_groups=static_groups, sym=sym, damp=damp, calib=calib, samples=samples,
                                seqlen=seqlen, seed=seed, device=device, force=force, quiet=quiet,
                                shard_size=parse_size(shard_size), eval_data=eval_data, zero_point=zero_point,
-                               n_grid=n_grid, duo_scaling=duo_scaling, alpha=alpha, batch_size=batch_size)
+                               n_grid=n_grid, duo_scaling=duo_scaling, alpha=alpha, batch_size=batch_size,
+                               moe_calibration=moe_calibration, moe_min_share=moe_min_share, moe_names=moe_names)
         res = run_quantize(model, opts, log=lambda m: typer.echo(m, err=True))
     grouping = f", group {group_size}" if method in ("gptq", "rtn", "awq") else ""
     typer.echo(f"wrote {res.out}: {res.modules} Linear modules quantized ({method}, {opts.bits}-bit{grouping})"

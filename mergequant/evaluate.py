@@ -227,6 +227,7 @@ def load_dequantized(ck) -> "torch.nn.Module":
     its fp16 arithmetic), with no dependency on gptqmodel, bitsandbytes or compressed-tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from mergequant.architectures import ARCHITECTURES
     from mergequant.quant.method import format_for_config
 
     qcfg = ck.config["quantization_config"]
@@ -243,6 +244,11 @@ def load_dequantized(ck) -> "torch.nn.Module":
     for name in names:
         if name not in owned and name not in state:
             state[name] = ck.get(name).float()
+    arch = ARCHITECTURES.get(cfg_dict.get("model_type"))
+    if arch is not None and arch.is_moe:  # per-expert weights -> the fused parameters transformers 5 holds
+        from mergequant.quant.moe import fused_state
+
+        state = fused_state(arch, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:

@@ -5,7 +5,8 @@ description exists, in memory and in the saved checkpoint, and every Linear of a
 either quantized or declared never-quantized; (b) folding AWQ and SmoothQuant scales through the
 description's scaling map leaves the model's float64 logits unchanged; (c) `quantize --method rtn`
 and `--method gptq` run end to end and the dequantized model stays close to the original; (d)
-families without a description and mixture-of-experts families are refused with one line."""
+families without a description, and MoE families for methods that do not handle experts, are refused
+with one line."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from mergequant.errors import MergeQuantError
 from mergequant.evaluate import load_dequantized
 from mergequant.io.checkpoint import Checkpoint
 from mergequant.quant.awq_method import apply_scale, scaling_groups
+from mergequant.quant.gptq_method import RTNMethod
 from mergequant.quant.norms import norm_offset
 from mergequant.quant.quantize import QuantizeOptions, run_quantize
 from mergequant.quant.runner import LayerInputs, linear_modules
@@ -45,7 +47,8 @@ EXTRA = {  # per family: what makes its tiny config valid and exercises its part
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 64},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "mlp_only_layers": [1]},  # a dense layer inside a MoE family
 }
 TEXT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog, and so on." for i in range(200))
 
@@ -237,25 +240,42 @@ def _logits_error(model: nn.Module, quantized: Path) -> float:
     return ((got - ref).norm() / ref.norm()).item()
 
 
+def _quantized_names(arch, d: Path) -> set[str]:
+    """Input weights the description says get quantized (MoE: every expert's, by its name on disk)."""
+    src = Checkpoint.open(d)
+    out = set()
+    for name in src.tensors:
+        loc = arch.split_name(name)
+        if loc and name.endswith(".weight"):
+            mem = arch.to_memory(loc[1].removesuffix(".weight"))
+            if any(mem in g for g in arch.layer_groups(src.config, loc[0])):
+                out.add(name)
+    return out
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-@pytest.mark.parametrize("mt", DENSE)
+@pytest.mark.parametrize("mt", list(ARCHITECTURES))
 def test_quantize_end_to_end(saved, calib, tmp_path, mt, method):
-    """Every described Linear is quantized (none left in float) and dequantizes close to its float
-    weight; every other tensor is written as it was; the dequantized model's logits stay close to the
-    float model's. 8-bit, so the bounds are tight enough to show any tensor that went astray."""
+    """Every described Linear is quantized (none left in float; a MoE layer's every expert included,
+    under its name on disk) and dequantizes close to its float weight; every other tensor (routers
+    included) is written as it was; the dequantized model's logits stay close to the float model's.
+    8-bit, so the bounds are tight enough to show any tensor that went astray."""
     arch = ARCHITECTURES[mt]
     model, d = saved[mt]
     res = _quantize(d, tmp_path / "q", method, calib, bits=8)
-    assert res.modules == 2 * len(arch.quantized)
+    quantized = _quantized_names(arch, d)
+    expected = {"mixtral": 2 * (4 + 3 * 4), "qwen2_moe": 2 * (4 + 3 + 3 * 4), "qwen3_moe": 4 + 3 * 4 + 4 + 3}
+    assert res.modules == len(quantized) == expected.get(mt, 2 * len(arch.quantized))
     ck, src = Checkpoint.open(tmp_path / "q"), Checkpoint.open(d)
-    deq = load_dequantized(ck).state_dict()
+    qcfg = ck.config["quantization_config"]
     for name in src.tensors:
-        loc = arch.split_name(name)
-        if loc and loc[1].removesuffix(".weight") in arch.quantized:
-            assert name not in ck.tensors and f"{name.removesuffix('.weight')}.qweight" in ck.tensors
+        if name in quantized:
+            prefix = name.removesuffix(".weight")
+            assert name not in ck.tensors and f"{prefix}.qweight" in ck.tensors
             w = src.get(name).float()
-            assert ((deq[name] - w).norm() / w.norm()).item() < 0.02, name
-        else:  # float16 copies of everything else (norms, biases, embeddings)
+            deq = RTNMethod.dequantize(ck.get, prefix, qcfg)
+            assert ((deq - w).norm() / w.norm()).item() < 0.02, name
+        else:  # float16 copies of everything else (norms, biases, embeddings, routers)
             torch.testing.assert_close(ck.get(name).float(), src.get(name).half().float(), rtol=0, atol=0)
     err = _logits_error(model, tmp_path / "q")
     assert err < 0.05, (mt, method, err)
@@ -278,12 +298,14 @@ def test_fused_phi3_awq_and_w8a8(saved, calib, tmp_path, method):
 
 # ---- (d) refusals -------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("method", ["awq", "w8a8"])
 @pytest.mark.parametrize("mt", MOE)
-def test_moe_is_refused_with_one_line(saved, tmp_path, mt):
+def test_moe_is_refused_with_one_line(saved, calib, tmp_path, mt, method):
+    """Methods that do not handle experts yet refuse MoE families in one line, before any work."""
     _, d = saved[mt]
-    with pytest.raises(MergeQuantError, match=rf"model_type '{mt}'\) is a mixture-of-experts model; quantizing "
-                                              "MoE models is not supported yet") as e:
-        _quantize(d, tmp_path / "q", "rtn", Path("unused"))
+    with pytest.raises(MergeQuantError, match=rf"model_type '{mt}'\) is a mixture-of-experts model; --method "
+                                              rf"{method} does not handle experts yet") as e:
+        _quantize(d, tmp_path / "q", method, calib)
     assert "\n" not in str(e.value) and saved[mt][0].config.architectures[0] in str(e.value)
     assert not (tmp_path / "q").exists()
 
@@ -303,8 +325,8 @@ def test_unknown_architecture_is_refused_with_one_line(tmp_path):
 
 def test_cli_exit_2_one_line(saved, tmp_path):
     """The CLI prints the refusal as one line and exits 2 (MoE here; unknown families share the path)."""
-    proc = run_cli("quantize", saved["mixtral"][1], "-o", tmp_path / "q", "--method", "rtn")
+    proc = run_cli("quantize", saved["mixtral"][1], "-o", tmp_path / "q", "--method", "awq", "--calib", "x.txt")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "MixtralForCausalLM" in lines[0], proc.stderr
-    assert "not supported yet" in lines[0] and not (tmp_path / "q").exists()
+    assert "does not handle experts yet" in lines[0] and not (tmp_path / "q").exists()
     assert json.loads((saved["mixtral"][1] / "config.json").read_text())["model_type"] == "mixtral"

@@ -24,6 +24,17 @@ from mergequant.quant.gptq import (
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
 
 
+# With --moe-calibration all, every expert's down_proj reads an input of its own: their Hessians are
+# accumulated a batch at a time, at most this many bytes of them (one at a time for Mixtral-8x7B, whose
+# down Hessian is 14336^2 float32 = 822 MB; all at once for small models, in one pass over the layer).
+EXPERT_HESSIAN_BYTES = 512 * 2**20
+
+
+def _top_k(ctx) -> int:
+    k = ctx.source.config.get("num_experts_per_tok")
+    return k if isinstance(k, int) and k > 0 else 1
+
+
 def _fmt(opts) -> str:
     return "gptq" if opts.sym else "gptq_v2"
 
@@ -110,39 +121,94 @@ class GPTQMethod(RTNMethod):
     defers_weights = True
 
     def process_layer(self, ctx, i, layer, inputs, todo, modules) -> None:
-        from mergequant.quant.runner import capture_module_inputs
+        from mergequant.quant.moe import counted
 
         widest = max(m.in_features for m in modules.values())
+        moe = ctx.extra.get("moe")
+        starved: set[int] = set()
         # each group is quantized after the previous ones, on inputs computed with them already quantized
-        for group in ctx.arch.sequential:
+        for group in ctx.groups(i):
             names = [s for s in group if s in todo and s in modules]
-            if not names:
+            experts = {s: ctx.arch.experts.parse_expert_module(s) for s in names} if ctx.arch.is_moe else {}
+            experts = {s: p for s, p in experts.items() if p is not None}
+            if experts and all(p[1] != 2 for p in experts.values()):
+                # the experts' gate/up pass is the first to reach the experts: it counts the router's
+                # choices, which decide (routed calibration) which experts are too starved to solve
+                with counted(layer):
+                    accs = self._capture(layer, inputs, names, modules, widest)
+                starved = set(moe.starved(i, ctx.result.calib_tokens, _top_k(ctx))) if moe else set()
+                if starved:
+                    self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules)
+                    names = [s for s in names if experts[s][0] not in starved]
+                self._solve_shared(ctx, accs, names, todo, modules)
                 continue
-            # one Hessian per distinct input tensor: q/k/v (and gate/up) share theirs
-            accs: dict[str, HessianAccumulator] = {}
+            if experts and starved:
+                self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules)
+                names = [s for s in names if experts[s][0] not in starved]
+            for batch in self._capture_batches(names, modules, experts):
+                self._solve_shared(ctx, self._capture(layer, inputs, batch, modules, widest), batch, todo, modules)
 
-            def add(shared: list[str], x):
-                acc = accs.get(shared[0]) or HessianAccumulator(x.shape[-1])
-                acc.add(x)
-                for s in shared:
-                    accs[s] = acc
+    @staticmethod
+    def _capture_batches(names: list[str], modules, experts: dict) -> list[list[str]]:
+        """``names`` split so that modules with inputs of their own (every expert's down_proj) hold at
+        most ``EXPERT_HESSIAN_BYTES`` of Hessians at a time (Mixtral-8x7B: one 822 MB down Hessian)."""
+        if not names or not experts or any(p[1] != 2 for p in experts.values()):
+            return [names] if names else []
+        k = max(modules[s].in_features for s in names)
+        per = max(1, EXPERT_HESSIAN_BYTES // (4 * k * k))
+        return [names[j:j + per] for j in range(0, len(names), per)]
 
-            release_free_memory()  # the previous solve's and recompute's temporaries, before H is built
-            # the group with the widest input holds the layer's largest Hessian while its capture runs
-            # the most activations (the MLP): that is a peak of the whole run, so its chunks' freed
-            # activations go back to the OS one by one (the other groups skip the re-faulting cost)
-            capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add,
-                                  release_between_chunks=max(modules[s].in_features for s in names) == widest)
-            # GPTQ treats rows independently given H, so modules sharing a Hessian are solved as one
-            # stacked weight: one Cholesky and larger, faster matrix products (identical results).
-            by_acc: dict[int, list[str]] = {}
-            for s in names:
-                by_acc.setdefault(id(accs[s]), []).append(s)
-            for shared in by_acc.values():
-                acc = accs[shared[0]]
-                for s in shared:
-                    del accs[s]
-                self._solve(ctx, [modules[s] for s in shared], [todo[s] for s in shared], acc)
+    @staticmethod
+    def _capture(layer, inputs, names, modules, widest) -> dict[str, HessianAccumulator]:
+        """One Hessian accumulator per module of ``names``, shared by modules that receive the very
+        same input tensor: q/k/v, gate/up, and with all-token calibration every expert's gate/up."""
+        from mergequant.quant.runner import capture_module_inputs
+
+        accs: dict[str, HessianAccumulator] = {}
+
+        def add(shared: list[str], x):
+            acc = accs.get(shared[0]) or HessianAccumulator(x.shape[-1])
+            acc.add(x)
+            for s in shared:
+                accs[s] = acc
+
+        release_free_memory()  # the previous solve's and recompute's temporaries, before H is built
+        # the group with the widest input holds the layer's largest Hessian while its capture runs
+        # the most activations (the MLP): that is a peak of the whole run, so its chunks' freed
+        # activations go back to the OS one by one (the other groups skip the re-faulting cost)
+        capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add,
+                              release_between_chunks=max(modules[s].in_features for s in names) == widest)
+        return accs
+
+    def _solve_shared(self, ctx, accs, names, todo, modules) -> None:
+        """Solve ``names``: modules sharing a Hessian as one stacked weight (GPTQ treats rows
+        independently given H: one Cholesky, larger and faster products, identical results)."""
+        by_acc: dict[int, list[str]] = {}
+        for s in names:
+            by_acc.setdefault(id(accs[s]), []).append(s)
+        for shared in by_acc.values():
+            acc = accs[shared[0]]
+            for s in shared:
+                del accs[s]
+            self._solve(ctx, [modules[s] for s in shared], [todo[s] for s in shared], acc)
+        accs.clear()
+
+    def _round_starved(self, ctx, i: int, names: list[str], todo, modules) -> None:
+        """Round-to-nearest for the Linears of experts the router starved (routed calibration): a
+        Hessian from a handful of tokens fits those tokens, not the expert's job."""
+        o = ctx.opts
+        for s in names:
+            lin = todo[s]
+            q, scales, zeros = quantize_rtn(ctx.source_weight(lin).float(), o.bits, o.group_size, o.sym)
+            g_idx = formats.g_idx_for(lin.in_features, o.group_size)
+            codes = q.T.to(torch.uint8).contiguous()
+            modules[s].forward = QuantizedForward(modules[s], codes, scales, zeros, g_idx, bits=o.bits)
+            self.write_codes(ctx, lin, codes, scales, zeros, g_idx)
+            ctx.result.fallbacks.append(lin.prefix)
+            e = ctx.arch.experts.parse_expert_module(s)[0]
+            fell = ctx.result.expert_fallbacks.setdefault(i, [])
+            if e not in fell:
+                fell.append(e)
 
     def _solve(self, ctx, mods, lins, acc: HessianAccumulator) -> None:
         o = ctx.opts

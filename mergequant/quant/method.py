@@ -35,12 +35,17 @@ if TYPE_CHECKING:  # pragma: no cover
 class QuantLinear:
     """One decoder Linear that gets quantized, as found in the checkpoint."""
 
-    prefix: str  # e.g. model.layers.3.self_attn.q_proj
+    prefix: str  # output name, e.g. model.layers.3.self_attn.q_proj
     layer: int
-    suffix: str  # e.g. self_attn.q_proj
+    suffix: str  # name in the (un-fused) decoder layer module, e.g. self_attn.q_proj, mlp.experts.3.gate_proj
     out_features: int
     in_features: int
     has_bias: bool
+    source: str = ""  # name in the input checkpoint when it differs from ``prefix`` (renamed MoE experts)
+
+    @property
+    def source_prefix(self) -> str:
+        return self.source or self.prefix
 
 
 @dataclass
@@ -60,8 +65,12 @@ class QuantContext:
         costs file-backed pages, not anonymous memory; cast or copy it to compute with it)."""
         if self.source is None:
             raise RuntimeError("QuantContext.source is not set")
-        name = f"{lin.prefix}.weight"
+        name = f"{lin.source_prefix}.weight"
         return require_finite(self.source.path, name, self.source.get(name))
+
+    def groups(self, i: int) -> tuple[tuple[str, ...], ...]:
+        """Layer ``i``'s quantized Linears in true-sequential groups (names in the layer module)."""
+        return self.arch.layer_groups(self.source.config, i)
 
     def write(self, lin: QuantLinear, tensors: dict[str, torch.Tensor]) -> None:
         """Write ``{key: tensor}`` as ``<lin.prefix>.<key>`` (each tensor in its planned dtype)."""

@@ -28,6 +28,7 @@ from mergequant.io.model_files import copy_tokenizer_files, pick_device
 from mergequant.io.output_dir import atomic_output_dir, check_output_location, local_files
 from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, write_json
 from mergequant.memory import release_free_memory
+from mergequant.merge.moe_layout import per_expert_view
 from mergequant.merge.plan import natural_key
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod, get_method
 
@@ -75,6 +76,9 @@ class QuantizeOptions:
     n_grid: int = 20  # awq: scale ratios tried per scaling group
     duo_scaling: bool = True  # awq: scales from activations and weights (else activations only)
     alpha: float = 0.5  # w8a8: SmoothQuant migration strength
+    moe_calibration: str = "all"  # mixture of experts: every expert sees all tokens, or only its routed ones
+    moe_min_share: float = 0.05  # routed: fewer tokens than this share of a uniform share -> round-to-nearest
+    moe_names: str = "original"  # mixture of experts: expert names in the output (see EXPERT_NAMES)
 
 
 @dataclass
@@ -85,51 +89,80 @@ class QuantizeResult:
     calib_tokens: int = 0
     proxy_error: float = 0.0
     perplexity: dict = field(default_factory=dict)
+    expert_tokens: dict[int, list[int]] = field(default_factory=dict)  # MoE: layer -> routed tokens per expert
+    expert_fallbacks: dict[int, list[int]] = field(default_factory=dict)  # MoE routed: layer -> starved experts
 
 
-def quantizable_architecture(ck: Checkpoint) -> Architecture:
-    """The description of ``ck``'s family, refusing (one line) families without one and
-    mixture-of-experts families, whose experts are not plain Linears (not supported yet)."""
+# How quantized experts are named in the output. ``original``: the architecture's own per-expert names
+# (Mixtral ``block_sparse_moe.experts.E.w1|w2|w3``), what Hub checkpoints use and vLLM's loaders map.
+# ``gptqmodel``: transformers 5's module names with the experts un-fused (Mixtral ``mlp.experts.E.
+# gate_proj|up_proj|down_proj``, router ``mlp.gate``), the only names GPTQModel.load accepts for
+# quantized Mixtral experts. Qwen MoE families use the same names either way.
+EXPERT_NAMES = ("original", "gptqmodel")
+MOE_METHODS = ("gptq", "rtn", "int8")  # methods that handle routed experts
+
+
+def quantizable_architecture(ck: Checkpoint, method: str | None = None) -> Architecture:
+    """The description of ``ck``'s family, refusing (one line) families without one, and
+    mixture-of-experts families for methods that do not handle experts yet."""
     arch = architecture_for(ck.config, f"{ck.path}: ")
-    if arch.is_moe:
+    if arch.is_moe and method is not None and method not in MOE_METHODS:
         raise MergeQuantError(f"{ck.path}: {model_name(ck.config)} (model_type {arch.model_type!r}) is a "
-                              "mixture-of-experts model; quantizing MoE models is not supported yet")
+                              f"mixture-of-experts model; --method {method} does not handle experts yet "
+                              f"(use one of {', '.join(MOE_METHODS)})")
     return arch
 
 
-def find_linears(ck: Checkpoint, arch: Architecture | None = None) -> list[QuantLinear]:
+def output_name(arch: Architecture, name: str, naming: str = "original") -> str:
+    """The output name of input tensor ``name`` (per-expert names) under ``--moe-names``."""
+    if naming == "original" or not arch.is_moe:
+        return name
+    split = arch.split_name(name)
+    return arch.layer_prefix(split[0]) + arch.to_memory(split[1]) if split else name
+
+
+def find_linears(ck: Checkpoint, arch: Architecture | None = None, moe_names: str = "original") -> list[QuantLinear]:
     """The decoder Linear weights that get quantized (the description's, in true-sequential order per
-    layer), from the checkpoint's tensor names and shapes. A layer missing one of them is refused
-    here, before any work, rather than half-quantized."""
+    layer; a MoE layer's experts included), from the checkpoint's tensor names and shapes. A layer
+    missing one of them is refused here, before any work, rather than half-quantized."""
     arch = arch or quantizable_architecture(ck)
-    order = {s: k for k, s in enumerate(arch.quantized)}
+    orders: dict[int, dict[str, int]] = {}
+
+    def order(i: int) -> dict[str, int]:
+        if i not in orders:
+            orders[i] = {s: k for k, s in enumerate(s for g in arch.layer_groups(ck.config, i) for s in g)}
+        return orders[i]
+
     found = []
     for name, info in ck.tensors.items():
         loc = arch.split_name(name)
         if not loc or not name.endswith(".weight") or len(info.shape) != 2:
             continue
-        suffix = loc[1][: -len(".weight")]
-        if suffix in order:
-            prefix = name[: -len(".weight")]
-            found.append(QuantLinear(prefix, loc[0], suffix, info.shape[0], info.shape[1], f"{prefix}.bias" in ck.tensors))
+        suffix = arch.to_memory(loc[1][: -len(".weight")])
+        if suffix in order(loc[0]):
+            source = name[: -len(".weight")]
+            prefix = output_name(arch, source, moe_names)
+            found.append(QuantLinear(prefix, loc[0], suffix, info.shape[0], info.shape[1],
+                                     f"{source}.bias" in ck.tensors, source if prefix != source else ""))
     if not found:
         raise MergeQuantError(f"{ck.path}: no decoder Linear weights found ({ck.architecture} is not supported: "
                               f"expected names like {arch.layer_prefix(0)}{arch.quantized[0]}.weight)")
-    found.sort(key=lambda lin: (lin.layer, order[lin.suffix]))
+    found.sort(key=lambda lin: (lin.layer, order(lin.layer)[lin.suffix]))
     _check_complete_layers(ck, arch, found)
     return found
 
 
 def _check_complete_layers(ck: Checkpoint, arch: Architecture, linears: list[QuantLinear]) -> None:
-    """Every layer that has one of the description's Linears has all of them."""
+    """Every layer that has one of the description's Linears has all of them (every expert's too)."""
     by_layer: dict[int, set[str]] = {}
     for lin in linears:
         by_layer.setdefault(lin.layer, set()).add(lin.suffix)
     for i, have in sorted(by_layer.items()):
-        missing = [s for s in arch.quantized if s not in have]
+        want = [s for g in arch.layer_groups(ck.config, i) for s in g]
+        missing = [s for s in want if s not in have]
         if missing:
-            raise MergeQuantError(f"{ck.path}: tensor {arch.layer_prefix(i)}{missing[0]}.weight is missing "
-                                  f"({arch.model_type} decoder layers have {', '.join(arch.quantized)})")
+            raise MergeQuantError(f"{ck.path}: tensor {arch.layer_prefix(i)}{arch.to_disk(missing[0])}.weight is "
+                                  f"missing ({arch.model_type} decoder layer {i} has {len(want)} quantized Linears)")
 
 
 # Options that only one family of methods reads: (CLI flag, methods that use it).
@@ -220,8 +253,9 @@ def validate(opts: QuantizeOptions, linears: list[QuantLinear], method: QuantMet
 def planned_tensors(ck: Checkpoint, linears: list[QuantLinear], method: QuantMethod, opts) -> list[PlannedTensor]:
     """Every tensor of the output checkpoint (name, dtype, shape), in file order: the method's tensors
     for each quantized Linear, everything else in the method's float dtype."""
-    quantized = {f"{lin.prefix}.weight" for lin in linears}
+    quantized = {f"{lin.source_prefix}.weight" for lin in linears}
     fdtype = method.float_dtype(opts)
+    arch = architecture_for(ck.config)
     out = []
     for lin in linears:
         for t in method.planned(lin, opts):
@@ -229,7 +263,8 @@ def planned_tensors(ck: Checkpoint, linears: list[QuantLinear], method: QuantMet
     for name, info in ck.tensors.items():
         if name in quantized:
             continue
-        out.append(PlannedTensor(name, fdtype if info.dtype.is_floating_point else info.dtype, info.shape))
+        out.append(PlannedTensor(output_name(arch, name, getattr(opts, "moe_names", "original")),
+                                 fdtype if info.dtype.is_floating_point else info.dtype, info.shape))
     return sorted(out, key=lambda t: natural_key(t.name))
 
 
@@ -240,10 +275,11 @@ def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> QuantizeResult:
     model_dir = Path(model_dir)
     _check_counts(opts)  # before any file is opened
-    ck = Checkpoint.open(model_dir)
+    ck = per_expert_view(Checkpoint.open(model_dir))  # fused MoE inputs are read under per-expert names
     refuse_quantized_input(ck)
-    arch = quantizable_architecture(ck)
-    linears = find_linears(ck, arch)
+    arch = quantizable_architecture(ck, opts.method)
+    check_moe_options(opts, arch)
+    linears = find_linears(ck, arch, opts.moe_names)
     method = validate(opts, linears, model_dir=model_dir)
     check_output_location(opts.out, [model_dir], force=opts.force,
                           files=local_files({"calibration data": opts.calib, "eval data": opts.eval_data}))
@@ -258,14 +294,14 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     result = QuantizeResult(opts.out, len(linears), calib_tokens=0 if calib_ids is None else calib_ids.numel())
     shards = plan_shards(planned_tensors(ck, linears, method, opts), opts.shard_size)
     fdtype = method.float_dtype(opts)
-    quantized = {f"{lin.prefix}.weight" for lin in linears}
+    quantized = {f"{lin.source_prefix}.weight" for lin in linears}
     with atomic_output_dir(opts.out, log=log, replace=opts.force) as tmp:
         writer = ShardedWriter(tmp, shards, writeback_every=256 * 2**20 if opts.fsync else None)
         ctx = QuantContext(opts, writer, result, log, source=ck, arch=arch)
         try:
             for name in ck.tensors:  # outside the decoder layers (all of them when uncalibrated): as stored
                 if name not in quantized and (not method.calibrated or not arch.split_name(name)):
-                    writer.write(name, _as_stored(ck.get(name), fdtype))
+                    writer.write(output_name(arch, name, opts.moe_names), _as_stored(ck.get(name), fdtype))
             if method.calibrated:
                 _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, device, fdtype)
             else:
@@ -302,6 +338,7 @@ def _calibration_ids(model_dir: Path, ck: Checkpoint, opts: QuantizeOptions) -> 
 
 
 def _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, device, fdtype):
+    from mergequant.quant.moe import MoECalibration
     from mergequant.quant.runner import LayerRunner, linear_modules
 
     by_layer: dict[int, dict[str, QuantLinear]] = {}
@@ -313,17 +350,20 @@ def _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, devic
         if loc and name not in quantized:
             layer_tensors.setdefault(loc[0], []).append(name)
     batch = ctx.opts.batch_size or auto_batch_size(ck.config, calib_ids.shape[1], calib_ids.shape[0])
-    runner = LayerRunner(model_dir, calib_ids, device, batch_size=batch, arch=ctx.arch)
+    moe = MoECalibration(ctx.opts.moe_calibration, ctx.opts.moe_min_share)
+    ctx.extra["moe"] = moe
+    runner = LayerRunner(model_dir, calib_ids, device, batch_size=batch, arch=ctx.arch, moe=moe)
     bar = tqdm(total=runner.num_layers, desc=ctx.opts.method, unit="layer", disable=ctx.opts.quiet or None,
                file=sys.stderr)
 
     def process(i, layer, inputs):
         method.process_layer(ctx, i, layer, inputs, by_layer.get(i, {}), linear_modules(layer))
         prefix = ctx.arch.layer_prefix(i)
-        params = {prefix + n: p for n, p in layer.named_parameters()}
-        for name in layer_tensors.get(i, []):  # norms, biases... as the method left them
+        params = {prefix + ctx.arch.to_disk(n): p for n, p in layer.named_parameters()}
+        for name in layer_tensors.get(i, []):  # norms, biases, routers... as the method left them
             t = params[name].data.cpu() if name in params else ck.get(name)
-            ctx.writer.write(name, _as_stored(t, fdtype))
+            ctx.writer.write(output_name(ctx.arch, name, ctx.opts.moe_names), _as_stored(t, fdtype))
+        _report_routing(ctx, i, moe, calib_ids.numel())
         release_free_memory()
         bar.update(1)
 
@@ -336,6 +376,28 @@ def _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, devic
         runner.run(process, deferred=deferred)
     finally:
         bar.close()
+    ctx.result.expert_tokens = dict(moe.tokens)
+
+
+def _report_routing(ctx, i: int, moe, total_tokens: int) -> None:
+    """Log how many calibration tokens the router sent to each expert of layer ``i`` (and which
+    experts fell back to round-to-nearest): the coverage a user needs to trust a MoE quantization."""
+    counts = moe.tokens.get(i)
+    if not counts:
+        return
+    fell = ctx.result.expert_fallbacks.get(i, [])
+    share = ", ".join(f"{e}:{c}" for e, c in enumerate(counts))
+    ctx.log(f"layer {i}: routed tokens per expert ({total_tokens} tokens, {moe.mode} calibration): {share}"
+            + (f"; round-to-nearest for starved expert(s) {', '.join(map(str, fell))}" if fell else ""))
+
+
+def check_moe_options(opts: QuantizeOptions, arch: Architecture | None = None) -> None:
+    """The mixture-of-experts options are known values (and meaningful only for MoE models)."""
+    from mergequant.quant.moe import MoECalibration
+
+    MoECalibration(opts.moe_calibration, opts.moe_min_share)  # checks both
+    if opts.moe_names not in EXPERT_NAMES:
+        raise MergeQuantError(f"--moe-names must be one of {', '.join(EXPERT_NAMES)}, got {opts.moe_names!r}")
 
 
 def _write_metadata(ck: Checkpoint, out: Path, opts: QuantizeOptions, method: QuantMethod, result: QuantizeResult) -> None:

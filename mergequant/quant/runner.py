@@ -51,7 +51,9 @@ from mergequant.errors import MergeQuantError
 from mergequant.io.checkpoint import Checkpoint
 from mergequant.memory import release_free_memory
 from mergequant.quant.compact import CheckpointForward, remove_forwards
+from mergequant.merge.moe_layout import per_expert_view
 from mergequant.quant.method import require_finite
+from mergequant.quant.moe import MoECalibration, calibrating, unfuse_experts
 
 __all__ = ["LayerInputs", "LayerRunner", "StopLayer", "capture_module_inputs", "linear_modules", "run_layer"]
 
@@ -228,12 +230,14 @@ class LayerRunner:
 
     def __init__(self, model_dir: str | Path, calib_ids: torch.Tensor, device: str | torch.device = "cpu",
                  *, dtype: torch.dtype = torch.float32, batch_size: int = 8,
-                 activation_dtype: torch.dtype | None = None, arch: Architecture | None = None):
+                 activation_dtype: torch.dtype | None = None, arch: Architecture | None = None,
+                 moe: MoECalibration | None = None):
         if calib_ids.dim() != 2:
             raise MergeQuantError(f"calibration ids must be [samples, tokens], got shape {tuple(calib_ids.shape)}")
         if batch_size < 1:
             raise MergeQuantError(f"batch_size must be >= 1, got {batch_size}")
-        self.ckpt = Checkpoint.open(model_dir)
+        # a mixture-of-experts checkpoint in the fused layout is read under per-expert names
+        self.ckpt = per_expert_view(Checkpoint.open(model_dir))
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = batch_size
@@ -241,6 +245,9 @@ class LayerRunner:
         self.model = self._build_skeleton()
         self.arch = type(self.model).__name__
         self.description = arch or architecture_for(self.ckpt.config, f"{self.ckpt.path}: ")
+        self.moe = moe or MoECalibration()
+        if self.description.is_moe:  # experts as one Linear per projection (see quant.moe)
+            unfuse_experts(self.model, self.description, self.ckpt.config, self.moe)
         self.layers: nn.ModuleList = self._find_layers()
         self.num_layers = len(self.layers)
         self.layers_path = self.description.layers
@@ -322,7 +329,7 @@ class LayerRunner:
                 rel = f"{mod_name}.{pname}" if mod_name else pname
                 if rel in skip_params:
                     continue
-                key = prefix + rel
+                key = prefix + self.description.to_disk(rel)  # MoE: memory names -> names on disk
                 if key not in self.ckpt.tensors and fallback and key in fallback:
                     key = fallback[key]
                 self._require(key)
@@ -365,7 +372,7 @@ class LayerRunner:
             raise MergeQuantError(f"{self.arch}: layer {i} has no Linear module {unknown[0]!r} to defer")
         self._load(layer, prefix, skip_params={f"{d}.weight" for d in deferred})
         for d in deferred:
-            key = self._require(f"{prefix}{d}.weight")
+            key = self._require(f"{prefix}{self.description.to_disk(d)}.weight")
             mods[d].forward = CheckpointForward(mods[d], lambda key=key: self.ckpt.get(key))
         return layer
 
@@ -448,7 +455,8 @@ class LayerRunner:
             layer = self.load_layer(i, deferred(i) if deferred else ())
             try:
                 if process_layer is not None:
-                    process_layer(i, layer, layer_inputs)
+                    with calibrating(layer):  # MoE: experts see every token while statistics are taken
+                        process_layer(i, layer, layer_inputs)
                 hidden = run_layer(layer, layer_inputs, in_place=True)  # this layer's inputs are not needed again
             finally:
                 self.free_layer(i)
