@@ -199,6 +199,29 @@ class Architecture:
         """A layer-relative name on disk -> in memory (identity for dense families)."""
         return self.experts.to_memory(name) if self.experts else name
 
+    def parameter_counts(self, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
+        """(total, active per token) parameters from tensor shapes by name (per-expert names): a token
+        uses ``num_experts_per_tok`` of a sparse layer's experts, so the rest are not active."""
+        import math
+
+        total = sum(math.prod(s) for s in shapes.values())
+        if not self.is_moe:
+            return total, total
+        ex = self.experts
+        top_k = _get(config, "num_experts_per_tok") or 1
+        per_layer: dict[int, list[int]] = {}
+        pattern = re.compile(rf"{re.escape(self.layers)}\.(\d+)\.{re.escape(ex.disk_block)}\.experts\.(\d+)\.")
+        for name, shape in shapes.items():
+            m = pattern.match(name)
+            if m:
+                per_layer.setdefault(int(m.group(1)), []).append(math.prod(shape))
+        idle = 0
+        for layer, sizes in per_layer.items():
+            n = len({name.split(".experts.")[1].split(".")[0] for name in shapes
+                     if name.startswith(f"{self.layer_prefix(layer)}{ex.disk_block}.experts.")})
+            idle += sum(sizes) * max(0, n - top_k) // max(n, 1)
+        return total, total - idle
+
     def layer_prefix(self, i: int) -> str:
         """Tensor-name prefix of decoder layer ``i``: ``model.layers.3.``."""
         return f"{self.layers}.{i}."

@@ -206,7 +206,7 @@ def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], 
 def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str, str]], tags: list[str],
                requirements: str, calib: str | None, calib_tokens: int, samples: int,
                fallbacks: list[str], perplexity: dict | None = None, eval_data: str | None = None,
-               license: str | None = None, base_model: str | None = None) -> str:
+               license: str | None = None, base_model: str | None = None, experts: dict | None = None) -> str:
     """A model card for a quantized checkpoint: ``base_model`` is the ONE source (when it is a Hub id,
     or ``base_model`` names where the local source was published) with relation ``quantized``; the
     body says how it was made (``settings`` rows from the method) and how to load it
@@ -242,15 +242,41 @@ def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str,
     if fallbacks:
         lines += [f"Round-to-nearest was used for {len(fallbacks)} module(s) where GPTQ's Cholesky failed: "
                   + ", ".join(f"`{f}`" for f in fallbacks), ""]
+    if experts:
+        lines += _experts_section(experts)
     if perplexity:
         lines += ["## Perplexity\n", f"Held-out perplexity on `{eval_data}` (measured by `mergequant eval`):\n",
                   "| model | perplexity |", "|---|---|",
                   *[f"| {k} | {v:.4f} |" for k, v in perplexity.items()], ""]
     needs = f"  # needs {requirements}" if requirements else ""
+    if experts and experts.get("loading"):
+        lines += ["## Loading\n", *experts["loading"], ""]
+        return "\n".join(lines)
     lines += ["## Loading\n", "```python", f"from transformers import AutoModelForCausalLM{needs}",
               f"model = AutoModelForCausalLM.from_pretrained(\"{MODEL_PATH_PLACEHOLDER}\", device_map=\"auto\")",
               "```", ""]
     return "\n".join(lines)
+
+
+def _experts_section(experts: dict) -> list[str]:
+    """How a mixture-of-experts model's experts were calibrated: the mode, the tokens the router sent
+    each expert per layer, and which experts fell back to round-to-nearest (routed calibration)."""
+    mode = experts.get("calibration")
+    how = {"all": "every expert's statistics come from every calibration token (the layer outputs passed on "
+                  "use the real routing)",
+           "routed": "each expert's statistics come only from the tokens the router sent it; experts with too "
+                     "few are rounded to nearest"}.get(mode, "")
+    lines = ["## Mixture of experts\n",
+             f"{experts.get('experts', '?')} experts per layer, {experts.get('top_k', '?')} active per token; "
+             f"{experts.get('active', 0):,} of {experts.get('total', 0):,} parameters active per token. "
+             f"Routers stay in full precision. Calibration: `{mode}`" + (f" ({how})." if how else "."), ""]
+    tokens, fell = experts.get("tokens") or {}, experts.get("fallbacks") or {}
+    if tokens:
+        lines += ["| layer | calibration tokens routed to each expert | round-to-nearest experts |", "|---|---|---|"]
+        lines += [f"| {layer} | {' '.join(map(str, counts))} | {', '.join(map(str, fell.get(layer, []))) or '-'} |"
+                  for layer, counts in sorted(tokens.items())]
+        lines.append("")
+    return lines
 
 
 # ---- validation and push-time rewriting ----------------------------------------------------------------

@@ -204,7 +204,6 @@ class GPTQMethod(RTNMethod):
             codes = q.T.to(torch.uint8).contiguous()
             modules[s].forward = QuantizedForward(modules[s], codes, scales, zeros, g_idx, bits=o.bits)
             self.write_codes(ctx, lin, codes, scales, zeros, g_idx)
-            ctx.result.fallbacks.append(lin.prefix)
             e = ctx.arch.experts.parse_expert_module(s)[0]
             fell = ctx.result.expert_fallbacks.setdefault(i, [])
             if e not in fell:

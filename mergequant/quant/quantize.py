@@ -287,6 +287,8 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
         log(f"note: --method {opts.method} needs no calibration data; --calib is ignored")
     for flag in ignored_options(opts):
         log(f"note: {flag} does not apply to --method {opts.method}; it is ignored")
+    for note in moe_client_notes(arch, opts, method):
+        log(note)
     device = pick_device(opts.device)
     calib_ids = _calibration_ids(model_dir, ck, opts) if method.calibrated else None
     release_free_memory()  # the tokenizer's
@@ -391,6 +393,23 @@ def _report_routing(ctx, i: int, moe, total_tokens: int) -> None:
             + (f"; round-to-nearest for starved expert(s) {', '.join(map(str, fell))}" if fell else ""))
 
 
+def moe_client_notes(arch: Architecture, opts: QuantizeOptions, method: QuantMethod) -> list[str]:
+    """One line per client that will not load the experts as they are about to be named."""
+    if not arch.is_moe:
+        return []
+    notes = []
+    if opts.moe_calibration != "all" and not method.calibrated:
+        notes.append(f"note: --moe-calibration does not apply to --method {opts.method} (no calibration); it is ignored")
+    ex = arch.experts
+    renamed = ex.disk_block != ex.memory_block or ex.expert_linears != ex.memory_linears
+    if opts.method in ("gptq", "rtn") and renamed:
+        notes.append("note: experts keep their original names (vLLM's loader maps them); GPTQModel.load refuses them: "
+                     "use --moe-names gptqmodel for GPTQModel" if opts.moe_names == "original" else
+                     "note: experts get GPTQModel's names (mlp.experts.E.gate_proj); vLLM's loader expects the original "
+                     "ones (--moe-names original)")
+    return notes
+
+
 def check_moe_options(opts: QuantizeOptions, arch: Architecture | None = None) -> None:
     """The mixture-of-experts options are known values (and meaningful only for MoE models)."""
     from mergequant.quant.moe import MoECalibration
@@ -417,4 +436,45 @@ def _write_metadata(ck: Checkpoint, out: Path, opts: QuantizeOptions, method: Qu
         source=str(ck.path), method=opts.method, bits=opts.bits, settings=method.card_settings(opts),
         tags=method.card_tags(opts), requirements=method.loading_requirements(), calib=opts.calib if method.calibrated else None,
         calib_tokens=result.calib_tokens, samples=opts.samples if method.calibrated else 0, fallbacks=result.fallbacks,
-        perplexity=result.perplexity or None, eval_data=opts.eval_data))
+        perplexity=result.perplexity or None, eval_data=opts.eval_data,
+        experts=moe_card_info(ck, opts, method, result)))
+
+
+def moe_card_info(ck: Checkpoint, opts: QuantizeOptions, method: QuantMethod, result: QuantizeResult) -> dict | None:
+    """What the card says about a mixture-of-experts model: sizes, active parameters, calibration
+    coverage per expert, fallbacks, and which clients load the experts under the names written."""
+    arch = architecture_for(ck.config)
+    if not arch.is_moe:
+        return None
+    total, active = arch.parameter_counts(ck.config, {n: t.shape for n, t in ck.tensors.items()})
+    info = {"experts": ck.config.get(arch.experts.num_experts_key) or ck.config.get("num_local_experts"),
+            "top_k": ck.config.get("num_experts_per_tok"), "total": total, "active": active,
+            "calibration": opts.moe_calibration if method.calibrated else "none (no calibration data)",
+            "tokens": result.expert_tokens, "fallbacks": result.expert_fallbacks}
+    info["loading"] = moe_loading_notes(arch, opts)
+    return info
+
+
+def moe_loading_notes(arch: Architecture, opts: QuantizeOptions) -> list[str]:
+    """How to load quantized experts, for the card: transformers' standard loader fuses experts into 3-D
+    parameters and leaves quantized per-expert tensors unused (random experts, only a warning)."""
+    from mergequant.card import MODEL_PATH_PLACEHOLDER
+
+    renamed = arch.experts.disk_block != arch.experts.memory_block or any(
+        a != b for a, b in zip(arch.experts.expert_linears, arch.experts.memory_linears))
+    lines = ["Do not load this checkpoint with `AutoModelForCausalLM.from_pretrained` alone: transformers fuses "
+             "experts into 3-D parameters, leaves the quantized per-expert tensors unused and the experts "
+             "randomly initialised (with only a warning).", ""]
+    if opts.method in ("gptq", "rtn"):
+        if renamed and opts.moe_names == "original":
+            lines += ["Experts keep the architecture's original names, which vLLM's loader maps (serving 4-bit "
+                      "MoE in vLLM needs a GPU). GPTQModel refuses these names for this family: quantize with "
+                      "`--moe-names gptqmodel` for it.", ""]
+        else:
+            lines += ["```python", "from gptqmodel import GPTQModel",
+                      f"model = GPTQModel.load(\"{MODEL_PATH_PLACEHOLDER}\")", "```", ""]
+            if renamed:
+                lines += ["Experts use transformers' un-fused module names (`--moe-names gptqmodel`), which GPTQModel "
+                          "loads; vLLM's loader expects the original names.", ""]
+    lines += ["`mergequant eval` loads it with its own dequantizing loader.", ""]
+    return lines
