@@ -56,6 +56,9 @@ class ScaleGroup:
     linears: tuple[str, ...]
     block: str | None
     prev_rows: tuple[int, int] | None = None
+    # modules that read the same input but are never quantized (a MoE router, ``shared_expert_gate``):
+    # their input columns are scaled with the Linears' (or the float function would change), nothing else
+    passengers: tuple[str, ...] = ()
 
     def rows(self, prev_out: int, in_features: int) -> slice | None:
         """The rows of ``prev``'s weight [prev_out, .] that produce the Linears' input of width
@@ -190,6 +193,31 @@ class Architecture:
         gate_up = tuple(ex.expert_module(e, w) for e in range(n) for w in (1, 0))
         down = tuple(ex.expert_module(e, 2) for e in range(n))
         return self.sequential + (gate_up, down)
+
+    def layer_scaling(self, config: Mapping[str, Any], i: int, num_experts: int | None = None
+                      ) -> tuple[ScaleGroup, ...]:
+        """Layer ``i``'s AWQ/SmoothQuant scaling groups, by names in memory. MoE: the post-attention norm
+        feeds the router, a shared expert (and its gate) and every expert's gate/up: one group, the router
+        and ``shared_expert_gate`` scaled as passengers; then up -> down for the shared expert and for
+        each expert. A dense layer of a MoE family scales like Llama."""
+        if not self.is_moe:
+            return self.scaling
+        attn = self.scaling[:2]
+        if not self.experts.is_sparse_layer(config, i):
+            return attn + _llama_scaling()[2:]
+        ex = self.experts
+        groups = self.layer_groups(config, i, num_experts)
+        gate_up, downs = groups[-2], groups[-1]
+        shared = ex.shared_expert
+        passengers = (ex.router,) + ((ex.shared_expert_gate,) if ex.shared_expert_gate else ())
+        out = attn + (ScaleGroup("gate_up", "post_attention_layernorm", "norm", tuple(shared[:2]) + gate_up, "mlp",
+                                 passengers=passengers),)
+        if shared:
+            out += (ScaleGroup("shared_down", shared[0], "linear", (shared[2],), None),)
+        for d in downs:
+            e = ex.parse_expert_module(d)[0]
+            out += (ScaleGroup(f"down{e}", ex.expert_module(e, 1), "linear", (d,), None),)
+        return out
 
     def to_disk(self, name: str) -> str:
         """A layer-relative name in memory -> on disk (identity for dense families)."""

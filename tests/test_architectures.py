@@ -5,8 +5,7 @@ description exists, in memory and in the saved checkpoint, and every Linear of a
 either quantized or declared never-quantized; (b) folding AWQ and SmoothQuant scales through the
 description's scaling map leaves the model's float64 logits unchanged; (c) `quantize --method rtn`
 and `--method gptq` run end to end and the dequantized model stays close to the original; (d)
-families without a description, and MoE families for methods that do not handle experts, are refused
-with one line."""
+families without a description are refused with one line; MoE families go through every method."""
 
 from __future__ import annotations
 
@@ -62,7 +61,9 @@ def _config(model_type: str, kv_heads: int = 2):
 def _model(model_type: str, seed: int = 0, kv_heads: int = 2, dtype=torch.float32) -> nn.Module:
     """A random tiny model whose norms and biases are perturbed away from 1 and 0 (so a mis-fold shows)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(model_type, kv_heads)).to(dtype).eval()
+    # float64 experts need the eager loop (transformers' default grouped_mm takes 16/32-bit floats only)
+    kw = {"experts_implementation": "eager"} if model_type in MOE and dtype == torch.float64 else {}
+    model = AutoModelForCausalLM.from_config(_config(model_type, kv_heads), **kw).to(dtype).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
@@ -215,6 +216,68 @@ def test_folding_preserves_the_float_model(mt):
     torch.testing.assert_close(sq_logits, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+def _unfused(mt: str, dtype=torch.float64) -> nn.Module:
+    """A tiny random MoE model whose experts are un-fused as the quantizer does it (same weights)."""
+    from mergequant.quant.moe import MoECalibration, unfuse_experts
+
+    model = _model(mt, seed=5, kv_heads=4, dtype=dtype)
+    fused = [getattr(layer.mlp, "experts", None) for layer in model.model.layers]
+    unfuse_experts(model, ARCHITECTURES[mt], model.config.to_dict(), MoECalibration())
+    with torch.no_grad():
+        for layer, f in zip(model.model.layers, fused):
+            if not hasattr(layer.mlp, "experts"):
+                continue
+            layer.mlp.experts.to(dtype)
+            inter = f.gate_up_proj.shape[1] // 2
+            for e, ex in enumerate(layer.mlp.experts):
+                ex.gate_proj.weight.copy_(f.gate_up_proj[e, :inter])
+                ex.up_proj.weight.copy_(f.gate_up_proj[e, inter:])
+                ex.down_proj.weight.copy_(f.down_proj[e])
+    return model
+
+
+@pytest.mark.parametrize("mt", MOE)
+def test_moe_folding_preserves_the_float_model(mt):
+    """MoE layers: the un-fused experts compute what transformers' fused ones do; random AWQ scales
+    through every group of ``layer_scaling`` (the router and shared_expert_gate scaled as passengers of
+    the experts' gate/up group) and SmoothQuant's described norm groups leave float64 logits
+    unchanged; leaving the router out of the fold changes them (the passengers matter)."""
+    arch = ARCHITECTURES[mt]
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = _model(mt, seed=5, kv_heads=4, dtype=torch.float64)(ids, use_cache=False).logits
+        torch.testing.assert_close(_unfused(mt)(ids, use_cache=False).logits, ref, rtol=1e-9, atol=1e-9)
+
+    def awq_folded(with_passengers: bool) -> torch.Tensor:
+        model = _unfused(mt)
+        g = torch.Generator().manual_seed(4)
+        for i, layer in enumerate(model.model.layers):
+            modules = linear_modules(layer)
+            scal = arch.layer_scaling(model.config.to_dict(), i)
+            groups = scaling_groups(layer, modules, arch, arch.layer_groups(model.config.to_dict(), i), scal)
+            assert [gr.name for gr in groups] == [gr.name for gr in scal]
+            for gr in groups:
+                if not with_passengers:
+                    gr.passengers = []
+                s = torch.exp(0.5 * torch.randn(modules[gr.linears[0]].in_features, generator=g, dtype=torch.float64))
+                apply_scale(gr, modules, s)
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits
+
+    torch.testing.assert_close(awq_folded(True), ref, rtol=1e-9, atol=1e-9)
+    assert (awq_folded(False) - ref).abs().max() > 1e-3
+
+    model = _unfused(mt)
+    inputs = _layer0_inputs(model, ids)
+    for i, layer in enumerate(model.model.layers):
+        groups = described_smoothing_groups(arch, arch.layer_scaling(model.config.to_dict(), i))
+        assert any(arch.experts.router in lins for _, lins in groups) or not hasattr(layer.mlp, "experts")
+        smooth_layer(layer, inputs, 0.5, check=False, groups=groups, offset=arch.norm_offset)
+    with torch.no_grad():
+        sq_logits = model(ids, use_cache=False).logits
+    torch.testing.assert_close(sq_logits, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 # ---- (c) end to end ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -300,14 +363,22 @@ def test_fused_phi3_awq_and_w8a8(saved, calib, tmp_path, method):
 
 @pytest.mark.parametrize("method", ["awq", "w8a8"])
 @pytest.mark.parametrize("mt", MOE)
-def test_moe_is_refused_with_one_line(saved, calib, tmp_path, mt, method):
-    """Methods that do not handle experts yet refuse MoE families in one line, before any work."""
-    _, d = saved[mt]
-    with pytest.raises(MergeQuantError, match=rf"model_type '{mt}'\) is a mixture-of-experts model; --method "
-                                              rf"{method} does not handle experts yet") as e:
-        _quantize(d, tmp_path / "q", method, calib)
-    assert "\n" not in str(e.value) and saved[mt][0].config.architectures[0] in str(e.value)
-    assert not (tmp_path / "q").exists()
+def test_moe_awq_and_w8a8(saved, calib, tmp_path, mt, method):
+    """AWQ and W8A8 of every MoE family: every expert quantized, routers (scaled as passengers) kept in
+    float; AWQ 4-bit no worse than 4-bit round-to-nearest, W8A8 close to the float model. Routed
+    calibration is refused for them in one line (it is GPTQ's)."""
+    model, d = saved[mt]
+    res = _quantize(d, tmp_path / method, method, calib)
+    assert res.modules == len(_quantized_names(ARCHITECTURES[mt], d))
+    err = _logits_error(model, tmp_path / method)
+    if method == "awq":
+        _quantize(d, tmp_path / "rtn", "rtn", calib)
+        assert err < 1.1 * _logits_error(model, tmp_path / "rtn"), err
+    else:
+        assert err < 0.05, err
+    with pytest.raises(MergeQuantError, match=rf"--moe-calibration routed: --method {method} calibrates experts") as e:
+        _quantize(d, tmp_path / "routed", method, calib, moe_calibration="routed")
+    assert "\n" not in str(e.value) and not (tmp_path / "routed").exists()
 
 
 def test_unknown_architecture_is_refused_with_one_line(tmp_path):
@@ -324,9 +395,10 @@ def test_unknown_architecture_is_refused_with_one_line(tmp_path):
 
 
 def test_cli_exit_2_one_line(saved, tmp_path):
-    """The CLI prints the refusal as one line and exits 2 (MoE here; unknown families share the path)."""
-    proc = run_cli("quantize", saved["mixtral"][1], "-o", tmp_path / "q", "--method", "awq", "--calib", "x.txt")
+    """The CLI prints a refusal as one line and exits 2 (routed AWQ of a MoE here)."""
+    proc = run_cli("quantize", saved["mixtral"][1], "-o", tmp_path / "q", "--method", "awq", "--calib", "x.txt",
+                   "--moe-calibration", "routed")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "MixtralForCausalLM" in lines[0], proc.stderr
-    assert "does not handle experts yet" in lines[0] and not (tmp_path / "q").exists()
+    assert proc.returncode == 2 and len(lines) == 1 and "routed calibration is for --method gptq" in lines[0], proc.stderr
+    assert not (tmp_path / "q").exists()
     assert json.loads((saved["mixtral"][1] / "config.json").read_text())["model_type"] == "mixtral"

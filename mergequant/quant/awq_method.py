@@ -59,19 +59,27 @@ class ScalingGroup:
     input is recorded; ``block`` the module AWQ judges the scale on (None: the Linears alone)."""
 
     def __init__(self, name: str, prev: nn.Module, prev_kind: str, linears: list[str], block: str | None,
-                 point: str, rows: slice | None = None, offset: float = 0.0):
+                 point: str, rows: slice | None = None, offset: float = 0.0, passengers: list[nn.Module] = ()):
         self.name, self.prev, self.prev_kind, self.linears, self.block = name, prev, prev_kind, linears, block
         self.point, self.rows, self.offset = point, rows, offset
+        self.passengers = list(passengers)  # scaled with the Linears, never quantized (MoE routers)
 
 
-def capture_points(arch: Architecture) -> dict[str, str]:
+def capture_points(arch: Architecture, sequential=None) -> dict[str, str]:
     """Linear -> the point its input is recorded at: the first Linear of its true-sequential group
-    (the members of a group read one tensor, e.g. q/k/v the attention norm's output)."""
-    return {s: group[0] for group in arch.sequential for s in group}
+    (the members of a group read one tensor, e.g. q/k/v the attention norm's output; with all-token
+    calibration every expert's gate/up too), except experts' down projections, which each read their
+    own input. ``sequential``: one layer's groups (default: the family's dense ones)."""
+    points = {}
+    for group in sequential or arch.sequential:
+        for s in group:
+            part = arch.experts.parse_expert_module(s) if arch.is_moe else None
+            points[s] = s if part is not None and part[1] == 2 else group[0]
+    return points
 
 
-def scaling_groups(layer: nn.Module, modules: dict[str, nn.Linear], arch: Architecture | None = None
-                   ) -> list[ScalingGroup]:
+def scaling_groups(layer: nn.Module, modules: dict[str, nn.Linear], arch: Architecture | None = None,
+                   sequential=None, scaling=None) -> list[ScalingGroup]:
     """The scaling map of ``arch`` (by default the family whose decoder-layer class ``layer`` is) bound
     to ``layer``'s modules; groups whose shapes do not allow the fold (``v -> o`` under grouped-query
     attention) are left out. Raises MergeQuantError for an unknown layer or a missing Linear."""
@@ -80,12 +88,12 @@ def scaling_groups(layer: nn.Module, modules: dict[str, nn.Linear], arch: Archit
         arch = arch or architecture_for_layer_class(cls)
     except MergeQuantError:
         raise _unsupported(f"decoder layer {cls}") from None
-    missing = [s for s in arch.quantized if s not in modules]
+    missing = [s for group in sequential or arch.sequential for s in group if s not in modules]
     if missing:
         raise _unsupported(f"decoder layer {cls} without {', '.join(missing)}")
-    points = capture_points(arch)
+    points = capture_points(arch, sequential)
     groups = []
-    for g in arch.scaling:
+    for g in scaling or arch.scaling:
         prev = layer.get_submodule(g.prev)
         rows = None
         if g.prev_kind == "linear":
@@ -93,7 +101,7 @@ def scaling_groups(layer: nn.Module, modules: dict[str, nn.Linear], arch: Archit
             if rows is None:  # e.g. grouped-query attention: v's rows are shared by several heads
                 continue
         groups.append(ScalingGroup(g.name, prev, g.prev_kind, list(g.linears), g.block, points[g.linears[0]],
-                                   rows, arch.norm_offset))
+                                   rows, arch.norm_offset, [layer.get_submodule(p) for p in g.passengers]))
     return groups
 
 
@@ -138,13 +146,13 @@ class _Capture:
 
 @torch.no_grad()
 def capture(layer: nn.Module, inputs, modules: dict[str, nn.Linear], budget: int = SEARCH_TOKENS,
-            arch: Architecture | None = None) -> _Capture:
+            arch: Architecture | None = None, sequential=None, scaling=None) -> _Capture:
     """Run ``layer`` over ``inputs`` once, recording what the scaling groups need (see module doc):
     every quantized Linear's input statistics at its capture point, and for each judged block its
     inputs and call arguments (rotary embeddings, mask). ``arch``: by default the layer's family."""
     arch = arch or architecture_for_layer_class(type(layer).__name__)
-    groups = scaling_groups(layer, modules, arch)
-    points = dict.fromkeys(capture_points(arch).values())
+    groups = scaling_groups(layer, modules, arch, sequential, scaling)
+    points = dict.fromkeys(capture_points(arch, sequential).values())
     cap = _Capture(budget, {g.point for g in groups if g.block})
     hooks = []
     for point in points:
@@ -172,9 +180,11 @@ def capture(layer: nn.Module, inputs, modules: dict[str, nn.Linear], budget: int
 
 
 def _with_hidden(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+    """The block's recorded call with its hidden states replaced by ``x``, in the recorded shape (a MoE
+    block is called with [B, T, H]; its Linears, where ``x`` was recorded, see the flattened [B*T, H])."""
     if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": x}
-    return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x.reshape(kwargs["hidden_states"].shape)}
+    return (x.reshape(args[0].shape), *args[1:]), kwargs
 
 
 @contextlib.contextmanager
@@ -237,6 +247,8 @@ def apply_scale(group: ScalingGroup, modules: dict[str, nn.Linear], s: torch.Ten
         awq.fold_into_linear_rows(group.prev.weight.data[rows], None if b is None else b.data[rows], s)
     for suffix in group.linears:
         awq.scale_linear_cols(modules[suffix].weight.data, s)
+    for m in group.passengers:
+        awq.scale_linear_cols(m.weight.data, s)
 
 
 class AWQMethod(QuantMethod):
@@ -263,13 +275,18 @@ class AWQMethod(QuantMethod):
 
     # ---- the work ----------------------------------------------------------------------------------
     def process_layer(self, ctx: QuantContext, i, layer, inputs, todo, modules) -> None:
+        from mergequant.quant.moe import experts_of
+
         o = ctx.opts
         arch = ctx.arch
-        groups = scaling_groups(layer, modules, arch)  # raises for a layer missing a Linear before any search
+        seq, scal = ctx.groups(i), arch.layer_scaling(ctx.source.config, i)
+        groups = scaling_groups(layer, modules, arch, seq, scal)  # raises for a missing Linear before any search
         stats = ctx.extra.setdefault("awq", [])
         qkw = {"bits": o.bits, "group_size": o.group_size, "zero_point": o.zero_point}
-        cap = capture(layer, inputs, modules, arch=arch)
-        point_of = capture_points(arch)
+        cap = capture(layer, inputs, modules, arch=arch, sequential=seq, scaling=scal)
+        for m in experts_of(layer):  # statistics taken: judging blocks needs only the routed forward
+            m.calibrating = False
+        point_of = capture_points(arch, seq)
         for g in groups:
             if not all(s in todo for s in g.linears):
                 continue
@@ -282,7 +299,7 @@ class AWQMethod(QuantMethod):
                 apply_scale(g, modules, res.scales)
                 cap.rescale(g.point, res.scales)
             del block
-        for suffix in arch.quantized:
+        for suffix in (s for g in seq for s in g):
             if suffix not in todo:
                 continue
             mod, lin = modules[suffix], todo[suffix]

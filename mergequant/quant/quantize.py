@@ -99,7 +99,8 @@ class QuantizeResult:
 # gate_proj|up_proj|down_proj``, router ``mlp.gate``), the only names GPTQModel.load accepts for
 # quantized Mixtral experts. Qwen MoE families use the same names either way.
 EXPERT_NAMES = ("original", "gptqmodel")
-MOE_METHODS = ("gptq", "rtn", "int8")  # methods that handle routed experts
+MOE_METHODS = ("gptq", "rtn", "int8", "awq", "w8a8")  # methods that handle routed experts
+ROUTED_METHODS = ("gptq",)  # --moe-calibration routed: the others calibrate experts on every token
 
 
 def quantizable_architecture(ck: Checkpoint, method: str | None = None) -> Architecture:
@@ -415,6 +416,9 @@ def check_moe_options(opts: QuantizeOptions, arch: Architecture | None = None) -
     from mergequant.quant.moe import MoECalibration
 
     MoECalibration(opts.moe_calibration, opts.moe_min_share)  # checks both
+    if opts.moe_calibration == "routed" and opts.method not in ROUTED_METHODS and opts.method in ("awq", "w8a8"):
+        raise MergeQuantError(f"--moe-calibration routed: --method {opts.method} calibrates experts on every token "
+                              "(its shared scale is judged on the whole block); routed calibration is for --method gptq")
     if opts.moe_names not in EXPERT_NAMES:
         raise MergeQuantError(f"--moe-names must be one of {', '.join(EXPERT_NAMES)}, got {opts.moe_names!r}")
 

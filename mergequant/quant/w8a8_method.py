@@ -112,9 +112,10 @@ def find_smoothing_groups(layer: nn.Module, inputs) -> tuple[list[tuple[str, lis
     return groups, first
 
 
-def described_smoothing_groups(arch: Architecture) -> list[tuple[str, list[str]]]:
-    """The norm-fed scaling groups of a family: [(norm, [Linears it feeds])]."""
-    return [(g.prev, list(g.linears)) for g in arch.scaling if g.prev_kind == "norm"]
+def described_smoothing_groups(arch: Architecture, scaling=None) -> list[tuple[str, list[str]]]:
+    """The norm-fed scaling groups of a family (or of one layer's ``scaling``): [(norm, [modules it
+    feeds])]; a MoE router reading the norm is listed too (scaled with the experts, not quantized)."""
+    return [(g.prev, list(g.linears) + list(g.passengers)) for g in scaling or arch.scaling if g.prev_kind == "norm"]
 
 
 @torch.no_grad()
@@ -186,7 +187,8 @@ class W8A8Method(QuantMethod):
     def process_layer(self, ctx: QuantContext, i, layer, inputs, todo, modules) -> None:
         if self.smooth:
             smoothed = smooth_layer(layer, inputs, ctx.opts.alpha, log=lambda m: ctx.log(f"layer {i}: {m}"),
-                                    groups=described_smoothing_groups(ctx.arch), offset=ctx.arch.norm_offset)
+                                    groups=described_smoothing_groups(ctx.arch, ctx.arch.layer_scaling(ctx.source.config, i)),
+                                    offset=ctx.arch.norm_offset)
             ctx.extra.setdefault("smoothed", {})[i] = smoothed
         fdtype = self.float_dtype(ctx.opts)
         for suffix, lin in todo.items():
