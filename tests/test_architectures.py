@@ -10,6 +10,7 @@ families without a description are refused with one line; MoE families go throug
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -342,6 +343,14 @@ def test_quantize_end_to_end(saved, calib, tmp_path, mt, method):
             torch.testing.assert_close(ck.get(name).float(), src.get(name).half().float(), rtol=0, atol=0)
     err = _logits_error(model, tmp_path / "q")
     assert err < 0.05, (mt, method, err)
+    if arch.is_moe:  # routers declared unquantized (GPTQModel/vLLM "dynamic" exclusion), nothing else
+        (rule,) = qcfg["dynamic"]
+        floats = {n.removesuffix(".weight") for n in ck.tensors
+                  if arch.split_name(n) and arch.to_memory(arch.split_name(n)[1]).removesuffix(".weight")
+                  in arch.never_quantized}
+        assert rule.startswith("-:") and floats and all(re.match(rule[2:], f) for f in floats)
+        assert not any(re.match(rule[2:], n.removesuffix(".weight")) for n in quantized)
+        assert json.loads((tmp_path / "q" / "quantize_config.json").read_text()) == qcfg
 
 
 @pytest.mark.parametrize("method", ["awq", "w8a8"])
@@ -376,6 +385,9 @@ def test_moe_awq_and_w8a8(saved, calib, tmp_path, mt, method):
         assert err < 1.1 * _logits_error(model, tmp_path / "rtn"), err
     else:
         assert err < 0.05, err
+        ignore = Checkpoint.open(tmp_path / method).config["quantization_config"]["ignore"]
+        router = f"model.layers.0.{ARCHITECTURES[mt].to_disk(ARCHITECTURES[mt].experts.router)}"
+        assert ignore[0] == "lm_head" and re.match(ignore[1].removeprefix("re:"), router)
     with pytest.raises(MergeQuantError, match=rf"--moe-calibration routed: --method {method} calibrates experts") as e:
         _quantize(d, tmp_path / "routed", method, calib, moe_calibration="routed")
     assert "\n" not in str(e.value) and not (tmp_path / "routed").exists()

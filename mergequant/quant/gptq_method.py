@@ -77,6 +77,10 @@ class RTNMethod(QuantMethod):
                                             sym=opts.sym, damp_percent=opts.damp, static_groups=opts.static_groups,
                                             checkpoint_format=_fmt(opts))
 
+    def declare_float(self, qcfg: dict, pattern: str) -> dict:
+        # GPTQModel's (and vLLM's) per-module overrides: a "-:" rule excludes matching modules
+        return {**qcfg, "dynamic": {f"-:{pattern}": {}}}
+
     def extra_files(self, opts) -> dict[str, dict]:
         return {"quantize_config.json": self.quantization_config(opts)}
 

@@ -149,6 +149,11 @@ class QuantMethod:
         """The ``quantization_config`` entry of config.json that loaders dispatch on."""
         raise NotImplementedError
 
+    def declare_float(self, qcfg: dict, pattern: str) -> dict:
+        """``qcfg`` with the modules matching regex ``pattern`` (full module names: MoE routers,
+        ``shared_expert_gate``) declared unquantized, where the format has a way to say it."""
+        return qcfg
+
     def extra_files(self, opts) -> dict[str, dict]:
         """Other JSON files to write beside config.json (e.g. GPTQ's quantize_config.json)."""
         return {}

@@ -428,12 +428,17 @@ def _write_metadata(ck: Checkpoint, out: Path, opts: QuantizeOptions, method: Qu
 
     config = dict(ck.config)
     config["quantization_config"] = method.quantization_config(opts)
+    arch = architecture_for(ck.config)
+    if arch.is_moe:  # routers (and shared_expert_gate) stay in float: said where the format can say it
+        config["quantization_config"] = method.declare_float(config["quantization_config"], float_modules_pattern(arch, opts))
     fname = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[method.float_dtype(opts)]
     config["torch_dtype"] = fname
     if "dtype" in config:
         config["dtype"] = fname
     write_json(out / "config.json", config)
     for fname_, obj in method.extra_files(opts).items():
+        if fname_ == "quantize_config.json":
+            obj = config["quantization_config"]
         write_json(out / fname_, obj)
     copy_tokenizer_files(ck.path, out)
     (out / "README.md").write_text(quant_card(
@@ -442,6 +447,17 @@ def _write_metadata(ck: Checkpoint, out: Path, opts: QuantizeOptions, method: Qu
         calib_tokens=result.calib_tokens, samples=opts.samples if method.calibrated else 0, fallbacks=result.fallbacks,
         perplexity=result.perplexity or None, eval_data=opts.eval_data,
         experts=moe_card_info(ck, opts, method, result)))
+
+
+def float_modules_pattern(arch: Architecture, opts: QuantizeOptions) -> str:
+    """A regex matching the full names of a MoE family's never-quantized modules as written (routers,
+    ``shared_expert_gate``), anchored so that ``mlp.gate`` never matches ``mlp.gate_proj``."""
+    import re
+
+    names = [output_name(arch, arch.layer_prefix(0) + arch.to_disk(n), opts.moe_names).split(".", 3)[3]
+             for n in arch.never_quantized]
+    # matched whether a loader names modules from the model root (model.layers.N...) or not (layers.N...)
+    return rf"^(?:.*\.)?{re.escape(arch.layers.rsplit('.', 1)[-1])}\.\d+\.(?:{'|'.join(re.escape(n) for n in names)})$"
 
 
 def moe_card_info(ck: Checkpoint, opts: QuantizeOptions, method: QuantMethod, result: QuantizeResult) -> dict | None:

@@ -223,6 +223,9 @@ class W8A8Method(QuantMethod):
             "ignore": ["lm_head"],
         }
 
+    def declare_float(self, qcfg: dict, pattern: str) -> dict:
+        return {**qcfg, "ignore": [*qcfg.get("ignore", []), f"re:{pattern}"]}  # compressed-tensors' regex form
+
     def card_settings(self, opts) -> list[tuple[str, str]]:
         return [("bits", "8 (weights int8 per output channel; activations int8 per token, dynamic)"),
                 ("SmoothQuant alpha", str(opts.alpha) if self.smooth else "off"),
