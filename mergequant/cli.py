@@ -177,6 +177,7 @@ def quantize(
     moe_calibration: str = typer.Option("all", "--moe-calibration", help="Mixture of experts: all (every expert's statistics from every calibration token; the layer output still uses the real routing) or routed (only the tokens the router sends it; starved experts fall back to round-to-nearest)."),
     moe_min_share: float = typer.Option(0.05, "--moe-min-share", help="--moe-calibration routed: an expert with fewer routed tokens than this fraction of its uniform share (tokens x top-k / experts) is rounded to nearest."),
     moe_names: str = typer.Option("original", "--moe-names", help="Mixture of experts: original (the architecture's per-expert names, e.g. Mixtral block_sparse_moe.experts.E.w1; what vLLM loads) or gptqmodel (mlp.experts.E.gate_proj; what GPTQModel.load needs for Mixtral)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan (modules, experts, output size, calibration tokens, peak memory); write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
@@ -195,6 +196,11 @@ def quantize(
                                shard_size=parse_size(shard_size), eval_data=eval_data, zero_point=zero_point,
                                n_grid=n_grid, duo_scaling=duo_scaling, alpha=alpha, batch_size=batch_size,
                                moe_calibration=moe_calibration, moe_min_share=moe_min_share, moe_names=moe_names)
+        if dry_run:
+            from mergequant.quant.quantize import describe_quantize_plan, plan_quantize
+
+            typer.echo(describe_quantize_plan(plan_quantize(model, opts)))
+            return
         res = run_quantize(model, opts, log=lambda m: typer.echo(m, err=True))
     grouping = f", group {group_size}" if method in ("gptq", "rtn", "awq") else ""
     typer.echo(f"wrote {res.out}: {res.modules} Linear modules quantized ({method}, {opts.bits}-bit{grouping})"

@@ -29,7 +29,31 @@ def inspect_model(path: str) -> dict:
         "dtypes": dict(dtypes),
         "shards": shards,
         "quantization": (ck.config.get("quantization_config") or {}).get("quant_method"),
+        "experts": _experts(ck),
     }
+
+
+def _experts(ck: Checkpoint) -> dict | None:
+    """A mixture-of-experts model's experts per layer, top-k, on-disk layout and total vs active
+    parameters (a token runs only top-k experts of each sparse layer); None for a dense model."""
+    from mergequant.merge.moe_layout import is_fused, moe_architecture, per_expert_view
+
+    arch = moe_architecture(ck.config)
+    if arch is None:
+        return None
+    view = per_expert_view(ck)
+    shapes = {n: t.shape for n, t in view.tensors.items()}
+    total, active = arch.parameter_counts(ck.config, shapes)
+    prefix = f".{arch.experts.disk_block}.experts."
+    per_layer = {}
+    for name in shapes:
+        split = arch.split_name(name)
+        if split and prefix in f".{split[1]}":
+            per_layer.setdefault(split[0], set()).add(split[1].split(".experts.")[1].split(".")[0])
+    counts = sorted({len(v) for v in per_layer.values()})
+    return {"experts": counts[0] if len(counts) == 1 else counts, "top_k": ck.config.get("num_experts_per_tok"),
+            "sparse_layers": len(per_layer), "layout": "fused" if is_fused(arch, ck.tensors) else "per-expert",
+            "total_parameters": total, "active_parameters": active}
 
 
 def format_inspection(info: dict) -> str:
@@ -42,6 +66,10 @@ def format_inspection(info: dict) -> str:
         "dtypes:        " + ", ".join(f"{k} x{v}" for k, v in sorted(info["dtypes"].items())),
         f"size:          {format_bytes(info['bytes'])}",
     ]
+    if info.get("experts"):
+        e = info["experts"]
+        lines.append(f"experts:       {e['experts']} per layer in {e['sparse_layers']} layers, {e['top_k']} active per token "
+                     f"({e['layout']} layout); {e['active_parameters']:,} of {e['total_parameters']:,} parameters active")
     if info.get("quantization"):
         lines.append(f"quantization:  {info['quantization']}")
     lines.append(f"shards:        {len(info['shards'])}")

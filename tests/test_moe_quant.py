@@ -331,3 +331,21 @@ def test_moe_bad_inputs_one_line(tmp_path, calib):
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and want in lines[0], proc.stderr
         assert not (tmp_path / "q").exists()
+
+
+@needs_mixtral
+def test_dry_run_and_inspect(tmp_path, calib):
+    """`quantize --dry-run` plans a MoE run (modules, experts, active parameters) and writes nothing;
+    `inspect` reports experts, top-k, layout and active parameters, counted here from the shapes."""
+    from mergequant.inspect_model import inspect_model
+
+    src = Checkpoint.open(MIXTRAL)
+    expert = sum(int(torch.Size(t.shape).numel()) for n, t in src.tensors.items() if ".experts." in n)
+    total = sum(int(torch.Size(t.shape).numel()) for t in src.tensors.values())
+    active = total - expert * 6 // 8  # top-2 of 8 experts run per token
+    proc = run_cli("quantize", MIXTRAL, "-o", tmp_path / "q", "--calib", calib, "--dry-run", check=True)
+    assert "112 Linear modules" in proc.stdout and f"{active:,} of {total:,} parameters active" in proc.stdout
+    assert "GPTQModel.load refuses them" in proc.stdout and not (tmp_path / "q").exists()
+    info = inspect_model(str(MIXTRAL))["experts"]
+    assert info == {"experts": 8, "top_k": 2, "sparse_layers": 4, "layout": "per-expert",
+                    "total_parameters": total, "active_parameters": active}

@@ -275,20 +275,10 @@ def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> QuantizeResult:
     model_dir = Path(model_dir)
-    _check_counts(opts)  # before any file is opened
-    ck = per_expert_view(Checkpoint.open(model_dir))  # fused MoE inputs are read under per-expert names
-    refuse_quantized_input(ck)
-    arch = quantizable_architecture(ck, opts.method)
-    check_moe_options(opts, arch)
-    linears = find_linears(ck, arch, opts.moe_names)
-    method = validate(opts, linears, model_dir=model_dir)
-    check_output_location(opts.out, [model_dir], force=opts.force,
-                          files=local_files({"calibration data": opts.calib, "eval data": opts.eval_data}))
+    ck, arch, linears, method = _prepare(model_dir, opts)
     if opts.calib and not method.calibrated:
         log(f"note: --method {opts.method} needs no calibration data; --calib is ignored")
-    for flag in ignored_options(opts):
-        log(f"note: {flag} does not apply to --method {opts.method}; it is ignored")
-    for note in moe_client_notes(arch, opts, method):
+    for note in _notes(opts, arch, method):
         log(note)
     device = pick_device(opts.device)
     calib_ids = _calibration_ids(model_dir, ck, opts) if method.calibrated else None
@@ -326,6 +316,26 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
             log("perplexity: " + ", ".join(f"{k} {v:.4f}" for k, v in result.perplexity.items()))
             _write_metadata(ck, tmp, opts, method, result)  # again, now with the numbers in the card
     return result
+
+
+def _prepare(model_dir: Path, opts: QuantizeOptions) -> tuple[Checkpoint, Architecture, list[QuantLinear], QuantMethod]:
+    """Every check made before any work (options, architecture, inputs, output location), in the order
+    that costs least: the same for a run and its --dry-run."""
+    _check_counts(opts)  # before any file is opened
+    ck = per_expert_view(Checkpoint.open(model_dir))  # fused MoE inputs are read under per-expert names
+    refuse_quantized_input(ck)
+    arch = quantizable_architecture(ck, opts.method)
+    check_moe_options(opts, arch)
+    linears = find_linears(ck, arch, opts.moe_names)
+    method = validate(opts, linears, model_dir=model_dir)
+    check_output_location(opts.out, [model_dir], force=opts.force,
+                          files=local_files({"calibration data": opts.calib, "eval data": opts.eval_data}))
+    return ck, arch, linears, method
+
+
+def _notes(opts: QuantizeOptions, arch: Architecture, method: QuantMethod) -> list[str]:
+    return ([f"note: {f} does not apply to --method {opts.method}; it is ignored" for f in ignored_options(opts)]
+            + moe_client_notes(arch, opts, method))
 
 
 def _calibration_ids(model_dir: Path, ck: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
@@ -498,3 +508,112 @@ def moe_loading_notes(arch: Architecture, opts: QuantizeOptions) -> list[str]:
                           "loads; vLLM's loader expects the original names.", ""]
     lines += ["`mergequant eval` loads it with its own dequantizing loader.", ""]
     return lines
+
+
+# ---- planning (--dry-run) -------------------------------------------------------------------------------------
+
+@dataclass
+class QuantizePlan:
+    """What ``quantize`` would do, from headers and options only (nothing is read or written)."""
+
+    model: Path
+    architecture: str
+    method: str
+    bits: int
+    modules: int
+    experts: dict | None  # MoE: experts per layer, top-k, total/active parameters, calibration mode
+    out_bytes: int
+    shards: int
+    calib_tokens: int
+    peak_bytes: int
+    notes: list[str]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def estimate_peak_bytes(config: dict, tensors: dict, linears: list[QuantLinear], opts: QuantizeOptions,
+                        method: QuantMethod, arch: Architecture) -> int:
+    """Rough working set of a quantization (anonymous memory; inputs are memory-mapped).
+
+    Uncalibrated: a few float32 copies of the largest weight. Calibrated: the hidden states of every
+    calibration token twice (a layer's inputs and outputs, in the model's 16-bit dtype when it has one)
+    and one chunk's intermediates; one decoder layer in float32, except the weights GPTQ reads straight
+    from the file (it holds their codes instead); the largest Hessians held at once (GPTQ: one shared
+    [H, H] for every expert's gate/up, then down Hessians batched under ``EXPERT_HESSIAN_BYTES``; AWQ:
+    ``X^T X`` at every capture point of a layer, one per expert's down)."""
+    largest = max((_numel(lin_shape) for lin_shape in ((lin.out_features, lin.in_features) for lin in linears)),
+                  default=0)
+    if not method.calibrated:
+        return 3 * largest * 4
+    hidden = int(config.get("hidden_size") or 0)
+    seqlen = min(opts.seqlen, config.get("max_position_embeddings") or opts.seqlen)
+    chunk = min(opts.batch_size or auto_batch_size(config, seqlen, opts.samples), opts.samples)
+    heads = int(config.get("num_attention_heads") or 1)
+    act_bytes = 2 if any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors.values()) else 4
+    layer0 = [lin for lin in linears if lin.layer == 0]
+    quantized0 = {f"{lin.source_prefix}.weight" for lin in layer0}
+    prefix0 = arch.layer_prefix(0)
+    other0 = sum(_numel(t.shape) for n, t in tensors.items() if n.startswith(prefix0) and n not in quantized0)
+    q_numel = sum(lin.out_features * lin.in_features for lin in layer0)
+    inter = max((lin.in_features for lin in layer0), default=hidden)
+    if method.defers_weights:  # GPTQ: codes (about a byte per weight at most) instead of float weights
+        layer_bytes = other0 * 4 + q_numel
+        from mergequant.quant.gptq_method import EXPERT_HESSIAN_BYTES
+
+        downs = [lin for lin in layer0 if arch.is_moe and arch.experts.parse_expert_module(lin.suffix)
+                 and lin.suffix.endswith("down_proj")]
+        hess = hidden * hidden * 4 + (min(EXPERT_HESSIAN_BYTES, len(downs) * inter * inter * 4) if downs
+                                      else inter * inter * 4)
+    else:
+        layer_bytes = 2 * (other0 + q_numel) * 4
+        points = {lin.in_features for lin in layer0}
+        n_down = sum(1 for lin in layer0 if lin.suffix.endswith("down_proj"))
+        hess = sum(k * k * 4 for k in points) + max(0, n_down - 1) * inter * inter * 4
+    tokens = opts.samples * seqlen
+    return (layer_bytes + hess + 2 * tokens * hidden * act_bytes
+            + chunk * seqlen * (3 * inter + 4 * hidden) * 4 + chunk * heads * seqlen * seqlen * 4)
+
+
+def plan_quantize(model_dir: str | Path, opts: QuantizeOptions) -> QuantizePlan:
+    """The checks ``run_quantize`` makes before work (``_prepare``), then the plan: modules, output size and shards, calibration tokens, peak memory."""
+    from mergequant.units import parse_size
+
+    model_dir = Path(model_dir)
+    ck, arch, linears, method = _prepare(model_dir, opts)
+    planned = planned_tensors(ck, linears, method, opts)
+    shards = plan_shards(planned, parse_size(opts.shard_size))
+    experts = None
+    if arch.is_moe:
+        total, active = arch.parameter_counts(ck.config, {n: t.shape for n, t in ck.tensors.items()})
+        experts = {"experts": ck.config.get(arch.experts.num_experts_key) or ck.config.get("num_local_experts"),
+                   "top_k": ck.config.get("num_experts_per_tok"), "total": total, "active": active,
+                   "calibration": opts.moe_calibration if method.calibrated else "none", "names": opts.moe_names}
+    seqlen = min(opts.seqlen, ck.config.get("max_position_embeddings") or opts.seqlen)
+    notes = _notes(opts, arch, method)
+    return QuantizePlan(model_dir, ck.architecture, opts.method, opts.bits, len(linears), experts,
+                        sum(t.nbytes for t in planned), len(shards),
+                        opts.samples * seqlen if method.calibrated else 0,
+                        estimate_peak_bytes(ck.config, ck.tensors, linears, opts, method, arch), notes)
+
+
+def describe_quantize_plan(plan: QuantizePlan) -> str:
+    from mergequant.units import format_bytes
+
+    lines = [f"quantize {plan.model} ({plan.architecture}) with {plan.method} {plan.bits}-bit: "
+             f"{plan.modules} Linear modules"]
+    if plan.experts:
+        e = plan.experts
+        lines.append(f"  mixture of experts: {e['experts']} experts per layer, {e['top_k']} active per token; "
+                     f"{e['active']:,} of {e['total']:,} parameters active; calibration {e['calibration']}; "
+                     f"expert names {e['names']}")
+    if plan.calib_tokens:
+        lines.append(f"  calibration: {plan.calib_tokens:,} tokens")
+    lines.append(f"  writes ~{format_bytes(plan.out_bytes)} in {plan.shards} shard(s); peak memory "
+                 f"~{format_bytes(plan.peak_bytes)} + the interpreter (inputs memory-mapped)")
+    lines += [f"  {n}" for n in plan.notes]
+    return "\n".join(lines)
