@@ -194,7 +194,17 @@ def _load_quantized(ck, model_dir, dev, backend: str, log):
 
     from mergequant.quant.method import format_for_config
 
+    from mergequant.architectures import ARCHITECTURES
+
     qcfg = ck.config["quantization_config"]
+    arch = ARCHITECTURES.get(ck.config.get("model_type"))
+    if arch is not None and arch.is_moe:
+        # transformers fuses experts into 3-D parameters and leaves per-expert quantized tensors unused
+        # (random experts, only a warning): a mixture of experts is only scored through our loader
+        if backend == "transformers":
+            raise MergeQuantError(f"{ck.path}: transformers cannot load quantized experts (it fuses them and leaves "
+                                  "them random); use --backend dequant or auto")
+        return load_dequantized(ck).to(dev).eval(), "dequant"
     fmt = format_for_config(qcfg)
     client = fmt.client_modules if fmt else ()
     have_client = bool(client) and all(importlib.util.find_spec(m) for m in client)

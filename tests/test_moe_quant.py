@@ -349,3 +349,16 @@ def test_dry_run_and_inspect(tmp_path, calib):
     info = inspect_model(str(MIXTRAL))["experts"]
     assert info == {"experts": 8, "top_k": 2, "sparse_layers": 4, "layout": "per-expert",
                     "total_parameters": total, "active_parameters": active}
+
+
+@needs_mixtral
+def test_eval_never_trusts_transformers_with_quantized_experts(small, tmp_path):
+    """`eval --backend transformers` of a quantized MoE is refused in one line (transformers would leave
+    the experts random); the default scores it through the dequantizing loader."""
+    data = tmp_path / "held.txt"
+    data.write_text("To be, or not to be, that is the question. " * 40)
+    proc = run_cli("eval", small, "--data", data, "--seqlen", 32, "--max-tokens", 64, "--backend", "transformers")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "cannot load quantized experts" in lines[0], proc.stderr
+    proc = run_cli("eval", small, "--data", data, "--seqlen", 32, "--max-tokens", 64, "-q", check=True)
+    assert "(stride 32; dequant)" in proc.stdout
