@@ -271,18 +271,16 @@ def _check_scope(recipe: Recipe, where: str, params: Any, *, per_model_scope: bo
                 continue
             raise _unknown_key(path, w, name, used | KNOWN_PARAMETERS)
         leaves = _validate_setting(path, w, value)
+        param = spec.param[name]
+        why = param.type_error(leaves)
+        if why:
+            raise _err(path, w, why)
         numeric = [v for v in leaves if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if name in ("weight", "density", "lambda", "t", "gamma", "epsilon") and len(numeric) != len(leaves):
-            raise _err(path, w, f"'{name}' must be numeric")
-        if name in ("normalize", "rescale", "int8_mask") and not all(isinstance(v, bool) for v in leaves):
-            raise _err(path, w, f"'{name}' must be true or false")
         bad = [v for v in numeric if not _finite(v)]
         if bad:
             raise _err(path, w, f"'{name}' must be a finite number, got {str(bad[0])[:40]}")
-        if name == "density" and any(not (0 < v <= 1) for v in numeric):
-            raise _err(path, w, f"density must be in (0, 1], got {value!r}")
-        if name == "t" and any(not (0 <= v <= 1) for v in numeric):
-            raise _err(path, w, f"t must be in [0, 1], got {value!r}")
+        if any(not param.in_range(v) for v in numeric):
+            raise _err(path, w, f"{name} must be {param.range_text}, got {value!r}")
 
 
 def _validate_parameters(recipe: Recipe) -> None:
@@ -313,8 +311,12 @@ def _validate_structure(recipe: Recipe) -> None:
         elif recipe.slices is not None and spec.needs_base and base not in models:
             raise _err(path, where, f"the base model '{base}' must be one of the slice's sources")
         if len(models) < spec.min_models or (spec.max_models and len(models) > spec.max_models):
-            want = f"exactly {spec.max_models}" if spec.max_models == spec.min_models else f"at least {spec.min_models}"
-            raise _err(path, where, f"{spec.name} needs {want} models (base included), got {len(models)}")
+            raise _err(path, where, f"{spec.name} needs {_count_text(spec.min_models, spec.max_models)} models "
+                       f"(base included), got {len(models)}")
+        others = [m for m in models if spec.per_model_applies_to_base or m != base]
+        if len(others) < spec.min_others or (spec.max_others is not None and len(others) > spec.max_others):
+            raise _err(path, where, f"{spec.name} needs {_count_text(spec.min_others, spec.max_others)} models besides "
+                       f"the base, got {len(others)}")
         # required parameters must be reachable from some scope
         for pname, default in spec.shared.items():
             if default is REQUIRED and not any(sc and pname in sc for sc in (slice_params, recipe.parameters)):
@@ -336,6 +338,12 @@ def _validate_structure(recipe: Recipe) -> None:
                 ws.append(w)
             if ws and all(isinstance(w, (int, float)) for w in ws) and abs(sum(ws)) < 1e-8:
                 raise _err(path, "weight", f"weights sum to 0 with normalize: true (weights {ws}); set normalize: false or change the weights")
+
+
+def _count_text(low: int, high: int | None) -> str:
+    if high == low:
+        return f"exactly {low}"
+    return f"at least {low}" + (f" and at most {high}" if high is not None else "")
 
 
 def _static(scopes: list, name: str, default):

@@ -279,6 +279,63 @@ def _linear(xs, weights, normalize, out):
     return nonfinite
 
 
+@njit(nogil=True, cache=True)
+def _order_hist(values, bins, hist):
+    """Histograms of float32 ``values`` by their order key (the float bits made monotone as uint32:
+    negatives flipped, -0.0 as +0.0). ``bins`` empty: hist[0, key >> 16] += 1 for every value; else
+    hist[r, key & 0xFFFF] += 1 for the values whose high 16 bits equal bins[r]. (methods/_select.py;
+    the same bins as its torch fallback.)"""
+    u = values.view(np.uint32)
+    nb = bins.shape[0]
+    sign = np.uint32(0x80000000)
+    for j in range(u.shape[0]):
+        x = u[j]
+        if x == sign:
+            x = np.uint32(0)
+        if x & sign:
+            key = np.uint32(0xFFFFFFFF) - x
+        else:
+            key = x | sign
+        high = key >> np.uint32(16)
+        if nb == 0:
+            hist[0, high] += 1
+        else:
+            for r in range(nb):
+                if high == bins[r]:
+                    hist[r, key & np.uint32(0xFFFF)] += 1
+
+
+def order_hist(values: torch.Tensor, bins: list[int], hist: np.ndarray) -> None:
+    """Add one chunk of float32 values (a CPU tensor) to ``hist`` (see ``_order_hist``)."""
+    v = values.reshape(-1).contiguous().numpy()
+    _order_hist(v, np.asarray(bins, np.int64), hist)
+
+
+@njit(nogil=True, cache=True)
+def _window_mask(values, lo, hi, wvals, first, last, seen, out):
+    """out[j] = lo < v < hi, or v equals boundary value wvals[w] and the number of equal values seen
+    before it (seen[w], updated) lies in [first[w], last[w]] (methods/_select.RankWindow)."""
+    nw = wvals.shape[0]
+    for j in range(values.shape[0]):
+        x = values[j]
+        keep = (x > lo) & (x < hi)
+        for w in range(nw):
+            if x == wvals[w]:
+                e = seen[w]
+                seen[w] = e + 1
+                keep |= (e >= first[w]) & (e <= last[w])
+        out[j] = keep
+
+
+def window_mask(values: torch.Tensor, lo: float, hi: float, windows, seen: np.ndarray) -> torch.Tensor:
+    """The keep-mask of one chunk of float32 values (CPU) for a rank window; ``seen`` is updated."""
+    v = values.reshape(-1).contiguous().numpy()
+    out = np.empty(v.shape[0], np.bool_)
+    _window_mask(v, np.float32(lo), np.float32(hi), np.array([w[0] for w in windows], np.float32),
+                 np.array([w[1] for w in windows], np.int64), np.array([w[2] for w in windows], np.int64), seen, out)
+    return torch.from_numpy(out)
+
+
 def raw(t: torch.Tensor) -> np.ndarray:
     """A numpy view the kernels accept: bfloat16 as its uint16 bits and float32 as is (zero-copy, also
     over a memory map); any other floating dtype (float16, float8, float64) is converted to float32.

@@ -195,7 +195,7 @@ def check_nothing_dropped(ref: str, checkpoints: dict[str, Checkpoint], models: 
 def zero_weight_tensors(tensors: list[TensorPlan], spec) -> list[str]:
     """Output tensors of a pure weighted sum (no base to fall back to) whose every weight is 0: they
     come out as zeros, which a user never means (a whole model of them is refused)."""
-    if spec.consensus or not spec.per_model or "weight" not in spec.per_model:
+    if not spec.weighted_sum:
         return []
     out = []
     for tp in tensors:
@@ -266,6 +266,14 @@ def _check_compatible(recipe: Recipe, ckpts: dict[str, Checkpoint], ref: str, al
                                   "pass --allow-vocab-mismatch to merge the shared rows and keep the reference model's extra rows")
 
 
+def _in_range(spec, pname: str, v) -> bool:
+    """Whether a resolved value fits the parameter's declared range (non-numeric values are the
+    recipe checker's business)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return True
+    return spec.param[pname].in_range(v)
+
+
 class _Builder:
     def __init__(self, recipe, spec, ckpts, fixed_out, allow_vocab, mergekit_dtype=False, recipe_compute=None):
         self.recipe, self.spec, self.ckpts, self.fixed_out, self.allow_vocab = recipe, spec, ckpts, fixed_out, allow_vocab
@@ -310,6 +318,9 @@ class _Builder:
                 if default is REQUIRED:
                     raise RecipeError(f"{recipe.path}: missing required parameter '{pname}' for tensor {out_name}")
                 v = default
+            elif not _in_range(spec, pname, v):
+                raise RecipeError(f"{recipe.path}: parameter {pname} {v} for tensor {out_name} is not "
+                                  f"{spec.param[pname].range_text}")
             shared[pname] = v
         per_model = []
         for i, (src, in_name) in enumerate(inputs):
@@ -324,13 +335,18 @@ class _Builder:
                         raise RecipeError(f"{recipe.path}: missing required parameter '{pname}' for model '{src.model}' "
                                           f"tensor {in_name} (no filter matched)")
                     v = default
-                if pname == "density" and not (0 < v <= 1):
-                    raise RecipeError(f"{recipe.path}: {src.where}: density {v} for tensor {in_name} is not in (0, 1]")
+                if not _in_range(spec, pname, v):
+                    raise RecipeError(f"{recipe.path}: {src.where}: {pname} {v} for tensor {in_name} is not "
+                                      f"{spec.param[pname].range_text}")
                 vals[pname] = v
             per_model.append(vals)
         weights = [p["weight"] for p in per_model if "weight" in p]
         if shared.get("normalize") and not spec.consensus and weights and abs(sum(weights)) < 1e-8:
             raise RecipeError(f"{recipe.path}: weights {weights} for tensor {out_name} sum to 0 with normalize: true")
+        why = spec.check_tensor(shared, per_model, [i for i in range(len(inputs)) if i != base_index
+                                                    or spec.per_model_applies_to_base], [s.model for s, _ in inputs])
+        if why:
+            raise RecipeError(f"{recipe.path}: tensor {out_name}: {why}")
         compute = mergekit_compute_dtype(self.recipe_compute, [i.dtype for i in infos]) if self.mergekit_dtype else None
         self.tensors.append(TensorPlan(out_name, shape_ref.shape, out_dtype, [(s.model, n) for s, n in inputs],
                                        base_index, shared, per_model, merge_rows=merge_rows, compute_dtype=compute))

@@ -61,7 +61,7 @@ def estimate_peak_bytes(plan: MergePlan, workers: int) -> int:
     from mergequant.merge import kernels
 
     n_in = max(len(t.inputs) for t in plan.tensors)
-    per_worker = (2 * n_in + 4) * CHUNK * 4
+    per_worker = (plan.spec.buffers_per_input * n_in + 4) * CHUNK * 4
     largest = max(t.numel for t in plan.tensors)
     big = 0
     if plan.spec.sparsify == "magnitude":
@@ -223,8 +223,11 @@ def _write_metadata(plan: MergePlan, out: Path, opts: MergeOptions) -> None:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in config and isinstance(config[key], int):
             config[key] = plan.num_layers_out
-    for key, value in list(config.items()):  # per-layer lists (layer_types, ...) follow the layer sources
-        if isinstance(value, list) and n_in and len(value) == n_in and plan.num_layers_out != n_in:
+    # per-layer lists (layer_types, sliding-window flags, ...) follow the layer sources: on a change of
+    # depth, and also when slices reorder or repeat layers at the same depth
+    identity = plan.layer_sources == [(plan.ref_model, i) for i in range(n_in or 0)]
+    for key, value in list(config.items()):
+        if isinstance(value, list) and n_in and len(value) == n_in and not identity:
             per_model = {r: c.config.get(key) for r, c in plan.checkpoints.items()}
             config[key] = [per_model[m][i] if isinstance(per_model[m], list) else value[i] for m, i in plan.layer_sources]
     write_json(out / "config.json", config)
