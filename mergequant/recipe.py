@@ -23,9 +23,10 @@ TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dty
             "name", "modules", "tokenizer", "chat_template"}
 UNSUPPORTED_TOP = {
     "modules": "the 'modules:' form is not supported yet; use 'models:' or 'slices:'",
-    "tokenizer": "the 'tokenizer:' section is not supported yet; use 'tokenizer_source: base'",
-    "chat_template": "'chat_template' is not supported yet; edit tokenizer_config.json after merging",
 }
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+TOKEN_KEYS = {"source", "force"}
+TOKEN_SOURCE_KEYS = {"kind", "model", "token", "token_id"}
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -68,6 +69,8 @@ class Recipe:
     out_dtype: str | None
     tokenizer_source: str | None
     warnings: list[str] = field(default_factory=list)
+    tokenizer: "TokenizerSpec | None" = None  # tokenizer merging (tokenizer_source or tokenizer:), see merge/tokenizer.py
+    chat_template: str | None = None
 
     def model_refs(self) -> list[str]:
         """Every distinct model reference, base first."""
@@ -151,8 +154,15 @@ def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
     base = _model_ref(path, "base_model", data["base_model"]) if data.get("base_model") is not None else None
     for key in ("dtype", "out_dtype"):
         _string_choice(path, key, data.get(key), DTYPES)
-    tok = _string_choice(path, "tokenizer_source", data.get("tokenizer_source"), {"base"},
-                         "{} is not supported yet; use 'base' (the base model's tokenizer)")
+    tok = data.get("tokenizer_source")
+    if tok is not None and (not isinstance(tok, str) or not tok.strip()):
+        raise _err(path, "tokenizer_source", f"expected union, base or a model of the recipe, got {tok!r}")
+    chat_template = data.get("chat_template")
+    if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
+        raise _err(path, "chat_template", f"expected auto, a template name or Jinja text, got {chat_template!r}")
+    if chat_template is not None and chat_template != "auto":
+        from mergequant.merge.tokenizer import resolve_chat_template
+        resolve_chat_template(chat_template, [], f"{path}: chat_template")
     if data.get("name") is not None and not isinstance(data["name"], str):
         raise _err(path, "name", f"expected a string, got {data['name']!r}")
 
@@ -201,10 +211,107 @@ def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
             slices.append(OutputSlice(sources, sl.get("parameters"), sbase, where))
 
     recipe = Recipe(path, text, method, spec, base, models, slices, data.get("parameters"), data.get("dtype"),
-                    data.get("out_dtype"), tok, warnings)
+                    data.get("out_dtype"), tok, warnings, chat_template=chat_template)
     _validate_parameters(recipe)
     _validate_structure(recipe)
+    recipe.tokenizer = _parse_tokenizer(recipe, data)
     return recipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenizer section (mergekit's `tokenizer_source` and `tokenizer:`), see merge/tokenizer.py
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class TokenSource:
+    """Where one output token's embedding row comes from: ``kind`` "model" (that model's row of the same
+    token), "model_token" (that model's row of ``token`` or ``token_id``) or "zero"."""
+
+    kind: str
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass
+class TokenizerSpec:
+    source: str  # "union", "base", or a model reference of the recipe
+    tokens: dict[str, tuple[TokenSource | None, bool]] = field(default_factory=dict)  # token -> (source, force)
+    pad_to_multiple_of: int | None = None
+
+
+def _recipe_model(recipe: Recipe, where: str, value: Any) -> str:
+    ref = _model_ref(recipe.path, where, value)
+    if ref not in recipe.model_refs():
+        raise _err(recipe.path, where, f"'{ref}' is not a model of this recipe{suggestion(ref, set(recipe.model_refs()))}")
+    return ref
+
+
+def _tokenizer_source(recipe: Recipe, where: str, value: Any) -> str:
+    if value in ("union", "base"):
+        if value == "base" and not recipe.base_model:
+            return "base"  # mergekit: the first model stands in for a missing base
+        return value
+    if not isinstance(value, str):
+        raise _err(recipe.path, where, f"expected union, base or a model of the recipe, got {value!r}")
+    return _recipe_model(recipe, where, value)
+
+
+def _parse_tokenizer(recipe: Recipe, data: dict) -> TokenizerSpec | None:
+    path = recipe.path
+    section = data.get("tokenizer")
+    if section is not None and data.get("tokenizer_source") is not None:
+        raise _err(path, "tokenizer", "give either 'tokenizer_source' or a 'tokenizer:' section, not both (as mergekit)")
+    if section is None:
+        if recipe.tokenizer_source is None:
+            return None
+        return TokenizerSpec(_tokenizer_source(recipe, "tokenizer_source", recipe.tokenizer_source))
+    section = _check_keys(path, "tokenizer", section, TOKENIZER_KEYS)
+    spec = TokenizerSpec(_tokenizer_source(recipe, "tokenizer.source", section.get("source", "union")))
+    pad = section.get("pad_to_multiple_of")
+    if pad is not None:
+        if not isinstance(pad, int) or isinstance(pad, bool) or not 1 <= pad <= 1 << 20:
+            raise _err(path, "tokenizer.pad_to_multiple_of", f"expected an integer from 1 to {1 << 20}, got {pad!r}")
+        spec.pad_to_multiple_of = pad
+    tokens = section.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise _err(path, "tokenizer.tokens", "expected a mapping of token strings to {source, force}")
+    for token, cfg in tokens.items():
+        w = f"tokenizer.tokens.{token}"
+        if not isinstance(token, str) or not token:
+            raise _err(path, "tokenizer.tokens", f"expected token strings as keys, got {token!r}")
+        cfg = _check_keys(path, w, cfg if cfg is not None else {}, TOKEN_KEYS)
+        force = cfg.get("force", False)
+        if not isinstance(force, bool):
+            raise _err(path, f"{w}.force", f"expected true or false, got {force!r}")
+        src = cfg.get("source")
+        if src is None:
+            source = None
+        elif isinstance(src, dict):
+            src = _check_keys(path, f"{w}.source", src, TOKEN_SOURCE_KEYS)
+            kind = src.get("kind")
+            if kind == "zero":
+                extra = set(src) - {"kind"}
+                if extra:
+                    raise _err(path, f"{w}.source", f"'kind: zero' takes no other key, got {sorted(extra)}")
+                source = TokenSource("zero")
+            elif kind == "model_token":
+                model = _recipe_model(recipe, f"{w}.source.model", src.get("model"))
+                tok, tid = src.get("token"), src.get("token_id")
+                if (tok is None) == (tid is None):
+                    raise _err(path, f"{w}.source", "give exactly one of 'token' or 'token_id'")
+                if tok is not None and not isinstance(tok, str):
+                    raise _err(path, f"{w}.source.token", f"expected a token string, got {tok!r}")
+                if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
+                    raise _err(path, f"{w}.source.token_id", f"expected a token id >= 0, got {tid!r}")
+                source = TokenSource("model_token", model, tok, tid)
+            else:
+                raise _err(path, f"{w}.source.kind", f"expected model_token or zero, got {kind!r}")
+        else:
+            source = TokenSource("model", _recipe_model(recipe, f"{w}.source", src))
+        if force and source is None:
+            raise _err(path, f"{w}.force", "force needs a source")
+        spec.tokens[token] = (source, force)
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -131,6 +131,10 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, write: Callable[[torch.Tensor,
             write(src[a:b].to(tp.out_dtype), a)
         return True
 
+    if tp.vocab is not None:  # tokenizer merging: each input's rows re-indexed into the output vocabulary, per chunk
+        from mergequant.merge.tokenizer import aligned_inputs
+        cols = tp.numel // tp.shape[0]
+        flat = aligned_inputs(tp.vocab, [ref for ref, _ in tp.inputs], flat, cols)
     job = TensorJob(plan, tp, flat, write, seed, device)
     if tp.merge_rows is not None:  # vocabulary mismatch: merge the shared rows, copy the rest from the reference
         n = job.n

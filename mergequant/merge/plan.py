@@ -20,6 +20,7 @@ from mergequant.io.resolve import resolve_model
 from mergequant.merge.methods import REQUIRED, MethodSpec
 from mergequant.merge.moe_layout import check_same_experts, filter_name, moe_architecture, per_expert_view
 from mergequant.merge.params import layer_position, resolve
+from mergequant.merge.tokenizer import VocabAlignment, build_alignment, is_vocab_tensor, model_rows
 from mergequant.recipe import Recipe, Source
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -40,6 +41,7 @@ class TensorPlan:
     copy_index: int | None = None  # non-float tensors are copied from this input
     merge_rows: int | None = None  # vocabulary mismatch: only the first rows are merged, the rest come from the base
     compute_dtype: torch.dtype | None = None  # --mergekit-dtype: inputs rounded to this and computed in it; None: float32
+    vocab: VocabAlignment | None = None  # tokenizer merging: rows gathered by token string (merge/tokenizer.py)
 
     @property
     def numel(self) -> int:
@@ -64,6 +66,7 @@ class MergePlan:
     layer_sources: list[tuple[str, int]]  # output layer -> (model, input layer), for per-layer config lists
     compute_dtype: torch.dtype | None  # recipe dtype under --mergekit-dtype, else None; per tensor: TensorPlan.compute_dtype
     warnings: list[str] = field(default_factory=list)
+    vocab: VocabAlignment | None = None  # the output tokenizer and row alignment (None: the reference's, by index)
 
     @property
     def bytes_to_read(self) -> int:
@@ -109,7 +112,8 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], *, out_dtype:
     # either layout, merges expert by expert under the architecture's original names (moe_layout.py).
     checkpoints = {r: per_expert_view(c) for r, c in checkpoints.items()}
     ref_ckpt = checkpoints[ref]
-    _check_compatible(recipe, checkpoints, ref, allow_vocab_mismatch)
+    vocab = build_alignment(recipe, checkpoints, ref)
+    _check_compatible(recipe, checkpoints, ref, allow_vocab_mismatch or vocab is not None)
 
     out_name = out_dtype or recipe.out_dtype or recipe.dtype
     if out_name is not None and out_name not in DTYPE_NAMES:
@@ -118,6 +122,7 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], *, out_dtype:
     compute = DTYPE_NAMES[recipe.dtype] if (mergekit_dtype and recipe.dtype) else None
 
     builder = _Builder(recipe, spec, checkpoints, fixed_out, allow_vocab_mismatch, mergekit_dtype, compute)
+    builder.vocab = vocab if vocab is not None and not vocab.identity else None
     layer_sources: list[tuple[str, int]] = []
     if recipe.models is not None:
         sources = list(recipe.models)
@@ -166,7 +171,7 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], *, out_dtype:
         warnings.append(f"{len(zeroed)} tensor(s) have weight 0 for every model and are written as zeros "
                         f"(first: {zeroed[0]}); check the recipe's weights and filters")
     plan = MergePlan(recipe, spec, checkpoints, ref, builder.tensors, len(layer_sources), layer_sources, compute,
-                     warnings)
+                     warnings, vocab)
     return plan
 
 
@@ -263,7 +268,8 @@ def _check_compatible(recipe: Recipe, ckpts: dict[str, Checkpoint], ref: str, al
         check_same_experts([(r.path, r.config), (c.path, c.config)])
         if c.vocab_size != r.vocab_size and not allow_vocab:
             raise CheckpointError(f"{c.path}: vocabulary size {c.vocab_size} differs from {r.vocab_size} of {r.path}; "
-                                  "pass --allow-vocab-mismatch to merge the shared rows and keep the reference model's extra rows")
+                                  "set tokenizer_source: union (or base) to align rows by token, or pass --allow-vocab-mismatch to "
+                                  "merge the shared rows and keep the reference model's extra rows")
 
 
 def _in_range(spec, pname: str, v) -> bool:
@@ -279,6 +285,7 @@ class _Builder:
         self.recipe, self.spec, self.ckpts, self.fixed_out, self.allow_vocab = recipe, spec, ckpts, fixed_out, allow_vocab
         self.mergekit_dtype, self.recipe_compute = mergekit_dtype, recipe_compute
         self.tensors: list[TensorPlan] = []
+        self.vocab: VocabAlignment | None = None
         # filters also match a mixture-of-experts weight's fused-layout name (mergekit's), see moe_layout.FilterName
         self.moe_arch = moe_architecture(ckpts[recipe.base_model or recipe.all_sources()[0].model].config)
 
@@ -295,6 +302,16 @@ class _Builder:
         first, first_src = infos[0], inputs[0][0]
         base_index = next((i for i, (s, _) in enumerate(inputs) if s.model == base), None) if base else None
         merge_rows = None
+        vocab = None
+        if self.vocab is not None and all(is_vocab_tensor(n, i.shape, model_rows(self.ckpts[s.model]))
+                                          for (s, n), i in zip(inputs, infos)):
+            rest = {i.shape[1:] for i in infos}
+            if len(rest) > 1 or not all(i.dtype.is_floating_point for i in infos):
+                raise CheckpointError(f"tensor {out_name}: inputs of shapes {sorted(list(i.shape) for i in infos)} cannot be "
+                                      "aligned by token (they must differ in rows only)")
+            vocab = self.vocab
+            infos = [_Shaped(i, (vocab.rows, *i.shape[1:])) for i in infos]
+            first = infos[0]
         for info, (src, _) in zip(infos[1:], inputs[1:]):
             if info.shape != first.shape:
                 vocab_like = (self.allow_vocab and len(info.shape) >= 1 and info.shape[1:] == first.shape[1:])
@@ -349,4 +366,16 @@ class _Builder:
             raise RecipeError(f"{recipe.path}: tensor {out_name}: {why}")
         compute = mergekit_compute_dtype(self.recipe_compute, [i.dtype for i in infos]) if self.mergekit_dtype else None
         self.tensors.append(TensorPlan(out_name, shape_ref.shape, out_dtype, [(s.model, n) for s, n in inputs],
-                                       base_index, shared, per_model, merge_rows=merge_rows, compute_dtype=compute))
+                                       base_index, shared, per_model, merge_rows=merge_rows, compute_dtype=compute,
+                                       vocab=vocab))
+
+
+@dataclass
+class _Shaped:
+    """A tensor header seen with the output's row count (vocabulary-aligned tensors)."""
+
+    info: object
+    shape: tuple
+
+    def __getattr__(self, name):
+        return getattr(self.info, name)

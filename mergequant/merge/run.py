@@ -21,6 +21,7 @@ from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, writ
 from mergequant.merge.engine import CHUNK, merge_tensor
 from mergequant.merge.moe_layout import FusedOutput, check_layout_name, fused_output, moe_architecture
 from mergequant.merge.plan import DTYPE_TO_NAME, MergePlan, build_plan, open_models
+from mergequant.merge.tokenizer import remap_token_ids, resolve_chat_template, write_chat_template, write_tokenizer
 from mergequant.recipe import load_recipe
 from mergequant.units import format_bytes
 
@@ -81,6 +82,11 @@ def describe_plan(plan: MergePlan, shards, workers: int) -> str:
         f"peak memory:   ~{format_bytes(estimate_peak_bytes(plan, workers))} working set + ~0.2 GiB for Python and torch "
         "(inputs are memory-mapped, not loaded)",
     ]
+    if plan.vocab is not None:
+        tok = r.tokenizer
+        aligned = sum(1 for t in plan.tensors if t.vocab is not None)
+        lines.append(f"tokenizer:     {tok.source}: {len(plan.vocab.tokens)} tokens, {plan.vocab.rows} rows, "
+                     + (f"{aligned} tensor(s) re-indexed by token" if aligned else "same ids in every input (rows by index)"))
     for s in shards:
         lines.append(f"  {s.file}: {len(s.tensors)} tensors, {format_bytes(s.data_bytes)}")
     return "\n".join(lines)
@@ -230,8 +236,25 @@ def _write_metadata(plan: MergePlan, out: Path, opts: MergeOptions) -> None:
         if isinstance(value, list) and n_in and len(value) == n_in and not identity:
             per_model = {r: c.config.get(key) for r, c in plan.checkpoints.items()}
             config[key] = [per_model[m][i] if isinstance(per_model[m], list) else value[i] for m, i in plan.layer_sources]
+    if plan.vocab is not None:  # tokenizer merging: rows follow the output tokenizer (padding kept)
+        for key in ("vocab_size", "n_vocab", "padded_vocab_size"):
+            if isinstance(config.get(key), int):
+                config[key] = plan.vocab.rows
+        config = remap_token_ids(config, plan.vocab.model_vocab[plan.ref_model], plan.vocab.tokens)
     write_json(out / "config.json", config)
     copy_tokenizer_files(ref.path, out)
+    if plan.vocab is not None:
+        write_tokenizer(plan.vocab, out)
+        gen = out / "generation_config.json"
+        if gen.exists():
+            import json
+            write_json(gen, remap_token_ids(json.loads(gen.read_text()), plan.vocab.model_vocab[plan.ref_model],
+                                            plan.vocab.tokens))
+    if plan.recipe.chat_template:
+        template = resolve_chat_template(plan.recipe.chat_template, [c.path for c in plan.checkpoints.values()],
+                                         f"{plan.recipe.path}: chat_template")
+        if template is not None:
+            write_chat_template(template, out)
     (out / RECIPE_COPY).write_text(plan.recipe.text)
     models = [r for r in plan.recipe.model_refs()]
     (out / "README.md").write_text(merge_card(
