@@ -279,6 +279,26 @@ def _experts_section(experts: dict) -> list[str]:
     return lines
 
 
+# ---- the release's plot --------------------------------------------------------------------------------
+PLOT_FILE = "results.png"
+
+
+def embed_plot(text: str, image: str = PLOT_FILE) -> str:
+    """The card with an "Evaluation" section showing ``image`` (a file uploaded beside it: the release's
+    plot of held-out perplexity and size per model), before "Loading" when the card has it, else at
+    the end. A card that already shows ``image`` is returned unchanged."""
+    if f"]({image})" in text:
+        return text
+    section = ("## Evaluation\n\n"
+               f"![held-out perplexity and size of each model of this release]({image})\n\n"
+               "Held-out perplexity of the models made together with this one (and their size on disk), "
+               "measured by `mergequant run`.\n\n")
+    at = text.find("\n## Loading\n")
+    if at < 0:
+        return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    return text[:at + 1] + section + text[at + 1:]
+
+
 # ---- validation and push-time rewriting ----------------------------------------------------------------
 def validate_meta(meta: dict, *, repo: str | None = None, where: str = "README.md") -> None:
     """Check the Hub rules on a card's front matter (see the module docstring); CardError if broken."""

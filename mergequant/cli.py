@@ -209,27 +209,50 @@ def quantize(
 
 @app.command(name="eval")
 def eval_cmd(
-    model: Path = typer.Argument(..., help="Model directory: full precision, or quantized by mergequant (any method)."),
-    data: str = typer.Option(..., "--data", help="Held-out text: .txt, .jsonl (text), .parquet, or hf:NAME[:CONFIG]:SPLIT[:COLUMN]."),
+    models: list[Path] = typer.Argument(..., help="Model directories (one or more): full precision, or quantized by mergequant (any method)."),
+    data: list[str] = typer.Option(..., "--data", help="Held-out text: .txt, .jsonl (text), .parquet, or hf:NAME[:CONFIG]:SPLIT[:COLUMN]. Repeat it to measure several domains; NAME=SOURCE names one (default: the file's name)."),
     seqlen: int = typer.Option(2048, help="Window length in tokens (capped by the model's max_position_embeddings)."),
     stride: Optional[int] = typer.Option(None, help="Window step; smaller than --seqlen gives every token more context (default: --seqlen)."),
     max_tokens: Optional[int] = typer.Option(None, help="Evaluate only the first N tokens of the text."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     backend: str = typer.Option("auto", help="Quantized checkpoints: transformers (with the format's client kernels: gptqmodel, bitsandbytes, compressed-tensors), dequant (mergequant's own float loader, no client needed), or auto (transformers on a GPU when the client is installed, else dequant: the clients' CPU kernels are very slow)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (one line per model and data)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw perplexity per model and data, and size per model, into this PNG file (needs matplotlib: pip install 'mergequant[plot]')."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
-    """Held-out perplexity of MODEL on --data (sliding window, each token scored once)."""
-    from mergequant.evaluate import evaluate_model
+    """Held-out perplexity of each MODEL on each --data (sliding window, each token scored once).
+
+    Example: mergequant eval ./base ./merged ./merged-gptq --data verse=verse.txt --data code=code.txt --plot ppl.png
+    """
+    from mergequant.evaluate import data_labels, evaluate_models, model_labels, results_table
 
     with _reported("eval", "nothing was measured"):
-        res = evaluate_model(str(model), data, seqlen=seqlen, stride=stride, device=device, max_tokens=max_tokens,
-                             progress=not quiet, backend=backend, log=lambda m: typer.echo(m, err=True))
-    if as_json:
-        typer.echo(json.dumps({"model": str(model), "data": data, **res.as_dict()}))
-    else:
-        typer.echo(f"perplexity {res.perplexity:.4f} (nll {res.nll:.4f} nats/token) over {res.tokens} tokens, "
-                   f"{res.windows} windows of {res.seqlen} (stride {res.stride}; {res.backend})")
+        labels, sources = data_labels(data)
+        names = model_labels(models)
+        if plot is not None:
+            from mergequant.plot import check_plot_path, require
+
+            require()  # before any model is loaded
+            check_plot_path(plot, [*models, *sources])
+        rows = evaluate_models([str(m) for m in models], sources, seqlen=seqlen, stride=stride, device=device,
+                               max_tokens=max_tokens, progress=not quiet, backend=backend,
+                               log=lambda m: typer.echo(m, err=True))
+        if plot is not None:
+            from mergequant.plot import plot_results
+
+            plot_results(results_table(models, names, labels, rows), plot, title="held-out perplexity")
+    single = len(models) == 1 and len(data) == 1
+    for model, row in zip(models, rows):
+        for label, source, res in zip(labels, sources, row):
+            if as_json:
+                typer.echo(json.dumps({"model": str(model), "data": source, **({} if single else {"label": label}),
+                                       **res.as_dict()}))
+            else:
+                typer.echo(("" if single else f"{model} on {label}: ")
+                           + f"perplexity {res.perplexity:.4f} (nll {res.nll:.4f} nats/token) over {res.tokens} tokens, "
+                           f"{res.windows} windows of {res.seqlen} (stride {res.stride}; {res.backend})")
+    if plot is not None:
+        typer.echo(f"wrote {plot}")
 
 
 @app.command()
@@ -287,58 +310,25 @@ def run_cmd(
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("mergequant-demo"), "--dir", help="Where to build the tiny models and the merge."),
-    force: bool = typer.Option(False, "--force", help="Rebuild even if the directory exists."),
+    workdir: Path = typer.Option(Path("mergequant-demo"), "--dir", help="The demo's folder (created; a folder the demo did not make is refused)."),
+    force: bool = typer.Option(False, "--force", help="Retrain the models even if the folder holds models trained with the same settings."),
+    seed: int = typer.Option(0, help="Seed for the initialisation, the data order and the samples (same seed, same numbers)."),
+    quick: bool = typer.Option(False, "--quick", help="Train 40% as long (tests, a first look): the same story, smaller effects."),
 ):
-    """Build three tiny Llama checkpoints (base + two fine-tunes), TIES-merge them, load the result, then
-    run a whole release on them (merge, GPTQ and RTN quantization, perplexity, push as a dry run).
+    """Train three tiny Llama models here (a base on verse + prose + code, then a verse and a code
+    specialist), merge them, quantize the merge (GPTQ and RTN, 3-bit), measure held-out perplexity
+    per domain and print the table and samples; writes results.json (and results.png with matplotlib).
 
-    Needs no download: the models are generated on the spot (~1 MB each).
+    Under a minute of one CPU core; nothing is downloaded (the text ships with mergequant).
     """
-
-    from mergequant.demo import DEMO_RECIPE, build_demo_models, claim_demo_dir
-    from mergequant.inspect_model import format_inspection, inspect_model
-    from mergequant.merge.run import MergeOptions, run_merge, summary
+    from mergequant.demo import FULL, QUICK, RESULTS, format_samples, format_table, run_demo, story_lines
 
     with _reported("demo", "the demo was not finished"):
-        claim_demo_dir(workdir)
-        models_dir = workdir / "models"
-        if force or not (models_dir / "coder" / "config.json").exists():
-            typer.echo(f"building tiny models in {models_dir} ...")
-            paths = build_demo_models(models_dir)
-        else:
-            paths = {k: models_dir / k for k in ("base", "poet", "coder")}
-        recipe = workdir / "ties.yaml"
-        recipe.write_text(DEMO_RECIPE.format(**{k: str(v.resolve()) for k, v in paths.items()}))
-        out = workdir / "merged"
-        result = run_merge(recipe, MergeOptions(out=out, force=True, fsync=False))
-        typer.echo(summary(result))
-        typer.echo(format_inspection(inspect_model(str(out))))
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        typer.echo("(install transformers to load and run the merged model)")
-        return
-    from transformers import AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(out)
-    tok = AutoTokenizer.from_pretrained(out)
-    ids = tok("To be, or not", return_tensors="pt").input_ids
-    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=1)
-    typer.echo(f"loaded with transformers ({type(model).__name__}); greedy continuation of 'To be, or not' "
-               f"(random tiny weights, so gibberish): {tok.decode(gen[0][ids.shape[1]:])!r}")
-
-    # The whole release chain on the same models: merge -> quantize (gptq, rtn) -> eval -> push (dry run).
-    from mergequant.demo import write_demo_release
-    from mergequant.release import RunOptions, run_release, summary_table
-
-    release = write_demo_release(workdir)
-    typer.echo(f"\nrunning the release {release} (merge, quantize gptq + rtn, eval, push as a dry run) ...")
-    with _reported("demo", "the demo was not finished"):
-        res = run_release(release, RunOptions(quiet=True, push_dry_run=True),
-                          log=lambda m: typer.echo(m) if m.startswith("[") or "would push" in m else None)
-    typer.echo(summary_table(res))
-    typer.echo(f"outputs and manifest in {res.workdir}; run `mergequant run {release}` again: every step is skipped")
+        res = run_demo(workdir, seed=seed, size=QUICK if quick else FULL, force=force, log=typer.echo)
+    typer.echo("\n" + format_table(res) + "\n\n" + "\n".join(story_lines(res)) + "\n\n" + format_samples(res))
+    typer.echo(f"\ndone in {res.seconds:.0f} s: {res.root / RESULTS}" + (f", {res.plot}" if res.plot else "")
+               + f"; the release's files are in {res.root / 'release'} (`mergequant run {res.root / 'release.yaml'}` "
+               "again skips every step)")
 
 
 @app.command()

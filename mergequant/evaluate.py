@@ -96,6 +96,16 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
 
     Everything that can be wrong with the options, the data or the folder (tokenizer, too little
     text) is checked before the model is loaded, so mistakes cost seconds, not a model load."""
+    return evaluate_models([model_dir], [data], seqlen=seqlen, stride=stride, device=device, max_tokens=max_tokens,
+                           progress=progress, backend=backend, log=log)[0][0]
+
+
+def evaluate_models(model_dirs: list[str], datas: list[str], *, seqlen: int = 2048, stride: int | None = None,
+                    device: str = "auto", max_tokens: int | None = None, progress: bool = True, backend: str = "auto",
+                    log=None) -> list[list[Perplexity]]:
+    """:func:`evaluate_model` for every model of ``model_dirs`` on every source of ``datas``:
+    ``result[i][j]`` is model i on data j. Each model is loaded once; the options, every data source
+    and every folder are checked before the first model is loaded."""
     check_eval_options(seqlen, stride, max_tokens)
     if backend not in BACKENDS:
         raise MergeQuantError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
@@ -103,15 +113,19 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
     from mergequant.io.model_files import pick_device
     from mergequant.quant.calib import check_token_ids, load_documents, load_tokenizer, local_data_file
 
-    local_data_file(data, EVAL_DATA)
-    ck = Checkpoint.open(model_dir)  # clear errors for missing/corrupt directories before transformers
-    capped = _capped_seqlen(ck.config, seqlen)
-    if stride is not None and stride > capped:
-        raise MergeQuantError(f"--stride {stride} is longer than the window: --seqlen {seqlen} is capped at {capped} "
-                              f"by {model_dir}'s max_position_embeddings")
-    seqlen = capped
+    for data in datas:
+        local_data_file(data, EVAL_DATA)
+    checkpoints, windows = [], []
+    for model_dir in model_dirs:
+        ck = Checkpoint.open(model_dir)  # clear errors for missing/corrupt directories before transformers
+        capped = _capped_seqlen(ck.config, seqlen)
+        if stride is not None and stride > capped:
+            raise MergeQuantError(f"--stride {stride} is longer than the window: --seqlen {seqlen} is capped at {capped} "
+                                  f"by {model_dir}'s max_position_embeddings")
+        checkpoints.append(ck)
+        windows.append(capped)
     try:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # noqa: F401
     except ImportError:
         raise MergeQuantError("mergequant eval needs transformers (pip install 'mergequant[hf]')") from None
     dev = pick_device(device)
@@ -119,26 +133,84 @@ def evaluate_model(model_dir: str, data: str, *, seqlen: int = 2048, stride: int
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    tok = load_tokenizer(model_dir, "eval")
-    ids = _eval_ids(tok, load_documents(data, what=EVAL_DATA), max_tokens, data)
-    check_token_ids(ids, ck.config.get("vocab_size"), model_dir, data)
-    used = "transformers"
-    if ck.config.get("quantization_config"):
-        model, used = _load_quantized(ck, model_dir, dev, backend, log)
-    else:
-        from transformers.utils import logging as hf_logging
+    documents: dict[str, list[str]] = {}
+    out = []
+    for model_dir, ck, window in zip(model_dirs, checkpoints, windows):
+        tok = load_tokenizer(model_dir, "eval")
+        ids = []
+        for data in datas:
+            if data not in documents:
+                documents[data] = load_documents(data, what=EVAL_DATA)
+            ids.append(_eval_ids(tok, documents[data], max_tokens, data))
+            check_token_ids(ids[-1], ck.config.get("vocab_size"), model_dir, data)
+        model, used = _load_model(ck, model_dir, dev, backend, log)
+        row = []
+        for one in ids:
+            res = perplexity(model, one, seqlen=window, stride=stride, device=dev, progress=progress)
+            res.backend = used
+            row.append(res)
+        out.append(row)
+        del model
+    return out
 
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its load report is checked below, as one line, instead of a table
-        try:
-            model, report = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", output_loading_info=True)
-        finally:
-            hf_logging.set_verbosity(level)
-        check_load_report(model_dir, report)
-        model = model.to(dev).eval()
-    res = perplexity(model, ids, seqlen=seqlen, stride=stride, device=dev, progress=progress)
-    res.backend = used
-    return res
+
+def data_labels(datas: list[str]) -> tuple[list[str], list[str]]:
+    """(labels, sources) for `eval --data` values: ``NAME=SOURCE`` names a source (NAME: letters,
+    digits, ``_.-``; a value that is an existing file is never split), else the label is the
+    file's name without its extension (``hf:`` sources: the whole reference). Labels must differ."""
+    import re
+    from pathlib import Path
+
+    labels, sources = [], []
+    for value in datas:
+        name, sep, rest = value.partition("=")
+        if sep and rest and re.fullmatch(r"[A-Za-z0-9_.-]+", name) and not Path(value).exists():
+            labels.append(name)
+            sources.append(rest)
+        else:
+            labels.append(value if value.startswith("hf:") else Path(value).stem or value)
+            sources.append(value)
+    dup = next((x for x in labels if labels.count(x) > 1), None)
+    if dup is not None:
+        raise MergeQuantError(f"--data: two sources are both named {dup!r}; name them with NAME=SOURCE")
+    return labels, sources
+
+
+def model_labels(model_dirs) -> list[str]:
+    """How models are named in tables and plots: the folder's name, or the path as given when two
+    folders share a name."""
+    from pathlib import Path
+
+    names = [Path(m).resolve().name or str(m) for m in model_dirs]
+    return [n if names.count(n) == 1 else str(m) for n, m in zip(names, model_dirs)]
+
+
+def results_table(model_dirs, names: list[str], labels: list[str], rows: list[list[Perplexity]]) -> dict:
+    """{model name: {"perplexity": {data label: value}, "bytes": size of the folder}}: what
+    :func:`mergequant.plot.plot_results` draws."""
+    from pathlib import Path
+
+    return {name: {"perplexity": {label: r.perplexity for label, r in zip(labels, row)},
+                   "bytes": sum(p.stat().st_size for p in Path(m).rglob("*") if p.is_file())}
+            for m, name, row in zip(model_dirs, names, rows)}
+
+
+def _load_model(ck, model_dir, dev, backend: str, log):
+    """(model, backend used): a quantized checkpoint as :func:`_load_quantized` decides, a
+    full-precision one with transformers (its load report checked)."""
+    if ck.config.get("quantization_config"):
+        return _load_quantized(ck, model_dir, dev, backend, log)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is checked below, as one line, instead of a table
+    try:
+        model, report = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    check_load_report(model_dir, report)
+    return model.to(dev).eval(), "transformers"
 
 
 def check_load_report(model_dir, report: dict) -> None:

@@ -62,6 +62,7 @@ class PushOptions:
     endpoint: str | None = None
     dry_run: bool = False
     base_model_map: dict[str, str] = field(default_factory=dict)
+    plot: Path | None = None  # an image (a release's results.png) uploaded beside the weights and shown in the card
 
 
 @dataclass
@@ -333,7 +334,21 @@ def plan_push(folder: str | Path, opts: PushOptions) -> PushResult:
         on_disk = next(f for f in files if f.path == CARD)
         files = [f for f in files if f.path != CARD] + [PlannedFile(CARD, len(card.encode()), on_disk.source, on_disk.link)]
         files.sort(key=lambda f: f.path)
+    if opts.plot is not None:
+        files, card = _attach_plot(Path(folder), files, card, Path(opts.plot))
     return PushResult(repo=opts.repo, files=files, card=card, dry_run=True)
+
+
+def _attach_plot(folder: Path, files: list[PlannedFile], card: str | None, plot: Path) -> tuple[list[PlannedFile], str | None]:
+    """Add ``plot`` to the upload as results.png and show it in the card (see :func:`embed_plot`)."""
+    from mergequant.card import PLOT_FILE, embed_plot
+
+    if any(f.path == PLOT_FILE for f in files):
+        raise PushError(f"{folder / PLOT_FILE}: the folder already has a {PLOT_FILE}; the release's plot would replace it")
+    if not plot.is_file():
+        raise PushError(f"{plot}: the plot to attach is missing")
+    files = sorted([*files, PlannedFile(PLOT_FILE, plot.stat().st_size, plot.resolve())], key=lambda f: f.path)
+    return files, (embed_plot(card) if card is not None else None)
 
 
 def _label(f: PlannedFile) -> str:

@@ -65,6 +65,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mergequant-release/1"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+RESULTS_PNG = "results.png"  # written by the eval step when matplotlib is installed; attached to every push
 LOCK = ".lock"
 PENDING = "pending"  # manifest key: {output name: {step, since_ns}} of outputs a run started writing and has not recorded
 CLAIM_SLACK_NS = 10**9  # file timestamps come from a coarser clock than time.time_ns(): a leftover may look slightly older
@@ -664,7 +665,7 @@ def step_outputs(step: Step) -> list[str]:
     """What ``step`` writes in the workdir (names relative to it)."""
     if step.kind in ("merge", "quantize"):
         return [step.name]
-    return [RESULTS_JSON, RESULTS_MD] if step.kind == "eval" else []
+    return [RESULTS_JSON, RESULTS_MD, RESULTS_PNG] if step.kind == "eval" else []
 
 
 def recorded_outputs(manifest: dict) -> set[str]:
@@ -1024,10 +1025,36 @@ class _Runner:
                                  max_tokens=ev.max_tokens, progress=not self.opts.quiet, backend=ev.backend)
             table[name] = res.as_dict()
             self.log(f"  {name}: perplexity {res.perplexity:.4f} over {res.tokens} tokens")
+        plotted = self._write_plot(ev, table)
         write_atomic(self.wd / RESULTS_JSON, json.dumps({"data": ev.data, "models": table}, indent=2) + "\n")
-        write_atomic(self.wd / RESULTS_MD, results_markdown(ev, table, self.wd, self.model_dir))
-        files = {n: {"size": (self.wd / n).stat().st_size, "sha256": sha256_file(self.wd / n)} for n in (RESULTS_JSON, RESULTS_MD)}
+        write_atomic(self.wd / RESULTS_MD, results_markdown(ev, table, self.wd, self.model_dir)
+                     + (f"\n![held-out perplexity and size per model]({RESULTS_PNG})\n" if plotted else ""))
+        names = (RESULTS_JSON, RESULTS_MD) + ((RESULTS_PNG,) if plotted else ())
+        files = {n: {"size": (self.wd / n).stat().st_size, "sha256": sha256_file(self.wd / n)} for n in names}
         return {"files": files, "result": {"perplexity": {k: v["perplexity"] for k, v in table.items()}}}
+
+    def _write_plot(self, ev: EvalSpec, table: dict) -> bool:
+        """results.png (perplexity and size per model) next to results.md; without matplotlib a one-line
+        note, and a results.png of an earlier run of ours is removed (it would describe other results)."""
+        from mergequant.evaluate import data_labels
+        from mergequant.plot import PlotUnavailable, plot_results
+
+        label = data_labels([ev.data])[0][0]
+        try:
+            plot_results({n: {"perplexity": {label: r["perplexity"]},
+                              "bytes": sum(p.stat().st_size for p in _files(self.model_dir(n))) if self.model_dir(n).is_dir() else 0}
+                          for n, r in table.items()}, self.wd / RESULTS_PNG, title=f"held-out perplexity on {Path(ev.data).name}")
+            return True
+        except PlotUnavailable as e:
+            self.log(f"note: {e}; no {RESULTS_PNG} written")
+            if (self.wd / RESULTS_PNG).is_file() and self.is_ours(RESULTS_PNG):
+                os.unlink(self.wd / RESULTS_PNG)
+            return False
+
+    def plot_for_push(self) -> Path | None:
+        """The eval step's results.png, attached to every push (uploaded beside the weights, shown in the card)."""
+        rec = self.records.get("eval")
+        return self.wd / RESULTS_PNG if isinstance(rec, dict) and RESULTS_PNG in rec.get("files", {}) else None
 
     def _do_push(self, step: Step) -> dict:
         from mergequant.hub import PushOptions, describe_plan, push, summary
@@ -1035,7 +1062,7 @@ class _Runner:
         p = self.rel.push
         opts = PushOptions(repo=p.repos[step.name], private=p.private, revision=p.revision, create_pr=p.create_pr,
                            commit_message=p.commit_message, endpoint=p.endpoint, dry_run=self.opts.push_dry_run,
-                           base_model_map=self.push_map(step.name))
+                           base_model_map=self.push_map(step.name), plot=self.plot_for_push())
         res = push(self.wd / step.name, opts, log=self.log)
         if self.opts.push_dry_run:
             lines = describe_plan(res).splitlines()
@@ -1244,7 +1271,8 @@ def dry_run(rel: Release, opts: RunOptions) -> ReleaseResult:
             if run and (rel.workdir / step.name).is_dir() and step.name not in r.rebuilt:
                 from mergequant.hub import PushOptions, plan_push
 
-                plan = plan_push(rel.workdir / step.name, PushOptions(repo=repo, dry_run=True, base_model_map=r.push_map(step.name)))
+                plan = plan_push(rel.workdir / step.name, PushOptions(repo=repo, dry_run=True, base_model_map=r.push_map(step.name),
+                                                                      plot=r.plot_for_push()))
                 extra = f"; {mode} {len(plan.files)} file(s), {format_bytes(plan.total_bytes)} to {repo}"
             else:
                 extra = f"; {mode} ~{format_bytes(sizes.get(step.name, 0))} to {repo}"

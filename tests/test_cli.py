@@ -1,4 +1,4 @@
-"""The command line: help, inspect, merge --dry-run, shard sizes, what the output directory holds, demo."""
+"""The command line: help, inspect, merge --dry-run, shard sizes, what the output directory holds (the demo: test_demo.py)."""
 
 from __future__ import annotations
 
@@ -335,32 +335,3 @@ def test_bad_out_dtype(f32_models, tmp_path):
     assert res.exit_code == 2 and res.stderr.startswith("error: ") and "float13" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
-
-
-# ---------------------------------------------------------------------------------------------------
-# demo
-# ---------------------------------------------------------------------------------------------------
-def test_demo_command(tmp_path):
-    work = tmp_path / "demo"
-    proc = run_cli("demo", "--dir", work, check=True)
-    merged = work / "merged"
-    assert f"wrote {merged}" in proc.stdout
-    assert "loaded with transformers (LlamaForCausalLM)" in proc.stdout
-    shown = re.search(r"gibberish\): (.*)$", proc.stdout, re.M).group(1)
-    # the continuation it printed is what the merged model really generates
-    import ast
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(merged)
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    ids = tok("To be, or not", return_tensors="pt").input_ids
-    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=1)
-    assert ast.literal_eval(shown) == tok.decode(gen[0][ids.shape[1]:])
-    assert (merged / "mergequant_recipe.yaml").read_text() == (work / "ties.yaml").read_text()
-    for m in ("base", "poet", "coder"):
-        assert (work / "models" / m / "config.json").exists()
-    out = load_dir(merged)
-    base = load_dir(work / "models" / "base")
-    assert set(out) == set(base) and len(out) == 39
-    k = "model.layers.1.mlp.up_proj.weight"
-    assert out[k].dtype == torch.bfloat16 and not torch.equal(out[k], base[k])

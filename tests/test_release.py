@@ -217,7 +217,7 @@ def test_example_release_in_configs_is_valid_against_the_demo_tree(tmp_path):
     write_demo_release(tmp_path / "mergequant-demo")  # calib.txt and heldout.txt, as `mergequant demo` writes them
     res, _ = run(tmp_path / "configs" / "release.yaml", dry_run=True)
     assert [o.status for o in res.outcomes] == ["would run"] * len(res.outcomes)
-    assert [o.id for o in res.outcomes][:4] == ["merge", "quantize/gptq-w4g128", "quantize/gptq-w8g128", "quantize/rtn-w4g128"]
+    assert [o.id for o in res.outcomes][:4] == ["merge", "quantize/gptq-w4g64", "quantize/gptq-w8g64", "quantize/rtn-w4g64"]
     assert not (tmp_path / "mergequant-demo" / "release-example").exists()
 
 
