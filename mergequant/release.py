@@ -1113,16 +1113,19 @@ class _Runner:
         returns {name: (QuantizeOptions, method, linears)}."""
         if not self.rel.quantize:
             return {}
-        from mergequant.quant.quantize import QuantizeOptions, find_linears, validate
+        from mergequant.quant.quantize import (QuantizeOptions, check_moe_options, find_linears,
+                                               quantizable_architecture, validate)
 
         config, tensors = self.source_shapes()
         stand_in = SimpleNamespace(tensors=tensors, path=self.source_dir(), architecture=(config.get("architectures") or ["?"])[0],
                                    config=config)
-        linears = find_linears(stand_in)
         out = {}
         for q in self.rel.quantize:
             opts = QuantizeOptions(out=self.wd / q.name, **q.settings)
             try:
+                arch = quantizable_architecture(stand_in, opts.method)
+                check_moe_options(opts, arch)
+                linears = find_linears(stand_in, arch, opts.moe_names)  # MoE: output names follow moe_names
                 method = validate(opts, linears)
             except MergeQuantError as e:
                 raise ReleaseError(f"{self.rel.path}: quantize {q.name}: {e}") from None
@@ -1174,37 +1177,6 @@ def results_markdown(ev: EvalSpec, table: dict, wd: Path, model_dir) -> str:
 # ---------------------------------------------------------------------------------------------------
 # memory and disk estimates (dry run)
 # ---------------------------------------------------------------------------------------------------
-def estimate_quant_peak_bytes(config: dict, tensors: dict, opts, calibrated: bool) -> int:
-    """Rough working set of `quantize`: one decoder layer in float32 (plus a working copy), the
-    calibration activations (inputs and outputs of a layer, float32), one forward chunk's
-    intermediates and attention scores, and the Hessians of one sequential group (in_features^2
-    float32 each, up to three modules). Uncalibrated methods: a few float32 copies of the largest weight."""
-    from mergequant.io.checkpoint import split_layer_name
-
-    def numel(info):
-        n = 1
-        for d in info.shape:
-            n *= d
-        return n
-
-    layer0 = [info for name, info in tensors.items() if (parts := split_layer_name(name)) and parts[1] == 0]
-    largest = max((numel(i) for i in tensors.values() if len(i.shape) == 2), default=0)
-    if not calibrated:
-        return 3 * largest * 4
-    layer_numel = sum(numel(i) for i in layer0)
-    hidden = int(config.get("hidden_size") or 0)
-    inter = int(config.get("intermediate_size") or 4 * hidden)
-    heads = int(config.get("num_attention_heads") or 1)
-    seqlen = min(opts.seqlen, config.get("max_position_embeddings") or opts.seqlen)
-    samples = opts.samples
-    from mergequant.quant.quantize import auto_batch_size
-
-    chunk = min(opts.batch_size or auto_batch_size(config, seqlen, samples), samples)
-    in_max = max((i.shape[1] for i in layer0 if len(i.shape) == 2), default=hidden)
-    return (2 * layer_numel * 4 + 2 * samples * seqlen * hidden * 4 + chunk * seqlen * (3 * inter + 4 * hidden) * 4
-            + chunk * heads * seqlen * seqlen * 4 + 3 * in_max * in_max * 4)
-
-
 def _free_bytes(path: Path) -> int:
     p = path
     while not p.exists():
@@ -1258,7 +1230,11 @@ def dry_run(rel: Release, opts: RunOptions) -> ReleaseResult:
             if run:
                 shards = plan_shards(planned_tensors(stand_in, linears, method, qopts), qopts.shard_size)
                 sizes[step.name] = sum(s.file_size for s in shards)
-                peak = estimate_quant_peak_bytes(stand_in.config, stand_in.tensors, qopts, method.calibrated)
+                from mergequant.architectures import architecture_for
+                from mergequant.quant.quantize import estimate_peak_bytes
+
+                peak = estimate_peak_bytes(stand_in.config, stand_in.tensors, linears, qopts, method,
+                                           architecture_for(stand_in.config))
                 extra = f"; writes ~{format_bytes(sizes[step.name])}, peak memory ~{format_bytes(peak)} + the interpreter"
                 r.rebuilt.add(step.name)
             else:

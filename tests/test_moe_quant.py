@@ -362,3 +362,20 @@ def test_eval_never_trusts_transformers_with_quantized_experts(small, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "cannot load quantized experts" in lines[0], proc.stderr
     proc = run_cli("eval", small, "--data", data, "--seqlen", 32, "--max-tokens", 64, "-q", check=True)
     assert "(stride 32; dequant)" in proc.stdout
+
+
+@needs_mixtral
+def test_release_file_plans_moe_quantizations(tmp_path, calib):
+    """A release file quantizing a MoE model takes the MoE options and plans each step (names, memory);
+    a bad one is refused in one line naming the step."""
+    rel = tmp_path / "rel.yaml"
+    body = (f"workdir: work\nmerge:\n  model: {MIXTRAL}\nquantize:\n"
+            f"  - {{name: g, method: gptq, calib: {calib}, samples: 8, seqlen: 64, moe_calibration: routed, "
+            "moe_names: NAMES}\n")
+    rel.write_text(body.replace("NAMES", "gptqmodel"))
+    proc = run_cli("run", rel, "--dry-run", check=True)
+    assert re.search(r"run\s+quantize/g .*writes ~7\.\d+ MiB, peak memory ~", proc.stdout), proc.stdout
+    rel.write_text(body.replace("NAMES", "vllm"))
+    proc = run_cli("run", rel, "--dry-run")
+    assert proc.returncode == 2 and "quantize g: --moe-names must be one of original, gptqmodel" in proc.stderr
+    assert not (tmp_path / "work").exists()
