@@ -136,9 +136,11 @@ def unpack_rows(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
         raise ValueError(f"packed rows {packed.shape[0]} do not match K={K} at bits={bits}")
     N = packed.shape[1]
     u = _to_u32(packed).reshape(K // vals, words, 1, N)
-    shifts = torch.arange(32, dtype=torch.int64).view(1, 1, 32, 1)
+    dev = packed.device
+    shifts = torch.arange(32, dtype=torch.int64, device=dev).view(1, 1, 32, 1)
     stream = ((u >> shifts) & 1).reshape(K // vals, vals, bits, N)
-    weights = (torch.ones(bits, dtype=torch.int64) << torch.arange(bits, dtype=torch.int64)).view(1, 1, bits, 1)
+    weights = (torch.ones(bits, dtype=torch.int64, device=dev)
+               << torch.arange(bits, dtype=torch.int64, device=dev)).view(1, 1, bits, 1)
     return (stream * weights).sum(dim=2).reshape(K, N).to(torch.int32)
 
 

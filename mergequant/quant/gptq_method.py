@@ -16,6 +16,7 @@ from mergequant.memory import mapped_allocations, release_free_memory
 from mergequant.quant import formats
 from mergequant.quant.compact import QuantizedForward
 from mergequant.quant.gptq import (
+    ROW_BLOCK_BYTES,
     SUPPORTED_BITS,
     HessianAccumulator,
     gptq_quantize,
@@ -28,6 +29,7 @@ from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
 # accumulated a batch at a time, at most this many bytes of them (one at a time for Mixtral-8x7B, whose
 # down Hessian is 14336^2 float32 = 822 MB; all at once for small models, in one pass over the layer).
 EXPERT_HESSIAN_BYTES = 512 * 2**20
+GPU_ROW_BLOCK_BYTES = 512 * 2**20  # GPTQ's working copy of W's rows on a GPU (CPU: gptq.ROW_BLOCK_BYTES)
 
 
 def _top_k(ctx) -> int:
@@ -128,6 +130,7 @@ class GPTQMethod(RTNMethod):
         from mergequant.quant.moe import counted
 
         widest = max(m.in_features for m in modules.values())
+        dev = inputs.hidden[0].device if inputs.hidden else torch.device("cpu")  # where the layer runs
         moe = ctx.extra.get("moe")
         starved: set[int] = set()
         # each group is quantized after the previous ones, on inputs computed with them already quantized
@@ -142,12 +145,12 @@ class GPTQMethod(RTNMethod):
                     accs = self._capture(layer, inputs, names, modules, widest)
                 starved = set(moe.starved(i, ctx.result.calib_tokens, _top_k(ctx))) if moe else set()
                 if starved:
-                    self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules)
+                    self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules, dev)
                     names = [s for s in names if experts[s][0] not in starved]
                 self._solve_shared(ctx, accs, names, todo, modules)
                 continue
             if experts and starved:
-                self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules)
+                self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules, dev)
                 names = [s for s in names if experts[s][0] not in starved]
             for batch in self._capture_batches(names, modules, experts):
                 self._solve_shared(ctx, self._capture(layer, inputs, batch, modules, widest), batch, todo, modules)
@@ -197,14 +200,15 @@ class GPTQMethod(RTNMethod):
             self._solve(ctx, [modules[s] for s in shared], [todo[s] for s in shared], acc)
         accs.clear()
 
-    def _round_starved(self, ctx, i: int, names: list[str], todo, modules) -> None:
+    def _round_starved(self, ctx, i: int, names: list[str], todo, modules, dev: torch.device) -> None:
         """Round-to-nearest for the Linears of experts the router starved (routed calibration): a
-        Hessian from a handful of tokens fits those tokens, not the expert's job."""
+        Hessian from a handful of tokens fits those tokens, not the expert's job. Computed on ``dev``,
+        where the layer runs (the installed forward must be on the layer's device)."""
         o = ctx.opts
         for s in names:
             lin = todo[s]
-            q, scales, zeros = quantize_rtn(ctx.source_weight(lin).float(), o.bits, o.group_size, o.sym)
-            g_idx = formats.g_idx_for(lin.in_features, o.group_size)
+            q, scales, zeros = quantize_rtn(ctx.source_weight(lin).to(dev).float(), o.bits, o.group_size, o.sym)
+            g_idx = formats.g_idx_for(lin.in_features, o.group_size).to(dev)
             codes = q.T.to(torch.uint8).contiguous()
             modules[s].forward = QuantizedForward(modules[s], codes, scales, zeros, g_idx, bits=o.bits)
             self.write_codes(ctx, lin, codes, scales, zeros, g_idx)
@@ -223,8 +227,11 @@ class GPTQMethod(RTNMethod):
         # the source weights are memory-mapped on the CPU: the solver runs where H is (the GPU if used)
         parts = [ctx.source_weight(lin).to(H.device) for lin in lins]
         with mapped_allocations():
+            # rows are solved a block at a time (bounded working copy); on a GPU a block of 24 MiB of rows
+            # means many more sequential column steps, each a handful of kernel launches: use larger blocks
             res = gptq_quantize(parts, H, bits=o.bits, group_size=o.group_size, desc_act=o.desc_act,
-                                static_groups=o.static_groups, sym=o.sym, damp=o.damp, overwrite_h=True)
+                                static_groups=o.static_groups, sym=o.sym, damp=o.damp, overwrite_h=True,
+                                row_block_bytes=ROW_BLOCK_BYTES if H.device.type == "cpu" else GPU_ROW_BLOCK_BYTES)
         del H, parts
         if res.fallback_rtn:
             ctx.result.fallbacks.extend(lin.prefix for lin in lins)
