@@ -82,6 +82,17 @@ class QuantizedForward:
         return torch.cat([self.weight_t_block(n0, min(n0 + self.block, self.n)).T
                           for n0 in range(0, self.n, self.block)], dim=0)
 
+    def _block_t(self, n0: int, n1: int, buf: torch.Tensor) -> torch.Tensor:
+        """W_hat^T[:, n0:n1]: dequantized into ``buf``, or, for a small module, kept from its first call.
+        A mixture-of-experts layer calls each of its many small expert Linears once per chunk in every
+        statistics pass; re-dequantizing them each time was a third of a tiny Mixtral's GPTQ run."""
+        if self.k * self.n * 4 <= CACHE_BYTES:
+            cache = self.__dict__.setdefault("_cache", {})
+            if n0 not in cache:
+                cache[n0] = self.weight_t_block(n0, n1)
+            return cache[n0]
+        return self.weight_t_block(n0, n1, out=buf[: self.k * (n1 - n0)].view(self.k, n1 - n0))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.k)
         out = torch.empty(x2.shape[0], self.n, dtype=x.dtype, device=x.device)
@@ -89,7 +100,7 @@ class QuantizedForward:
         buf = _scratch(self.k * self.block, x.device)
         for n0 in range(0, self.n, self.block):
             n1 = min(n0 + self.block, self.n)
-            w = self.weight_t_block(n0, n1, out=buf[: self.k * (n1 - n0)].view(self.k, n1 - n0))
+            w = self._block_t(n0, n1, buf)
             if w.dtype == x.dtype:
                 torch.mm(x2, w, out=out[:, n0:n1])  # straight into the output's columns
             else:
@@ -100,6 +111,9 @@ class QuantizedForward:
 
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
+# A module whose float32 W_hat is at most this big keeps it after its first call (same blocks, same
+# products: bit-identical outputs); larger ones dequantize per call to hold only their codes.
+CACHE_BYTES = 2 * 2**20
 
 
 def _scratch(numel: int, device: torch.device) -> torch.Tensor:

@@ -127,11 +127,11 @@ class GPTQMethod(RTNMethod):
     defers_weights = True
 
     def process_layer(self, ctx, i, layer, inputs, todo, modules) -> None:
-        from mergequant.quant.moe import counted
-
         widest = max(m.in_features for m in modules.values())
         dev = inputs.hidden[0].device if inputs.hidden else torch.device("cpu")  # where the layer runs
-        moe = ctx.extra.get("moe")
+        from mergequant.quant.moe import MoECalibration
+
+        moe = ctx.extra.get("moe") or MoECalibration()
         starved: set[int] = set()
         # each group is quantized after the previous ones, on inputs computed with them already quantized
         for group in ctx.groups(i):
@@ -141,9 +141,8 @@ class GPTQMethod(RTNMethod):
             if experts and all(p[1] != 2 for p in experts.values()):
                 # the experts' gate/up pass is the first to reach the experts: it counts the router's
                 # choices, which decide (routed calibration) which experts are too starved to solve
-                with counted(layer):
-                    accs = self._capture(layer, inputs, names, modules, widest)
-                starved = set(moe.starved(i, ctx.result.calib_tokens, _top_k(ctx))) if moe else set()
+                accs = self._expert_gate_up_stats(layer, inputs, names, experts, moe, i)
+                starved = set(moe.starved(i, ctx.result.calib_tokens, _top_k(ctx)))
                 if starved:
                     self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules, dev)
                     names = [s for s in names if experts[s][0] not in starved]
@@ -153,7 +152,77 @@ class GPTQMethod(RTNMethod):
                 self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules, dev)
                 names = [s for s in names if experts[s][0] not in starved]
             for batch in self._capture_batches(names, modules, experts):
-                self._solve_shared(ctx, self._capture(layer, inputs, batch, modules, widest), batch, todo, modules)
+                accs = (self._expert_down_stats(layer, inputs, batch, experts, moe, modules) if experts
+                        else self._capture(layer, inputs, batch, modules, widest))
+                self._solve_shared(ctx, accs, batch, todo, modules)
+
+    # ---- routed experts: statistics straight from the experts' input ---------------------------------------
+    # A hook-driven capture would run every expert through the layer's forward once per group (all-token
+    # calibration: each on every token) only to see its inputs. Instead each pass stops the layer at the
+    # experts module and computes what the statistics need from its input: nothing more for gate/up (they
+    # read that input), and gate, up and the activation, not down, for the down projections. On the tiny
+    # Mixtral this cut the expert arithmetic of a GPTQ run about threefold.
+
+    @staticmethod
+    def _expert_inputs(layer, inputs):
+        """Per calibration chunk: (x [n, H], the router's top-k expert ids [n, k], the experts module):
+        the input of the layer's un-fused experts, the layer's forward stopped there."""
+        from mergequant.quant.moe import experts_of
+        from mergequant.quant.runner import StopLayer
+
+        (experts_mod,) = experts_of(layer)
+        seen = {}
+
+        def pre(mod, args):
+            seen["x"], seen["idx"] = args[0], args[1]
+            raise StopLayer
+
+        hook = experts_mod.register_forward_pre_hook(pre)
+        try:
+            for h, kw in inputs:
+                try:
+                    layer(h, **kw)
+                except StopLayer:
+                    pass
+                yield seen.pop("x"), seen.pop("idx"), experts_mod
+        finally:
+            hook.remove()
+
+    def _expert_gate_up_stats(self, layer, inputs, names, experts, moe, i) -> dict[str, HessianAccumulator]:
+        """Hessians of every expert's gate/up: one shared from every token (all-token calibration) or
+        one per expert from its routed tokens; counts the router's choices into ``moe.tokens[i]``."""
+        accs: dict[str, HessianAccumulator] = {}
+        counts = None
+        with torch.no_grad():
+            for x, idx, mod in self._expert_inputs(layer, inputs):
+                c = torch.bincount(idx.reshape(-1).long(), minlength=mod.num_experts)[: mod.num_experts]
+                counts = c if counts is None else counts + c
+                if moe.mode == "all":
+                    acc = accs.get(names[0]) or HessianAccumulator(x.shape[-1])
+                    acc.add(x)
+                    for s in names:
+                        accs[s] = acc
+                    continue
+                for e in sorted({experts[s][0] for s in names}):
+                    mine = [s for s in names if experts[s][0] == e]
+                    acc = accs.get(mine[0]) or HessianAccumulator(x.shape[-1])
+                    acc.add(x[(idx == e).any(dim=-1)])
+                    for s in mine:
+                        accs[s] = acc
+        moe.tokens[i] = counts.tolist()
+        return accs
+
+    def _expert_down_stats(self, layer, inputs, batch, experts, moe, modules) -> dict[str, HessianAccumulator]:
+        """Hessians of a batch of experts' down projections: each from ``act(gate(x)) * up(x)`` with the
+        expert's (already quantized) gate and up, over every token or the expert's routed tokens."""
+        accs = {s: HessianAccumulator(modules[s].in_features) for s in batch}
+        with torch.no_grad():
+            for x, idx, mod in self._expert_inputs(layer, inputs):
+                for s in batch:
+                    e = experts[s][0]
+                    xe = x if moe.mode == "all" else x[(idx == e).any(dim=-1)]
+                    accs[s].add(mod._act[0](mod[e].gate_proj(xe)) * mod[e].up_proj(xe))
+        return accs
 
     @staticmethod
     def _capture_batches(names: list[str], modules, experts: dict) -> list[list[str]]:

@@ -111,14 +111,19 @@ class UnfusedExperts(nn.ModuleList):
         out = torch.zeros_like(hidden_states)
         all_tokens = self.calibrating and self.calib.mode == "all"
         for e, expert in enumerate(self):
-            token_idx, slot = torch.where(top_k_index == e)
-            # all tokens: the same tensor for every expert, so hooks see one input for every gate/up;
+            if all_tokens:
+                # the same tensor for every expert, so hooks see one input for every gate/up; the
+                # output still mixes only routed tokens: a dense weight per token, 0 where not routed
+                # (adds exact zeros elsewhere; a scatter over [N, H] was a tenth of the run)
+                w = (top_k_weights * (top_k_index == e)).sum(dim=-1, keepdim=True)
+                y = expert.down_proj(self._act[0](expert.gate_proj(hidden_states)) * expert.up_proj(hidden_states))
+                out.addcmul_(y, w.to(y.dtype))
+                continue
             # routed: only this expert's tokens (possibly none: its Linears are still called, so a
             # statistics hook waiting for them is not left hanging)
-            x = hidden_states if all_tokens else hidden_states[token_idx]
+            token_idx, slot = torch.where(top_k_index == e)
+            x = hidden_states[token_idx]
             y = expert.down_proj(self._act[0](expert.gate_proj(x)) * expert.up_proj(x))
-            if all_tokens:
-                y = y[token_idx]
             if token_idx.numel():
                 out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
         return out
