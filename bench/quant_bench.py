@@ -106,7 +106,12 @@ def _rss_anon_kb(pid: int) -> int:
 
 
 def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
-    """Run ``cmd``; return wall seconds, peak RssAnon (MiB, summed over the process tree) and stdout."""
+    """Run ``cmd``; return wall seconds, CPU seconds (user + system of the process and every child it
+    waited for: on a shared machine the wall time depends on the other load, the CPU time much less),
+    peak RssAnon (MiB, summed over the process tree) and stdout."""
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, cwd=ROOT)
@@ -123,6 +128,8 @@ def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = Non
     th.start()
     output = proc.communicate()[0]
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     done.set()
     th.join()
     if log:
@@ -130,7 +137,7 @@ def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = Non
     if proc.returncode:
         print(output[-4000:], file=sys.stderr)
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return {"wall_s": round(wall, 2), "peak_rss_anon_mib": round(peak / 1024, 1), "stdout": output}
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_anon_mib": round(peak / 1024, 1), "stdout": output}
 
 
 def evaluate(path: Path, heldout: Path, seqlen: int, backend: str = "dequant") -> dict:

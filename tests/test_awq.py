@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from safetensors.torch import load_file
 
 from mergequant.demo import build_tiny_llama, write_checkpoint
@@ -286,6 +286,7 @@ def test_other_modes_write_readable_checkpoints(outlier_model, calib, tmp_path, 
 # ------------------------------------------------------------------------------------------------------
 # (d) a real client
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.client
 @pytest.mark.parametrize("kw", [{"group_size": 32}, {"group_size": -1, "zero_point": False}])
 def test_awq_checkpoint_loads_in_transformers_with_gptqmodel(calib, tmp_path, kw):
     """transformers + gptqmodel 7.7.0 on CPU (AWQ kernels) compute the same logits as our dequantizing
@@ -313,6 +314,7 @@ def test_awq_checkpoint_loads_in_transformers_with_gptqmodel(calib, tmp_path, kw
 # ------------------------------------------------------------------------------------------------------
 # (e) bad input
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bits_3_is_refused_by_the_cli(outlier_model, calib, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("quantize", outlier_model, "-o", out, "--method", "awq", "--bits", "3", "--group-size", "32",

@@ -24,7 +24,7 @@ from mergequant.cli import app
 from mergequant.demo import build_tiny_llama, write_checkpoint
 from mergequant.merge.run import MergeOptions, run_merge
 
-from conftest import run_cli
+from helpers import run_cli
 
 TENSOR = "model.layers.1.mlp.up_proj.weight"
 
@@ -494,6 +494,7 @@ def test_interrupted_forced_merge_keeps_old_output(f32_models, tmp_path, monkeyp
 # ---------------------------------------------------------------------------------------------------
 # the real CLI in a subprocess: the error path prints no traceback
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_subprocess_error_has_no_traceback(f32_models, tmp_path):
     text = ties_recipe(f32_models["base"], f32_models["a"], f32_models["b"], a_params="{weight: 0.5, densty: 0.5}")
     recipe = write_recipe(tmp_path / "r.yaml", text)

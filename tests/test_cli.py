@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from mergequant.cli import app
 from mergequant.merge.run import MergeOptions, run_merge
 
-from conftest import run_cli
+from helpers import run_cli
 
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
 LINEAR_PAPER = "https://arxiv.org/abs/2203.05482"
@@ -75,6 +75,7 @@ def front_matter(readme: str) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # help
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_top_level_help_subprocess():
     proc = run_cli("--help", check=True)
     for cmd in ("merge", "inspect", "demo", "version"):

@@ -12,7 +12,7 @@ import torch
 from mergequant.evaluate import perplexity
 from mergequant.errors import MergeQuantError
 
-from conftest import run_cli
+from helpers import cli, run_cli
 
 
 class Bigram(torch.nn.Module):
@@ -80,12 +80,13 @@ def test_bad_stride():
         perplexity(Bigram(5), torch.arange(5), seqlen=4, stride=5)
 
 
+@pytest.mark.slow
 def test_eval_cli(bf16_models, tmp_path):
     data = tmp_path / "heldout.txt"
     data.write_text("It is a truth universally acknowledged, that a single man. " * 30)
-    proc = run_cli("eval", bf16_models["base"], "--data", data, "--seqlen", 64, "--json", "-q", check=True)
+    proc = cli("eval", bf16_models["base"], "--data", data, "--seqlen", 64, "--json", "-q", check=True)  # in-process
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["seqlen"] == 64 and res["tokens"] > 100
     assert 1 < res["perplexity"] < 2048 * 4  # a random tiny model: near uniform over 2048 tokens, never absurd
-    bad = run_cli("eval", tmp_path / "nope", "--data", data)
+    bad = run_cli("eval", tmp_path / "nope", "--data", data)  # the real CLI: exit status and one error line
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nope" in bad.stderr

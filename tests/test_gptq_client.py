@@ -9,6 +9,7 @@ Skipped where gptqmodel is not installed; install notes in docs/gptq-client-note
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,8 +20,11 @@ import pytest
 # gptqmodel sizes a CPU thread pool from the core count at import; pin it so small CI boxes work.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
-pytest.importorskip("gptqmodel")
-pytest.importorskip("optimum")
+# every test here loads a checkpoint in gptqmodel; whether it is installed is looked up, not imported
+# (importing gptqmodel takes seconds, which a run that deselects `client` should not pay at collection)
+pytestmark = [pytest.mark.client,
+              pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,
+                                 reason="gptqmodel/optimum not installed (scripts/install-gptq-client.sh)")]
 
 import torch
 from safetensors.torch import save_file

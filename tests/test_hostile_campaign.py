@@ -1,6 +1,8 @@
 """Findings of the follow-up hostile-input campaign: inputs that used to give a silently wrong model or a
-traceback. Each is refused by the real CLI with one `error:` line (exit 2), no output left behind and
-every input byte-identical (helpers from test_hostile_checkpoint), or, for partial problems, warned about.
+traceback. Each is refused by the CLI with one `error:` line (exit 2), no output left behind and every
+input byte-identical (helpers from test_hostile_checkpoint), or, for partial problems, warned about.
+Each test's first case runs the real CLI in a subprocess (``case_cli``), the other cases and the runs
+that only prepare an input run the same CLI in-process (``helpers.cli``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import cli, run_cli
 from test_hostile_checkpoint import assert_refused, command, edit_json, recipe_for
 
 
@@ -37,19 +39,20 @@ def write_recipe(path: Path, text: str) -> Path:
 # tensors the merge would drop without a word
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", [{"tie_word_embeddings": True}, {}], ids=["tied-base", "base-without-head"])
-def test_merge_refuses_to_drop_a_fine_tunes_lm_head(f32_models, tmp_path, config):
+def test_merge_refuses_to_drop_a_fine_tunes_lm_head(f32_models, tmp_path, config, case_cli):
     base = single_file_copy(f32_models["base"], tmp_path / "base", drop={"lm_head.weight"}, config=config)
     recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
                                                f"  - model: {f32_models['a']}\n    parameters: {{weight: 0.5}}\n")
     out = tmp_path / "out"
     line = assert_refused(["merge", recipe, "-o", out], out, [base, f32_models["a"]],
-                          "lm_head.weight", str(base), "would drop it")
+                          "lm_head.weight", str(base), "would drop it", runner=case_cli)
     assert ("tie_word_embeddings" in line) == bool(config)
 
 
 # ---------------------------------------------------------------------------------------------------
 # weights that make the output all zeros
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_all_zero_weights_without_normalize_refused(f32_models, tmp_path):
     a, b = f32_models["a"], f32_models["b"]
     recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 0}}}}\n"
@@ -64,7 +67,7 @@ def test_some_zero_weight_tensors_are_warned_about(f32_models, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {w}}}\n"
                                                f"  - {{model: {b}, parameters: {w}}}\nparameters: {{normalize: false}}\n")
     out = tmp_path / "out"
-    proc = run_cli("merge", recipe, "-o", out, "-q", check=True)
+    proc = cli("merge", recipe, "-o", out, "-q", check=True)
     mlp = [n for n in load_file(next(out.glob("*.safetensors"))) if ".mlp." in n]
     n_mlp = sum(1 for f in out.glob("*.safetensors") for n in load_file(f) if ".mlp." in n)
     assert mlp and f"warning: {n_mlp} tensor(s) have weight 0 for every model" in proc.stderr
@@ -80,17 +83,18 @@ def test_some_zero_weight_tensors_are_warned_about(f32_models, tmp_path):
     ("num_hidden_layers", 2, "num_hidden_layers is 2 but the weights have layer 2"),
 ])
 @pytest.mark.parametrize("cmd", ["merge", "inspect", "eval", "quantize"])
-def test_config_contradicting_the_weights_refused(f32_models, tmp_path, key, value, needle, cmd):
+def test_config_contradicting_the_weights_refused(f32_models, tmp_path, key, value, needle, cmd, case_cli):
     model = tmp_path / "model"
     shutil.copytree(f32_models["a"], model)
     edit_json(model / "config.json", lambda c: c.update({key: value}))
     args, out = command(cmd, model, f32_models["b"], tmp_path)
-    assert_refused(args, out, [model, f32_models["b"]], str(model / "config.json"), needle)
+    assert_refused(args, out, [model, f32_models["b"]], str(model / "config.json"), needle, runner=case_cli)
 
 
 # ---------------------------------------------------------------------------------------------------
 # eval of a checkpoint with weights missing: transformers fills them randomly and only logs it
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_refuses_a_checkpoint_without_its_lm_head(f32_models, tmp_path):
     model = single_file_copy(f32_models["a"], tmp_path / "nohead", drop={"lm_head.weight"})
     assert json.loads((model / "config.json").read_text()).get("tie_word_embeddings") is not True
@@ -103,16 +107,18 @@ def test_eval_refuses_a_checkpoint_without_its_lm_head(f32_models, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("content", [b"", b"garbage" * 100], ids=["empty", "garbage"])
 @pytest.mark.parametrize("cmd", ["inspect", "push --dry-run"])
-def test_bin_that_is_not_a_checkpoint_refused(f32_models, tmp_path, content, cmd):
+def test_bin_that_is_not_a_checkpoint_refused(f32_models, tmp_path, content, cmd, case_cli):
     model = tmp_path / "binmodel"
     model.mkdir()
     shutil.copy(f32_models["a"] / "config.json", model / "config.json")
     (model / "pytorch_model.bin").write_bytes(content)
     args, out = command(cmd, model, f32_models["b"], tmp_path)
-    line = assert_refused(args, out, [model], str(model / "pytorch_model.bin"), "not a PyTorch checkpoint")
+    line = assert_refused(args, out, [model], str(model / "pytorch_model.bin"), "not a PyTorch checkpoint",
+                          runner=case_cli)
     assert "unpickle code" not in line
 
 
+@pytest.mark.slow
 def test_output_name_too_long_for_the_temporary_sibling(f32_models, tmp_path):
     name = "y" * 240  # a legal name, but '.NAME.partial-XXXXXXXX' would not be
     out = tmp_path / name
@@ -124,7 +130,7 @@ def test_output_name_too_long_for_the_temporary_sibling(f32_models, tmp_path):
 # NaN / inf weights: RTN used to crash in the packer, GPTQ to write a garbage checkpoint with exit 0
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["rtn", "int8", "gptq", "w8a8"])
-def test_quantize_refuses_non_finite_weights(f32_models, tmp_path, method):
+def test_quantize_refuses_non_finite_weights(f32_models, tmp_path, method, case_cli):
     import torch
 
     src = f32_models["a"]
@@ -145,7 +151,7 @@ def test_quantize_refuses_non_finite_weights(f32_models, tmp_path, method):
         args += ["--group-size", 32]
     if method in ("gptq", "w8a8"):
         args += ["--calib", data, "--samples", 4, "--seqlen", 32]
-    assert_refused(args, out, [model], str(model), bad, "NaN or infinite")
+    assert_refused(args, out, [model], str(model), bad, "NaN or infinite", runner=case_cli)
     assert torch.isnan(tensors[bad]).any() or torch.isinf(tensors[bad]).any()
 
 
@@ -153,17 +159,17 @@ def test_quantize_refuses_non_finite_weights(f32_models, tmp_path, method):
 # already-quantized inputs: used to be "quantized" again (exit 0, an output nothing loads) or crash
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("again", ["rtn", "int8"])
-def test_quantize_refuses_an_already_quantized_checkpoint(f32_models, tmp_path, again):
+def test_quantize_refuses_an_already_quantized_checkpoint(f32_models, tmp_path, again, case_cli):
     first = tmp_path / "int8"
-    run_cli("quantize", f32_models["a"], "-o", first, "--method", "int8", "-q", check=True)
+    cli("quantize", f32_models["a"], "-o", first, "--method", "int8", "-q", check=True)
     out = tmp_path / "again"
     assert_refused(["quantize", first, "-o", out, "--method", again, "--group-size", 32], out, [first],
-                   str(first), "already quantized", "bitsandbytes")
+                   str(first), "already quantized", "bitsandbytes", runner=case_cli)
     cfg = json.loads((first / "config.json").read_text())  # and without its quantization_config: int8 weights
     del cfg["quantization_config"]
     (first / "config.json").write_text(json.dumps(cfg))
     assert_refused(["quantize", first, "-o", out, "--method", again, "--group-size", 32], out, [first],
-                   str(first), "int8", "not floating point")
+                   str(first), "int8", "not floating point", runner=cli)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,23 +179,25 @@ def test_quantize_refuses_an_already_quantized_checkpoint(f32_models, tmp_path, 
                                                    ("--workers", -1, "--workers must be an integer >= 1"),
                                                    ("--workers", 10000, "--workers must be at most"),
                                                    ("--seed", 2**70, "--seed must be a 64-bit integer")])
-def test_merge_option_values_refused(f32_models, tmp_path, option, value, needle):
+def test_merge_option_values_refused(f32_models, tmp_path, option, value, needle, case_cli):
     recipe = recipe_for(tmp_path, f32_models["a"], f32_models["b"])
     out = tmp_path / "out"
-    assert_refused(["merge", recipe, "-o", out, option, value], out, [f32_models["a"], f32_models["b"]], needle)
+    assert_refused(["merge", recipe, "-o", out, option, value], out, [f32_models["a"], f32_models["b"]], needle,
+                   runner=case_cli)
 
 
 @pytest.mark.parametrize("merge_opts, needle", [("shard_size: -5", "merge.shard_size: size must be positive"),
                                                 ("shard_size: 0", "merge.shard_size: size must be positive"),
                                                 ("workers: -5", "merge: --workers must be an integer >= 1"),
                                                 ("device: tpu", "merge: --device must be cpu, cuda or auto")])
-def test_release_merge_options_checked_when_the_file_is_read(f32_models, tmp_path, merge_opts, needle):
+def test_release_merge_options_checked_when_the_file_is_read(f32_models, tmp_path, merge_opts, needle, case_cli):
     recipe = recipe_for(tmp_path, f32_models["a"], f32_models["b"])
     release = write_recipe(tmp_path / "release.yaml", f"workdir: {tmp_path / 'w'}\nmerge: {{recipe: {recipe}, {merge_opts}}}\n")
-    for extra in (["--dry-run"], []):
-        assert_refused(["run", release, *extra], tmp_path / "w", [f32_models["a"]], str(release), needle)
+    for extra, runner in ((["--dry-run"], case_cli), ([], cli)):
+        assert_refused(["run", release, *extra], tmp_path / "w", [f32_models["a"]], str(release), needle, runner=runner)
 
 
+@pytest.mark.slow
 def test_release_quantize_shard_size_checked(f32_models, tmp_path):
     recipe = recipe_for(tmp_path, f32_models["a"], f32_models["b"])
     release = write_recipe(tmp_path / "release.yaml", f"workdir: {tmp_path / 'w'}\nmerge: {{recipe: {recipe}}}\n"
@@ -238,6 +246,7 @@ def test_token_stream_stops_at_its_limit():
     assert 40 <= stream.numel() <= 44 and len(seen) == 10
 
 
+@pytest.mark.slow
 def test_eval_max_tokens_on_a_big_file_is_bounded(f32_models, tmp_path):
     import resource
     import time
@@ -259,7 +268,7 @@ def test_eval_max_tokens_on_a_big_file_is_bounded(f32_models, tmp_path):
 # a tokenizer with tokens the embedding has no row for (added without resizing): one line, not an IndexError
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cmd", ["eval", "gptq"])
-def test_token_ids_beyond_the_vocabulary_refused(f32_models, tmp_path, cmd):
+def test_token_ids_beyond_the_vocabulary_refused(f32_models, tmp_path, cmd, case_cli):
     from transformers import AutoTokenizer
 
     model = tmp_path / "grown"
@@ -275,4 +284,4 @@ def test_token_ids_beyond_the_vocabulary_refused(f32_models, tmp_path, cmd):
         out = tmp_path / "q"
         args = ["quantize", model, "-o", out, "--method", "gptq", "--group-size", 32, "--calib", data,
                 "--samples", 4, "--seqlen", 16, "-q"]
-    assert_refused(args, out, [model], str(model), "vocab_size is 2048", "without resizing")
+    assert_refused(args, out, [model], str(model), "vocab_size is 2048", "without resizing", runner=case_cli)

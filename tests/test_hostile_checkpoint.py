@@ -1,6 +1,8 @@
-"""Hostile or inconsistent checkpoints: every one is refused by the real CLI with one `error:` line naming
+"""Hostile or inconsistent checkpoints: every one is refused by the CLI with one `error:` line naming
 the file and the tensor/key, exit status 2, no output folder (nor a `.OUT.partial-*` sibling), and every
-input file byte-identical afterwards.
+input file byte-identical afterwards. Each test's first case (and every command's first case in
+``test_every_command_refuses_the_same_way``) runs the real CLI in a subprocess; the other cases run the
+same CLI in-process (``helpers.cli``), without an interpreter start-up each.
 
 - which shard holds a tensor: the index decides; without an index a tensor in two files is refused, and
   no index entry (or symlink) may lead outside the model folder;
@@ -27,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from mergequant.io.checkpoint import Checkpoint
 
-from conftest import run_cli
+from helpers import cli, run_cli
 
 TENSOR = "model.layers.1.mlp.up_proj.weight"
 INDEX = "model.safetensors.index.json"
@@ -108,10 +110,11 @@ def command(name: str, model: Path, other: Path, tmp_path: Path) -> tuple[list, 
     raise AssertionError(name)
 
 
-def assert_refused(args: list, out: Path | None, inputs: list[Path], *needles) -> str:
-    """Run the real CLI; exit 2, one `error:` line holding every needle, no output, inputs byte-identical."""
+def assert_refused(args: list, out: Path | None, inputs: list[Path], *needles, runner=run_cli) -> str:
+    """Run the CLI (``runner``: the real one in a subprocess, or ``helpers.cli`` in-process); exit 2, one
+    `error:` line holding every needle, no output, inputs byte-identical."""
     before = digest(*inputs)
-    proc = run_cli(*args)
+    proc = runner(*args)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, f"exit {proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-3000:]}"
     assert len(lines) == 1, f"expected one error line, got:\n{proc.stderr}"
@@ -126,9 +129,9 @@ def assert_refused(args: list, out: Path | None, inputs: list[Path], *needles) -
     return line
 
 
-def refuse_merge(model: Path, other: Path, tmp_path: Path, *needles) -> str:
+def refuse_merge(model: Path, other: Path, tmp_path: Path, *needles, runner=run_cli) -> str:
     args, out = command("merge", model, other, tmp_path)
-    return assert_refused(args, out, [model, other], *needles)
+    return assert_refused(args, out, [model, other], *needles, runner=runner)
 
 
 @pytest.fixture
@@ -164,7 +167,7 @@ def test_index_decides_between_two_copies(model, f32_models, tmp_path, decoy):
 
     assert torch.equal(Checkpoint.open(model).get(tensor), true)
     out = tmp_path / "merged"
-    run_cli("merge", recipe_for(tmp_path, model, f32_models["b"]), "-o", out, "--workers", 1, check=True)
+    cli("merge", recipe_for(tmp_path, model, f32_models["b"]), "-o", out, "--workers", 1, check=True)
     merged = {}
     for f in out.glob("*.safetensors"):
         merged.update(load_file(f))
@@ -172,6 +175,7 @@ def test_index_decides_between_two_copies(model, f32_models, tmp_path, decoy):
     torch.testing.assert_close(merged[tensor], (true + other) / 2)
 
 
+@pytest.mark.slow
 def test_two_copies_without_index_refused(model, f32_models, tmp_path):
     home = shard_of(model)
     decoy = next(model / s for s in sorted(set(weight_map(model).values())) if model / s != home)
@@ -181,7 +185,7 @@ def test_two_copies_without_index_refused(model, f32_models, tmp_path):
 
 
 @pytest.mark.parametrize("entry", ["absolute", "dotdot", "symlink"])
-def test_index_entry_outside_the_model_folder_refused(model, f32_models, tmp_path, entry):
+def test_index_entry_outside_the_model_folder_refused(model, f32_models, tmp_path, entry, case_cli):
     """An index entry may not lead the reader to some other file on the machine (here: another model's shard)."""
     outside = shard_of(f32_models["b"])
     if entry == "absolute":
@@ -193,9 +197,11 @@ def test_index_entry_outside_the_model_folder_refused(model, f32_models, tmp_pat
         target = "linked.safetensors"
         (model / target).symlink_to(outside)
     edit_json(model / INDEX, lambda idx: idx["weight_map"].__setitem__(TENSOR, target))
-    refuse_merge(model, f32_models["b"], tmp_path, model / INDEX, target, TENSOR, "outside the model folder")
+    refuse_merge(model, f32_models["b"], tmp_path, model / INDEX, target, TENSOR, "outside the model folder",
+                 runner=case_cli)
 
 
+@pytest.mark.slow
 def test_single_file_symlinked_outside_refused(f32_models, tmp_path):
     """Without an index the same rule holds: model.safetensors may not be a symlink out of the folder."""
     model = tmp_path / "single"
@@ -222,7 +228,7 @@ def test_hub_cache_snapshot_symlinks_are_fine(f32_models, tmp_path):
         (snap / f.name).symlink_to(os.path.relpath(blob, snap))
     ck = Checkpoint.open(snap)
     assert torch.equal(ck.get(TENSOR), load_file(shard_of(f32_models["a"]))[TENSOR])
-    assert run_cli("inspect", snap).returncode == 0
+    assert cli("inspect", snap).returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,13 +296,14 @@ HEADER_CASES = {
 
 
 @pytest.mark.parametrize("case", list(HEADER_CASES))
-def test_bad_safetensors_header_refused(model, f32_models, tmp_path, case):
+def test_bad_safetensors_header_refused(model, f32_models, tmp_path, case, case_cli):
     mutate, needles = HEADER_CASES[case]
     shard = shard_of(model)
     edit_header(shard, mutate)
-    refuse_merge(model, f32_models["b"], tmp_path, shard, *needles)
+    refuse_merge(model, f32_models["b"], tmp_path, shard, *needles, runner=case_cli)
 
 
+@pytest.mark.slow
 def test_trailing_bytes_after_the_last_tensor_refused(model, f32_models, tmp_path):
     """The data section must end where the last tensor ends (no polyglot payload after it)."""
     shard = shard_of(model)
@@ -348,10 +355,10 @@ CONFIG_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
-def test_wrongly_typed_config_or_index_refused(model, f32_models, tmp_path, case):
+def test_wrongly_typed_config_or_index_refused(model, f32_models, tmp_path, case, case_cli):
     damage, fname, needles = CONFIG_CASES[case]
     damage(model)
-    refuse_merge(model, f32_models["b"], tmp_path, model / fname, *needles)
+    refuse_merge(model, f32_models["b"], tmp_path, model / fname, *needles, runner=case_cli)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -374,10 +381,15 @@ def _two_copies_no_index(model: Path) -> None:
     (model / INDEX).unlink()
 
 
-@pytest.mark.parametrize("cmd", COMMANDS)
-@pytest.mark.parametrize("case", list(REPRESENTATIVES))
+# each command's first case through the real CLI in a subprocess (marked slow), the others in-process
+EVERY_COMMAND = [pytest.param(case, cmd, marks=[pytest.mark.slow] if case == next(iter(REPRESENTATIVES)) else [],
+                              id=f"{case}-{cmd}") for case in REPRESENTATIVES for cmd in COMMANDS]
+
+
+@pytest.mark.parametrize("case, cmd", EVERY_COMMAND)
 def test_every_command_refuses_the_same_way(model, f32_models, tmp_path, case, cmd):
     damage, needles = REPRESENTATIVES[case]
     damage(model)
     args, out = command(cmd, model, f32_models["b"], tmp_path)
-    assert_refused(args, out, [model, f32_models["b"]], *needles(model, cmd))
+    runner = run_cli if case == next(iter(REPRESENTATIVES)) else cli
+    assert_refused(args, out, [model, f32_models["b"]], *needles(model, cmd), runner=runner)

@@ -8,7 +8,9 @@ whose random masks the reference cannot know, is checked). An integer tensor fac
 clear error, before anything is written. ``--mergekit-dtype`` without a recipe ``dtype`` computes in the
 inputs' promoted dtype, as mergekit does.
 
-Models are tiny (2 layers, hidden 64) and built here; every CLI run of the module happens once, two at a time.
+Models are tiny (2 layers, hidden 64) and built here; every merge the checks share runs once (in-process:
+``helpers.cli``, the CLI's own code without an interpreter start-up per run); the one-line error is
+also checked through the real CLI in a subprocess.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import math
 import subprocess
 import sys
 import textwrap
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from mergequant.demo import build_tiny_llama, finetune_of, write_checkpoint
 from mergequant.io.checkpoint import Checkpoint
 from mergequant.merge.plan import mergekit_compute_dtype
 
-from conftest import run_cli
+from helpers import cli
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 NAMES = {BF16: "bfloat16", F16: "float16", F32: "float32"}
@@ -147,13 +148,14 @@ def sha256_tree(path: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# every CLI run of the module, two at a time
+# every CLI run the checks share, once (in-process)
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(masters, tmp_path_factory):
     """{(method, mix id, kind): (inputs, output dir, process)}; kind: "mixed", "f32" (float32 copies of the
     same values, --out-dtype of the base; every method on the first mix, DARE on all), "mk" (--mergekit-dtype,
-    no recipe dtype, first mix). ~30 runs, mostly interpreter start-up."""
+    no recipe dtype, first mix). ~30 runs of `mergequant merge`, in-process (a subprocess each was mostly
+    interpreter start-up)."""
     root = tmp_path_factory.mktemp("hostile_runs")
     jobs = {}
     for mix in MIXES:
@@ -173,10 +175,9 @@ def runs(masters, tmp_path_factory):
 
     def go(job):
         _, out, (recipe, *flags) = job
-        return run_cli("merge", recipe, "-o", out, "-q", "--workers", "1", *flags)
+        return cli("merge", recipe, "-o", out, "-q", "--workers", "1", *flags)
 
-    with ThreadPoolExecutor(2) as pool:
-        procs = list(pool.map(go, jobs.values()))
+    procs = [go(job) for job in jobs.values()]
     return {k: (models, out, p) for (k, (models, out, _)), p in zip(jobs.items(), procs)}
 
 
@@ -316,9 +317,9 @@ def test_mergekit_dtype_all_bf16_without_recipe_dtype_computes_in_bf16(masters, 
     models, _ = mixed_models(masters, tmp_path / "m", (BF16, BF16, BF16))
     plain = write_recipe(tmp_path / "plain.yaml", "task_arithmetic", models)
     typed = write_recipe(tmp_path / "typed.yaml", "task_arithmetic", models, "dtype: bfloat16\n")
-    run_cli("merge", plain, "-o", tmp_path / "plain", "-q", "--mergekit-dtype", check=True)
-    run_cli("merge", typed, "-o", tmp_path / "typed", "-q", "--mergekit-dtype", check=True)
-    run_cli("merge", plain, "-o", tmp_path / "f32", "-q", check=True)
+    cli("merge", plain, "-o", tmp_path / "plain", "-q", "--mergekit-dtype", check=True)
+    cli("merge", typed, "-o", tmp_path / "typed", "-q", "--mergekit-dtype", check=True)
+    cli("merge", plain, "-o", tmp_path / "f32", "-q", check=True)
     a, b, c = load_dir(tmp_path / "plain"), load_dir(tmp_path / "typed"), load_dir(tmp_path / "f32")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a), "bf16 compute should differ from float32 compute somewhere"
@@ -326,9 +327,9 @@ def test_mergekit_dtype_all_bf16_without_recipe_dtype_computes_in_bf16(masters, 
 
 @pytest.mark.parametrize("where", ["base", "a"])
 @pytest.mark.parametrize("method", ["linear", "ties"])
-def test_int_tensor_against_float_is_one_clear_error(masters, tmp_path, method, where):
+def test_int_tensor_against_float_is_one_clear_error(masters, tmp_path, method, where, case_cli):
     """An int32 tensor in one model facing bf16 in the others: exit 2, one line naming the tensor and both
-    dtypes, no output and no partial directory, inputs untouched."""
+    dtypes, no output and no partial directory, inputs untouched (first case: the real CLI in a subprocess)."""
     tensor = "model.layers.1.mlp.up_proj.weight"
     models, _ = mixed_models(masters, tmp_path / "m", (BF16, BF16, BF16))
     bad = resave(models[where], tmp_path / "bad" / where,
@@ -337,7 +338,7 @@ def test_int_tensor_against_float_is_one_clear_error(masters, tmp_path, method, 
     recipe = write_recipe(tmp_path / "r.yaml", method, models)
     before = {r: sha256_tree(p) for r, p in models.items()}
     out = tmp_path / "out"
-    proc = run_cli("merge", recipe, "-o", out, "-q")
+    proc = case_cli("merge", recipe, "-o", out, "-q")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -349,6 +350,7 @@ def test_int_tensor_against_float_is_one_clear_error(masters, tmp_path, method, 
     assert {r: sha256_tree(p) for r, p in models.items()} == before
 
 
+@pytest.mark.slow
 def test_mixed_dtypes_match_mergekit(masters, tmp_path):
     """Oracle check of the --mergekit-dtype rule: mergekit itself, no recipe dtype, bf16 + fp16 + fp32 (it
     computes and writes float32) gives the same bytes as ours with --mergekit-dtype --out-dtype float32."""
@@ -357,9 +359,13 @@ def test_mixed_dtypes_match_mergekit(masters, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", "task_arithmetic", models)
     code = ("from mergekit.scripts.run_yaml import main; import sys; "
             "main([sys.argv[1], sys.argv[2], '--allow-crimes', '--quiet', '--no-write-model-card'], standalone_mode=False)")
-    mk = subprocess.run([sys.executable, "-c", code, str(recipe), str(tmp_path / "mk")], capture_output=True, text=True)
-    assert mk.returncode == 0, mk.stderr[-3000:]
-    run_cli("merge", recipe, "-o", tmp_path / "ours", "-q", "--mergekit-dtype", "--out-dtype", "float32", check=True)
+    mk = subprocess.Popen([sys.executable, "-c", code, str(recipe), str(tmp_path / "mk")], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:  # ours in-process while mergekit starts up
+        cli("merge", recipe, "-o", tmp_path / "ours", "-q", "--mergekit-dtype", "--out-dtype", "float32", check=True)
+    finally:
+        _, mk_err = mk.communicate()
+    assert mk.returncode == 0, mk_err[-3000:]
     ref, ours = load_dir(tmp_path / "mk"), load_dir(tmp_path / "ours")
     assert sorted(ref) == sorted(ours)
     for k in ref:

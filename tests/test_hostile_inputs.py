@@ -1,8 +1,10 @@
 """Hostile and degenerate inputs: each is refused quickly with one `error:` line naming the file, key or
 option, exit status 2, no output folder (nor a `.OUT.partial-*` sibling), inputs unchanged.
 
-Every CLI case runs the real `mergequant` in a subprocess with a timeout, so a hang (``eval --seqlen 1``
-used to loop forever, a 1 KB alias-bomb recipe never finished) fails the test instead of hanging it.
+Every CLI case runs with a timeout, so a hang (``eval --seqlen 1`` used to loop forever, a 1 KB
+alias-bomb recipe never finished) fails the test instead of hanging it. The cases about hangs and
+bounded work, and the first case of every test, run the real `mergequant` in a subprocess (killed at
+the timeout); further cases run the same CLI in-process (``helpers.cli``, interrupted at the timeout).
 Models and corpus under /work/shared-style fixtures are read-only; tampered copies live in tmp_path.
 """
 
@@ -24,6 +26,8 @@ from mergequant.quant.quantize import QuantizeOptions, run_quantize, validate
 from mergequant.recipe import load_recipe, parse_recipe
 from mergequant.yaml_file import MAX_NODES, load_yaml, parse_yaml
 
+from helpers import cli
+
 TIMEOUT = 20  # seconds; every case here should take a few
 
 
@@ -35,9 +39,17 @@ def run_cli(*args, timeout: float = TIMEOUT) -> tuple[subprocess.CompletedProces
     start = time.monotonic()
     try:
         proc = subprocess.run([sys.executable, "-m", "mergequant", *map(str, args)], capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                              timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore",
+                                                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     except subprocess.TimeoutExpired:
         pytest.fail(f"mergequant {' '.join(map(str, args))} did not finish within {timeout} s")
+    return proc, time.monotonic() - start
+
+
+def in_process(*args, timeout: float = TIMEOUT) -> tuple[subprocess.CompletedProcess, float]:
+    """The same CLI in this process (``helpers.cli``), interrupted after ``timeout``."""
+    start = time.monotonic()
+    proc = cli(*args, timeout=timeout)
     return proc, time.monotonic() - start
 
 
@@ -47,11 +59,13 @@ def digests(*paths: Path) -> dict[str, str]:
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
-def refused(args, *needles, out: Path | None = None, inputs=(), max_seconds: float | None = None) -> str:
-    """Run the CLI; assert exit 2, one stderr line `error: ...` containing ``needles``, no output folder
-    or partial sibling, inputs byte-identical, and (optionally) that it took under ``max_seconds``."""
+def refused(args, *needles, out: Path | None = None, inputs=(), max_seconds: float | None = None,
+            runner=run_cli) -> str:
+    """Run the CLI (``runner``: :func:`run_cli` or :func:`in_process`); assert exit 2, one stderr line
+    `error: ...` containing ``needles``, no output folder or partial sibling, inputs byte-identical, and
+    (optionally) that it took under ``max_seconds``."""
     before = digests(*inputs)
-    proc, took = run_cli(*args)
+    proc, took = runner(*args)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -113,16 +127,19 @@ def filter_list_bomb(levels: int, width: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 # item 6: no hangs, bounded work
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_seqlen_1_is_refused_not_a_hang(model, text):
     refused(["eval", model, "--data", text, "--seqlen", 1, "-q"], "--seqlen", ">= 2", inputs=[model, text])
 
 
+@pytest.mark.slow
 def test_quantize_eval_seqlen_1_is_refused_before_any_work(model, text, tmp_path):
     out = tmp_path / "q"
     refused(["quantize", model, "-o", out, "--method", "rtn", "--eval", text, "--seqlen", 1, "-q"], "--seqlen",
             out=out, inputs=[model, text])
 
 
+@pytest.mark.slow
 def test_eval_stride_zero_is_refused_not_a_silent_default(text, tmp_path):
     # the model path does not exist: the option must be what is blamed, so it is checked first
     refused(["eval", tmp_path / "no-model", "--data", text, "--stride", 0], "--stride", inputs=[text])
@@ -137,6 +154,7 @@ def test_check_eval_options(seqlen, stride, max_tokens, needle):
         check_eval_options(seqlen, stride, max_tokens)
 
 
+@pytest.mark.slow
 def test_quantize_batch_size_zero_is_refused_not_a_silent_default(model, text, tmp_path):
     out = tmp_path / "q"
     refused(["quantize", model, "-o", out, "--calib", text, "--group-size", 32, "--batch-size", 0, "-q"],
@@ -153,6 +171,7 @@ def test_quantize_options_counts_checked_first(field, value, needle, tmp_path):
         validate(QuantizeOptions(out=tmp_path / "q", method="rtn", **{field: value}), [])
 
 
+@pytest.mark.slow
 def test_release_file_counts_checked_by_the_core(model, tmp_path):
     release = write(tmp_path / "release.yaml", f"workdir: {tmp_path / 'wd'}\nmerge: {{model: {model}}}\n"
                                                 "quantize:\n  - {name: q, method: rtn, samples: 0}\n")
@@ -160,6 +179,7 @@ def test_release_file_counts_checked_by_the_core(model, tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("levels, width", [(8, 5), (40, 9)], ids=["small", "deep"])
 def test_alias_bomb_in_a_filter_list_is_refused_quickly(levels, width, f32_models, tmp_path):
     # small: ~1 KB, 78k filter entries; deep: ~4 KB, 9**39 (parsing and validating it never finished)
@@ -183,6 +203,7 @@ def test_oversized_yaml_file_is_refused_unread(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # item 7: one line, exit 2, nothing half-written
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_calib_that_is_a_directory(model, tmp_path):
     data_dir = tmp_path / "calib"
     data_dir.mkdir()
@@ -191,14 +212,17 @@ def test_calib_that_is_a_directory(model, tmp_path):
             "directory", out=out, inputs=[model])
 
 
+@pytest.mark.slow
 def test_eval_data_that_is_a_directory(model, tmp_path):
     refused(["eval", model, "--data", tmp_path], tmp_path, "--data", "directory", inputs=[model])
 
 
+@pytest.mark.slow
 def test_eval_without_tokenizer(no_tokenizer, text):
     refused(["eval", no_tokenizer, "--data", text, "-q"], no_tokenizer, "tokenizer", inputs=[no_tokenizer, text])
 
 
+@pytest.mark.slow
 def test_calibrated_quantize_without_tokenizer(no_tokenizer, text, tmp_path):
     out = tmp_path / "q"
     refused(["quantize", no_tokenizer, "-o", out, "--method", "gptq", "--group-size", 32, "--calib", text, "-q"],
@@ -219,10 +243,11 @@ def test_other_methods_without_tokenizer_refused_before_work(method, extra, no_t
     ("{weight: 0.5}", "dtype: [bfloat16]\n", ["dtype", "bfloat16"]),  # was a TypeError traceback
     ("{weight: .nan}", "", ["models[0].parameters.weight", "finite", "nan"]),  # was exit 0, an all-NaN model
 ], ids=["dtype-list", "weight-nan"])
-def test_recipe_values_of_the_wrong_type(a_params, extra, needles, f32_models, tmp_path):
+def test_recipe_values_of_the_wrong_type(a_params, extra, needles, f32_models, tmp_path, case_cli):
     recipe = write(tmp_path / "r.yaml", linear_recipe(f32_models["a"], f32_models["b"], a_params) + extra)
     out = tmp_path / "out"
-    refused(["merge", recipe, "-o", out], recipe, *needles, out=out, inputs=[recipe, f32_models["a"]])
+    refused(["merge", recipe, "-o", out], recipe, *needles, out=out, inputs=[recipe, f32_models["a"]],
+            runner=in_process if case_cli is cli else run_cli)  # case_cli: the first case real, marked slow
 
 
 @pytest.mark.parametrize("text_, needle", [
@@ -269,17 +294,20 @@ def test_gradient_list_length_is_bounded():
 # ---------------------------------------------------------------------------------------------------
 # item 9: messages that name the right thing
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_missing_eval_data_is_called_eval_data(model, tmp_path):
     missing = tmp_path / "heldout.txt"
     line = refused(["eval", model, "--data", missing], missing, "eval data", "--data", "not found", inputs=[model])
     assert "calibration" not in line
 
 
+@pytest.mark.slow
 def test_eval_seqlen_0_blames_seqlen(model, text):
     line = refused(["eval", model, "--data", text, "--seqlen", 0], "--seqlen", inputs=[model, text])
     assert "--stride" not in line
 
 
+@pytest.mark.slow
 def test_duplicate_key_in_a_recipe_names_key_and_line(f32_models, tmp_path):
     body = linear_recipe(f32_models["a"], f32_models["b"])
     recipe = write(tmp_path / "r.yaml", body + "dtype: float32\ndtype: bfloat16\n")

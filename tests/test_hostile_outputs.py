@@ -31,7 +31,7 @@ from mergequant.demo import build_tiny_llama
 from mergequant.io import output_dir
 from mergequant.io.output_dir import PARTIAL_MARKER, atomic_output_dir, stale_partials
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,6 +188,7 @@ def test_force_over_a_symlinked_output_refused(recipe, tmp_path):
     assert leftovers(link) == [] and leftovers(target) == []
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_tmpfs(recipe, f32_models, tmp_path):
     mnt = tmp_path / "mnt"
     mount_tmpfs(mnt)
@@ -221,6 +222,7 @@ def test_disk_full_from_the_writer(recipe, f32_models, tmp_path, monkeypatch):
     assert snapshot(recipe, f32_models["a"], f32_models["b"]) == inputs
 
 
+@pytest.mark.slow
 def test_read_only_filesystem(recipe, f32_models, tmp_path):
     mnt = tmp_path / "ro"
     mount_tmpfs(mnt, "ro")
@@ -292,6 +294,7 @@ def start_slow_merge(slow_model: Path, tmp_path: Path) -> tuple[subprocess.Popen
     return proc, recipe, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
                                              (signal.SIGHUP, 129, "terminated (SIGHUP)"),
                                              (signal.SIGINT, 130, "interrupted")])
@@ -314,6 +317,7 @@ def _fake_partial(out: Path, suffix: str, marker: dict | None) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_sigkill_leftover_removed_by_next_run_but_not_others(slow_model, recipe, tmp_path):
     proc, _, out = start_slow_merge(slow_model, tmp_path)
     time.sleep(0.3)
@@ -370,6 +374,7 @@ def test_demo_folder_claim_is_kept_for_reruns(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # an output that appears while the run writes it (another run, a colleague): never replaced without --force
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_output_appearing_during_the_run_is_not_replaced(slow_model, tmp_path):
     proc, recipe, out = start_slow_merge(slow_model, tmp_path)
     out.mkdir()  # what another program made while the merge ran
@@ -407,6 +412,7 @@ def test_crafted_marker_is_not_ours_and_not_a_crash(recipe, tmp_path, pid):
     assert fake.is_dir() and (fake / PARTIAL_MARKER).is_file() and out.is_dir()
 
 
+@pytest.mark.slow
 def test_non_utf8_path_is_one_line(f32_models, tmp_path):
     """Linux allows any bytes in a name; where one cannot be written as UTF-8 text (the card names the
     source model) the run ends in one line with nothing left behind."""

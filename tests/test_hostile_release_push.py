@@ -2,10 +2,12 @@
 that overlap an input, leftovers that are not verifiably theirs, links out of the pushed folder,
 non-regular files, and repo ids the Hub would refuse.
 
-Every case goes through the real CLI (``run_cli``): exit status 2 and one line on stderr naming the
-folder, link or repo id; nothing created or deleted (every file hashed before and after, every entry
-of the input folders listed, so a stray ``.lock`` shows); the dry run states the same refusal.
-Release files are merge-only or refused before any step runs, so each case takes seconds.
+Every case goes through the CLI: exit status 2 and one line on stderr naming the folder, link or repo
+id; nothing created or deleted (every file hashed before and after, every entry of the input folders
+listed, so a stray ``.lock`` shows); the dry run states the same refusal. Each test's first refusal of
+its first case runs the real CLI in a subprocess (``case_cli``); the other calls run the same CLI
+in-process (``helpers.cli``), which saves an interpreter start-up (seconds) per call.
+Release files are merge-only or refused before any step runs.
 """
 
 from __future__ import annotations
@@ -19,28 +21,21 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from mergequant.demo import build_tiny_llama, finetune_of
 from mergequant.hub import repo_id_problem
 from mergequant.release import CLAIM_SLACK_NS, MANIFEST
 
-from conftest import run_cli
-from test_push import REPO, TOKEN, env, hub  # noqa: F401  (fixtures: online subprocess env, loopback Hub)
+from helpers import REPO, TOKEN, cli, run_cli  # fixtures env, online (in-process pushes) and hub (loopback Hub): conftest
 
 RECIPE = "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    """Tiny float32 base + two fine-tunes (2 layers, hidden 64), built once; tests work on copies."""
-    root = tmp_path_factory.mktemp("hostile") / "models"
-    base = build_tiny_llama(root / "base", dtype=torch.float32, hidden=64, intermediate=160, layers=2, seed=0)
-    finetune_of(base, root / "a", seed=1)
-    finetune_of(base, root / "b", seed=2)
-    return root
+def pristine(tiny_models) -> Path:
+    """The session's tiny float32 base + two fine-tunes (2 layers, hidden 64): folders base, a, b; tests work on copies."""
+    return tiny_models["base"].parent
 
 
 @pytest.fixture
@@ -88,7 +83,7 @@ def release(tmp_path: Path, body: str) -> Path:
 
 
 # ---- mergequant run ---------------------------------------------------------------------------------------
-def test_unrecorded_output_folder_is_refused_and_force_step_keeps_it(models, tmp_path):
+def test_unrecorded_output_folder_is_refused_and_force_step_keeps_it(models, tmp_path, case_cli):
     path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n")
     mine = tmp_path / "out" / "merged"
     (mine / "sub").mkdir(parents=True)
@@ -97,15 +92,15 @@ def test_unrecorded_output_folder_is_refused_and_force_step_keeps_it(models, tmp
     (mine / "sub" / "notes.txt").write_text("not a mergequant output")
     before = tree(tmp_path)
 
-    dry = run_cli("run", path, "--dry-run")
+    dry = case_cli("run", path, "--dry-run")
     line = refused(dry, str(mine), "no record")
     assert f"REFUSED: {line.removeprefix('error: ')}" in dry.stdout and "REFUSED merge" in dry.stdout
-    refused(run_cli("run", path), str(mine), "refusing to replace", "--force-step merge")
+    refused(cli("run", path), str(mine), "refusing to replace", "--force-step merge")
     assert tree(tmp_path) == before  # nothing replaced, nothing created (no manifest, no .lock)
 
-    dry = run_cli("run", path, "--dry-run", "--force-step", "merge")
+    dry = cli("run", path, "--dry-run", "--force-step", "merge")
     assert dry.returncode == 0 and f"{mine} is not mergequant's: kept under another name" in dry.stdout, dry.stdout
-    done = run_cli("run", path, "--force-step", "merge", check=True)
+    done = cli("run", path, "--force-step", "merge", check=True)
     kept = [p for p in mine.parent.iterdir() if p.name.startswith("merged.set-aside-")]
     assert len(kept) == 1 and f"{mine} was not written by mergequant: kept as {kept[0].name}" in done.stdout
     assert {k.replace(str(kept[0]), str(mine)): v for k, v in tree(kept[0]).items()} == \
@@ -115,36 +110,36 @@ def test_unrecorded_output_folder_is_refused_and_force_step_keeps_it(models, tmp
 
 
 @pytest.mark.parametrize("how", ["a note added to the finished output", "the user's folder put in its place"])
-def test_recorded_output_holding_files_we_did_not_write_is_refused(models, tmp_path, how):
+def test_recorded_output_holding_files_we_did_not_write_is_refused(models, tmp_path, how, case_cli):
     """The manifest records `merged`, but the folder now holds a file no run wrote: redoing the step
     (because the files differ) used to delete it."""
     path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n")
-    run_cli("run", path, check=True)
+    cli("run", path, check=True)
     mine = tmp_path / "out" / "merged"
     if how.startswith("the user's"):
         shutil.rmtree(mine)
         mine.mkdir()
     (mine / "NOTES.txt").write_text("precious")
     before = tree(tmp_path)
-    dry = run_cli("run", path, "--dry-run")
+    dry = case_cli("run", path, "--dry-run")
     refused(dry, str(mine), "did not write there (NOTES.txt)")
-    refused(run_cli("run", path), str(mine), "did not write there (NOTES.txt)", "--force-step merge")
+    refused(cli("run", path), str(mine), "did not write there (NOTES.txt)", "--force-step merge")
     assert tree(tmp_path) == before
-    done = run_cli("run", path, "--force-step", "merge", check=True)
+    done = cli("run", path, "--force-step", "merge", check=True)
     kept = [p for p in mine.parent.iterdir() if p.name.startswith("merged.set-aside-")]
     assert len(kept) == 1 and (kept[0] / "NOTES.txt").read_text() == "precious", done.stdout
     assert not (mine / "NOTES.txt").exists() and (mine / "config.json").exists()
 
 
-def test_step_named_like_an_input_model_is_refused(models, tmp_path):
+def test_step_named_like_an_input_model_is_refused(models, tmp_path, case_cli):
     """The reported case: `workdir: ../models` and a quantization named like a merge parent."""
     path = release(tmp_path, f"workdir: models\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n"
                              "quantize:\n  - {name: a, method: rtn, bits: 4, group_size: 32}\n")
     before = tree(tmp_path)
-    dry = run_cli("run", path, "--dry-run")
+    dry = case_cli("run", path, "--dry-run")
     line = refused(dry, "quantize/a", str(models / "a"), "merge parent")
     assert f"REFUSED: {line.removeprefix('error: ')}" in dry.stdout
-    refused(run_cli("run", path), "quantize/a", str(models / "a"))
+    refused(cli("run", path), "quantize/a", str(models / "a"))
     assert tree(tmp_path) == before  # models/a intact; no .lock or manifest in models/ either
 
 
@@ -153,33 +148,33 @@ def test_step_named_like_an_input_model_is_refused(models, tmp_path):
     ("models/a/run", "recipe", "a"),  # inside one
     ("models/base", "model", "base"),  # the model a release quantizes
 ])
-def test_workdir_in_an_input_model_folder_is_refused(models, tmp_path, workdir, merge, victim):
+def test_workdir_in_an_input_model_folder_is_refused(models, tmp_path, workdir, merge, victim, case_cli):
     spec = f"{{recipe: {tmp_path / 'recipe.yaml'}}}" if merge == "recipe" else f"{{model: {models / 'base'}}}"
     path = release(tmp_path, f"workdir: {workdir}\nmerge: {spec}\nquantize:\n  - {{name: q, method: rtn, bits: 4, group_size: 32}}\n")
     before = tree(tmp_path)
-    dry = run_cli("run", path, "--dry-run")
+    dry = case_cli("run", path, "--dry-run")
     line = refused(dry, f"workdir {tmp_path / workdir}", f"input model folder {models / victim}")
     assert f"REFUSED: {line.removeprefix('error: ')}" in dry.stdout
-    refused(run_cli("run", path), f"workdir {tmp_path / workdir}", str(models / victim))
+    refused(cli("run", path), f"workdir {tmp_path / workdir}", str(models / victim))
     assert tree(tmp_path) == before
     assert not any(p.name == ".lock" for p in models.rglob("*"))
 
 
-def test_output_folder_holding_an_input_file_is_refused(models, tmp_path):
+def test_output_folder_holding_an_input_file_is_refused(models, tmp_path, case_cli):
     held = tmp_path / "out" / "merged" / "heldout.txt"
     held.parent.mkdir(parents=True)
     held.write_text("some held-out text " * 50)
     path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\neval: {{data: {held}}}\n")
     before = tree(tmp_path)
-    refused(run_cli("run", path, "--dry-run"), "merge would write", str(held), "eval.data")
-    refused(run_cli("run", path), str(held), "eval.data")
+    refused(case_cli("run", path, "--dry-run"), "merge would write", str(held), "eval.data")
+    refused(cli("run", path), str(held), "eval.data")
     assert tree(tmp_path) == before
 
 
 def test_leftovers_are_deleted_only_when_verifiably_ours(models, tmp_path):
     path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n")
     wd = tmp_path / "out"
-    run_cli("run", path, check=True)
+    cli("run", path, check=True)
     victim = tmp_path / "elsewhere"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
@@ -190,10 +185,10 @@ def test_leftovers_are_deleted_only_when_verifiably_ours(models, tmp_path):
     (wd / ".merged.partial-0123abcd" / "x").write_bytes(b"who knows")
     foreign = tree(victim, wd / ".merged.old-backup", wd / ".merged.partial-0123abcd")
 
-    dry = run_cli("run", path, "--dry-run", "--force-step", "merge")
+    dry = cli("run", path, "--dry-run", "--force-step", "merge")
     assert dry.returncode == 0 and "removed by the next run" not in dry.stdout
     assert dry.stdout.count("kept by the next run (not verifiably left by mergequant)") == 3, dry.stdout
-    res = run_cli("run", path, "--force-step", "merge", check=True)
+    res = cli("run", path, "--force-step", "merge", check=True)
     assert "removed ." not in res.stdout and res.stdout.count("not verifiably left by mergequant") == 3, res.stdout
     assert tree(victim, wd / ".merged.old-backup", wd / ".merged.partial-0123abcd") == foreign
     assert (wd / ".merged.old-deadbeef").is_symlink()
@@ -207,9 +202,9 @@ def test_leftovers_are_deleted_only_when_verifiably_ours(models, tmp_path):
     (wd / MANIFEST).write_text(json.dumps(manifest))
     (wd / ".merged.partial-89abcdef").mkdir()
     (wd / ".merged.partial-89abcdef" / "model.safetensors").write_bytes(b"half written")
-    dry = run_cli("run", path, "--dry-run")
+    dry = cli("run", path, "--dry-run")
     assert dry.returncode == 0 and "removed by the next run): .merged.partial-89abcdef" in dry.stdout, dry.stdout
-    res = run_cli("run", path, check=True)
+    res = cli("run", path, check=True)
     assert "removed .merged.partial-89abcdef (left by an interrupted run)" in res.stdout
     assert "kept .merged.partial-0123abcd: older than the interrupted run that was writing merged" in res.stdout
     assert "[merge] run (not done yet)" in res.stdout and not (wd / ".merged.partial-89abcdef").exists()
@@ -217,6 +212,7 @@ def test_leftovers_are_deleted_only_when_verifiably_ours(models, tmp_path):
     assert "pending" not in json.loads((wd / MANIFEST).read_text())
 
 
+@pytest.mark.slow
 def test_release_file_with_a_bad_repo_id_is_refused_like_push(models, tmp_path):
     path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\npush: {{merged: a/..}}\n")
     line = refused(run_cli("run", path, "--dry-run"), "push.merged", "'a/..'")
@@ -226,9 +222,8 @@ def test_release_file_with_a_bad_repo_id_is_refused_like_push(models, tmp_path):
 
 # ---- mergequant push ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pristine_model(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("hostile-push") / "model", dtype=torch.float32, hidden=64,
-                            intermediate=160, layers=2, seed=0)
+def pristine_model(tiny_models) -> Path:
+    return tiny_models["base"]
 
 
 @pytest.fixture
@@ -238,8 +233,10 @@ def model(pristine_model, tmp_path) -> Path:
     return folder
 
 
-def push(folder: Path, hub, *args: str, repo: str = REPO):
-    return run_cli("push", folder, "--repo", repo, "--endpoint", hub.url, "--token", TOKEN, *args)
+def push(folder: Path, hub, *args: str, repo: str = REPO, runner=cli):
+    """``mergequant push`` to the loopback Hub; in-process unless ``runner`` is ``run_cli`` (the in-process
+    calls need the ``online`` fixture, as a subprocess needs ``env``)."""
+    return runner("push", folder, "--repo", repo, "--endpoint", hub.url, "--token", TOKEN, *args)
 
 
 def assert_nothing_sent(hub, *procs) -> None:
@@ -249,7 +246,7 @@ def assert_nothing_sent(hub, *procs) -> None:
 
 
 @pytest.mark.parametrize("kind", ["file", "folder"])
-def test_link_out_of_the_folder_is_refused_before_any_request(model, env, hub, tmp_path, kind):
+def test_link_out_of_the_folder_is_refused_before_any_request(model, online, hub, tmp_path, kind, case_cli):
     secret = tmp_path / "outside" / "secret.txt"
     secret.parent.mkdir()
     secret.write_text("TOP SECRET")
@@ -258,7 +255,7 @@ def test_link_out_of_the_folder_is_refused_before_any_request(model, env, hub, t
     link.symlink_to(target)
     resolved = secret if kind == "file" else secret.parent
     before = tree(model, secret.parent)
-    dry = push(model, hub, "--dry-run")
+    dry = push(model, hub, "--dry-run", runner=case_cli)
     real = push(model, hub)
     for proc in (dry, real):
         refused(proc, str(link), f"a link to {resolved}", "outside the folder")
@@ -267,7 +264,7 @@ def test_link_out_of_the_folder_is_refused_before_any_request(model, env, hub, t
     assert tree(model, secret.parent) == before
 
 
-def test_link_inside_the_folder_is_uploaded_as_the_file_it_points_to(model, env, hub):
+def test_link_inside_the_folder_is_uploaded_as_the_file_it_points_to(model, online, hub):
     (model / "real").mkdir()
     (model / "config.json").rename(model / "real" / "config.json")
     (model / "config.json").symlink_to("real/config.json")
@@ -285,7 +282,7 @@ def test_link_inside_the_folder_is_uploaded_as_the_file_it_points_to(model, env,
 
 
 @pytest.mark.parametrize("kind", ["fifo", "socket"])
-def test_non_regular_files_are_refused(model, env, hub, kind):
+def test_non_regular_files_are_refused(model, online, hub, kind, case_cli):
     special = model / ("pipe" if kind == "fifo" else "sock")
     if kind == "fifo":
         os.mkfifo(special)
@@ -295,7 +292,7 @@ def test_non_regular_files_are_refused(model, env, hub, kind):
         sock = socket.socket(socket.AF_UNIX)
         sock.bind(str(special))
         sock.close()
-    for proc in (push(model, hub, "--dry-run"), push(model, hub)):
+    for proc in (push(model, hub, "--dry-run", runner=case_cli), push(model, hub)):
         refused(proc, str(special), f"a {kind}", "not a regular file")
         assert_nothing_sent(hub, proc)
 
@@ -304,8 +301,8 @@ BAD_IDS = ["a/..", "a/b/c", "a/" + "x" * 97, "a/b c", "a/-b", "a/b-", "a/.b", "a
 
 
 @pytest.mark.parametrize("repo", BAD_IDS)
-def test_invalid_repo_ids_are_refused_identically_by_dry_run_and_push(model, env, hub, repo):
-    dry = push(model, hub, "--dry-run", repo=repo)
+def test_invalid_repo_ids_are_refused_identically_by_dry_run_and_push(model, online, hub, repo, case_cli):
+    dry = push(model, hub, "--dry-run", repo=repo, runner=case_cli)
     real = push(model, hub, repo=repo)
     assert refused(dry, repr(repo), "expected a Hub repo id") == refused(real, repr(repo))
     assert_nothing_sent(hub, dry, real)
@@ -334,13 +331,14 @@ def test_valid_repo_ids_pass_both_validators(repo):
                                          ("hf_SECRET é", "whitespace"), ("hf_SECRETé", "non-ASCII"),
                                          ("hf_SECRET\x07", "control character")])
 @pytest.mark.parametrize("via", ["HF_TOKEN", "--token"])
-def test_malformed_token_refused_before_any_request_and_never_printed(model, env, hub, monkeypatch, token, kind, via):
+def test_malformed_token_refused_before_any_request_and_never_printed(model, online, hub, monkeypatch, token, kind, via,
+                                                                     case_cli):
     args = ["push", model, "--repo", "me/tokencheck", "--endpoint", hub.url]
     if via == "HF_TOKEN":
         monkeypatch.setenv("HF_TOKEN", token)
     else:
         args += ["--token", token]
-    res = run_cli(*args)
+    res = case_cli(*args)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert kind in lines[0] and "token" in lines[0]
@@ -351,14 +349,15 @@ def test_malformed_token_refused_before_any_request_and_never_printed(model, env
 
 
 @pytest.mark.parametrize("revision", ["../x", "-rf", "a..b", "x y", "br~1", "x.lock", "a/.b"])
-def test_invalid_branch_names_refused_before_any_request(model, env, hub, revision):
-    res = run_cli("push", model, "--repo", "me/branchcheck", "--endpoint", hub.url, "--token", TOKEN,
+def test_invalid_branch_names_refused_before_any_request(model, online, hub, revision, case_cli):
+    res = case_cli("push", model, "--repo", "me/branchcheck", "--endpoint", hub.url, "--token", TOKEN,
                   "--revision", revision)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and "not a valid branch name" in lines[0], res.stderr
     assert hub.requests == []
 
 
+@pytest.mark.slow
 def test_endpoint_credentials_never_printed(model, env):
     import socket
 
@@ -374,6 +373,7 @@ def test_endpoint_credentials_never_printed(model, env):
 # ---------------------------------------------------------------------------------------------------
 # second campaign: claims of interrupted steps, edited manifests
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_interrupted_step_does_not_make_a_later_user_folder_ours(models, tmp_path, monkeypatch):
     """A step that fails or is interrupted renamed nothing into place: its claim must not make a folder
     a user puts at that name afterwards look like ours (it used to be replaced on the next run)."""
@@ -393,7 +393,7 @@ def test_interrupted_step_does_not_make_a_later_user_folder_ours(models, tmp_pat
     mine = tmp_path / "out" / "merged"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    refused(run_cli("run", path), str(mine), "no record")
+    refused(run_cli("run", path), str(mine), "no record")  # the real CLI: the only run of this test
     assert (mine / "notes.txt").read_text() == "precious"
 
 
@@ -419,9 +419,9 @@ def _edited(manifest: dict, how: str) -> dict:
 
 @pytest.mark.parametrize("how", ["pending a list", "pending a number", "no content_hash", "files null",
                                  "output outside", "file outside", "record a list", "nested", "symlink"])
-def test_edited_manifest_is_one_line(models, tmp_path, how):
+def test_edited_manifest_is_one_line(models, tmp_path, how, case_cli):
     path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n")
-    run_cli("run", path, check=True)
+    cli("run", path, check=True)
     mpath = tmp_path / "out" / MANIFEST
     if how == "nested":
         mpath.write_text("[" * 100000 + "]" * 100000)
@@ -433,10 +433,11 @@ def test_edited_manifest_is_one_line(models, tmp_path, how):
     else:
         mpath.write_text(json.dumps(_edited(json.loads(mpath.read_text()), how)))
     before = tree(tmp_path)
-    refused(run_cli("run", path), str(mpath), "delete it to redo every step")
+    refused(case_cli("run", path), str(mpath), "delete it to redo every step")
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_endpoint_that_never_answers_times_out_in_one_line(model, env, monkeypatch):
     """A server that accepts connections and never answers used to hang `push` (no timeout at all)."""
     import threading
@@ -485,7 +486,7 @@ def test_damaged_merge_output_is_redone_not_an_error(models, tmp_path, damage):
     the damage and redo itself: the run stopped instead of resuming."""
     path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {tmp_path / 'recipe.yaml'}}}\n"
                              "quantize:\n  - {name: q, method: rtn, bits: 4, group_size: 32}\n")
-    run_cli("run", path, check=True)
+    cli("run", path, check=True)
     merged = tmp_path / "out" / "merged"
     weights = next(merged.glob("*.safetensors"))
     if damage == "delete weights":
@@ -494,8 +495,8 @@ def test_damaged_merge_output_is_redone_not_an_error(models, tmp_path, damage):
         os.truncate(weights, 100)
     else:
         (merged / "config.json").write_text("{}")
-    assert run_cli("run", path, "--dry-run").returncode == 0
-    done = run_cli("run", path, check=True)
+    assert cli("run", path, "--dry-run").returncode == 0
+    done = cli("run", path, check=True)
     assert "[merge] run" in done.stdout and "[quantize/q] skip" in done.stdout, done.stdout
     assert json.loads((merged / "config.json").read_text()).get("architectures")
 
@@ -505,9 +506,9 @@ def test_own_earlier_output_reused_under_a_new_step_is_not_set_aside(models, tmp
     wrote it); it is replaced, not renamed aside as if it were someone else's."""
     recipe = tmp_path / "recipe.yaml"
     path = release(tmp_path, f"workdir: out\nmerge: {{recipe: {recipe}}}\n")
-    run_cli("run", path, check=True)
+    cli("run", path, check=True)
     path.write_text(f"workdir: out\nmerge: {{recipe: {recipe}, out: m2}}\n"
                     "quantize:\n  - {name: merged, method: rtn, bits: 4, group_size: 32}\n")
-    done = run_cli("run", path, check=True)
+    done = cli("run", path, check=True)
     assert "set-aside" not in done.stdout and not list((tmp_path / "out").glob("*.set-aside-*")), done.stdout
     assert json.loads((tmp_path / "out" / "merged" / "config.json").read_text()).get("quantization_config")

@@ -12,14 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergequant.demo import build_tiny_llama
 from mergequant.errors import MergeQuantError
 from mergequant.evaluate import load_dequantized
 from mergequant.io.checkpoint import Checkpoint
 from mergequant.quant.int8 import llm_int8_dequantize, llm_int8_quantize
 from mergequant.quant.quantize import QuantizeOptions, run_quantize
 
-from conftest import run_cli
+from helpers import run_cli
 
 HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -27,9 +26,8 @@ LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("i8") / "m", dtype=torch.float32, hidden=64, intermediate=160,
-                            layers=2, seed=11)
+def model(tiny_models) -> Path:
+    return tiny_models["base"]  # float32, 2 layers, hidden 64 (read-only: shared by the session)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +105,7 @@ def test_bits_policy(model, tmp_path):
     assert opts.bits == 8 and (tmp_path / "y" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_bits_is_one_line(model, tmp_path):
     proc = run_cli("quantize", model, "-o", tmp_path / "out", "--method", "int8", "--bits", "2", "--group-size", "-1")
     assert proc.returncode != 0
@@ -136,6 +135,7 @@ def _bnb_linear_reference(W_deq: torch.Tensor, x: torch.Tensor, threshold: float
     return y.reshape(*x.shape[:-1], -1)
 
 
+@pytest.mark.client
 @pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes not installed (scripts/install-int8-clients.sh)")
 def test_transformers_bitsandbytes_loads_it(int8_out):
     from transformers import AutoModelForCausalLM

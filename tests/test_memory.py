@@ -35,6 +35,7 @@ def test_trim_returns_freed_heap_memory():
     assert keep.sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc_malloc_trim() is None, reason="glibc only")
 def test_mapped_allocations_free_without_a_trim():
     """Inside ``mapped_allocations`` blocks above the threshold are mmapped: freeing them returns the

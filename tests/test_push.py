@@ -14,22 +14,17 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from mergequant import hub as hubmod
 from mergequant.card import merge_card, split_card
 from mergequant.cli import app
-from mergequant.demo import build_tiny_llama
 from mergequant.errors import MergeQuantError
 
-from conftest import run_cli
+# the loopback Hub's token, a token it rejects, the repo; fixtures `env`, `hub` and `online` are in conftest.py
+from helpers import BAD_TOKEN, REPO, TOKEN, run_cli
 from hub_server import HubServer
-
-TOKEN = "hf_TESTtokenDoNotLeak0123456789abcdef"
-BAD_TOKEN = "hf_REVOKEDtoken9876543210zyxwvuts"
-REPO = "me/tiny-merge"
 
 
 def sha256(p: Path) -> str:
@@ -43,37 +38,18 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A tiny 3-shard checkpoint with a merge card: one local parent to map, one to leave local."""
+def model(tmp_path_factory, tiny_models) -> Path:
+    """A tiny 2-shard checkpoint with a merge card: one local parent to map, one to leave local."""
     root = tmp_path_factory.mktemp("push")
     for name in ("poet", "coder"):
         (root / name).mkdir()
         (root / name / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
-    m = build_tiny_llama(root / "model", dtype=torch.float32, hidden=64, intermediate=160, layers=2, seed=0)
+    m = Path(shutil.copytree(tiny_models["base"], root / "model"))  # the session's tiny base, with a card added
     (m / "README.md").write_text(merge_card(
         method="linear", pretty_name="Linear", paper="https://arxiv.org/abs/2203.05482",
         models=["./poet", "./coder"], base_model=None, recipe_text="merge_method: linear\n", out_dtype="float32",
         num_parameters=1, base_dir=root, parent_dirs={"./poet": root / "poet", "./coder": root / "coder"}))
     return m
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """The environment the CLI subprocess gets: online, plain LFS, no telemetry, no proxy, private HF_HOME."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_ENDPOINT", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    return tmp_path
-
-
-@pytest.fixture
-def hub():
-    with HubServer(reject_tokens=(BAD_TOKEN,)) as server:
-        yield server
 
 
 def push(folder: Path, hub: HubServer, *args: str, token: str = TOKEN):
@@ -99,6 +75,7 @@ def invoke(*args):
 
 
 # ---- real pushes (subprocess) --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_push_arrives_byte_identical_through_lfs_and_repush_sends_nothing(model, env, hub):
     before = snapshot(model)
     poet = model.parent / "poet"
@@ -150,6 +127,7 @@ def test_push_arrives_byte_identical_through_lfs_and_repush_sends_nothing(model,
     assert_no_token_anywhere(hub, again.stdout, again.stderr)
 
 
+@pytest.mark.slow
 def test_private_repo_then_pull_request(model, env, hub, tmp_path):
     res = push(model, hub, "--private")
     assert res.returncode == 0, res.stderr
@@ -189,6 +167,7 @@ def test_push_to_a_branch_in_process(model, online, hub):
     assert hub.requests_matching("POST", r"/preupload/|/commit/") == []
 
 
+@pytest.mark.slow
 def test_rejected_token_is_one_clear_line(model, env, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", BAD_TOKEN)  # no --token: HF_TOKEN is used (and refused by the server)
     res = run_cli("push", model, "--repo", REPO, "--endpoint", hub.url)
@@ -199,15 +178,6 @@ def test_rejected_token_is_one_clear_line(model, env, hub, monkeypatch):
     assert hub.requests and all(r.authorized for r in hub.requests)
     assert hub.lfs_puts() == [] and hub.requests_matching("POST", r"/commit/") == []
     assert_no_token_anywhere(hub, res.stdout, res.stderr, roots=(env,))
-
-
-@pytest.fixture
-def online(env, monkeypatch):
-    """For in-process pushes: undo conftest's offline default and Xet, which huggingface_hub read at import."""
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
 
 
 def test_unreachable_and_wrong_endpoints_name_the_endpoint(model, online, hub):

@@ -10,24 +10,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergequant.demo import build_tiny_llama
 from mergequant.evaluate import load_dequantized
 from mergequant.io.checkpoint import Checkpoint
 from mergequant.quant import formats
 from mergequant.quant.gptq import quantize_rtn
 from mergequant.quant.quantize import QuantizeOptions, run_quantize
 
-from conftest import run_cli
+from helpers import cli, run_cli
 
 TEXT = "\n\n".join(f"Chapter {i}. It is a truth universally acknowledged, that a single man in possession of a good "
                    f"fortune must be in want of a wife; and {i} more words follow here, to be or not to be." for i in range(60))
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    # group size 32 divides hidden 64 and intermediate 160 (and 3-bit needs multiples of 32)
-    return build_tiny_llama(tmp_path_factory.mktemp("q") / "m", dtype=torch.float32, hidden=64, intermediate=160, layers=2,
-                            seed=5)
+def model(tiny_models) -> Path:
+    # float32, 2 layers (read-only: shared by the session); group size 32 divides hidden 64 and intermediate 160
+    # (and 3-bit needs multiples of 32)
+    return tiny_models["base"]
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +106,14 @@ def test_asymmetric_writes_gptq_v2_and_desc_act_g_idx(model, calib, tmp_path):
     (["--method", "gptq", "--group-size", "32"], "--calib is required"),
     (["--method", "rtn", "--bits", "5", "--group-size", "32"], "--bits 5"),
 ])
-def test_bad_options(model, tmp_path, args, needle):
+def test_bad_options(model, tmp_path, args, needle, case_cli):
     out = tmp_path / "out"
-    proc = run_cli("quantize", model, "-o", out, *args)
+    proc = case_cli("quantize", model, "-o", out, *args)  # the first case through the real CLI, the others in-process
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and needle in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.slow
 def test_bad_inputs(model, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -124,17 +124,18 @@ def test_bad_inputs(model, tmp_path):
     no_cfg.mkdir()
     (no_cfg / "model.safetensors").write_bytes((Path(model) / "model-00001-of-00002.safetensors").read_bytes()
                                                if (Path(model) / "model-00001-of-00002.safetensors").exists() else b"")
-    proc = run_cli("quantize", no_cfg, "-o", out, "--method", "rtn")
+    proc = cli("quantize", no_cfg, "-o", out, "--method", "rtn")  # in-process (the first refusal above: the real CLI)
     assert proc.returncode == 2 and "config.json" in proc.stderr and not out.exists()
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     from safetensors.torch import save_file
     save_file({"h.0.attn.c_attn.weight": torch.zeros(4, 12)}, gpt2 / "model.safetensors")
     (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-    proc = run_cli("quantize", gpt2, "-o", out, "--method", "rtn")
+    proc = cli("quantize", gpt2, "-o", out, "--method", "rtn")
     assert proc.returncode == 2 and "GPT2LMHeadModel is not supported" in proc.stderr and not out.exists()
 
 
+@pytest.mark.client
 @pytest.mark.parametrize("sym, desc_act", [(True, False), (False, True)])
 def test_quantize_output_loads_in_gptqmodel(model, calib, tmp_path, sym, desc_act):
     """The `quantize` command's own output in a real client (transformers + gptqmodel): same logits as our
@@ -171,6 +172,7 @@ def test_eval_before_and_after_goes_into_the_card(model, calib, tmp_path):
     assert f"| full precision | {fp:.4f} |" in card and f"| rtn 4-bit | {q:.4f} |" in card
 
 
+@pytest.mark.client
 def test_eval_backends_agree_on_a_gptq_checkpoint(model, calib, tmp_path):
     """`eval` runs a GPTQ checkpoint through transformers + gptqmodel (`--backend transformers`) or our
     own dequantizing loader (`dequant`; what `auto` picks on CPU): same perplexity up to the client's

@@ -133,6 +133,7 @@ def test_bad_group_size_fails_before_the_merge(family, tmp_path):
 
 
 # ---- skip rules ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_rerun_skips_unchanged_steps_and_redoes_only_what_changed(family, tmp_path):
     folder = tmp_path / "r"
     path = write_release(family, folder)
@@ -268,6 +269,7 @@ def _cli(path: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_sigkill_during_quantize_then_rerun_skips_the_merge_and_matches_an_uninterrupted_run(family, tmp_path):
     folder = tmp_path / "r"
     path = write_release(family, folder, samples=48)

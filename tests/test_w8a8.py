@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mergequant.demo import build_tiny_llama
 from mergequant.errors import MergeQuantError
 from mergequant.evaluate import load_dequantized
 from mergequant.io.checkpoint import Checkpoint
@@ -29,7 +28,7 @@ from mergequant.quant.runner import LayerInputs
 from mergequant.quant.norms import norm_offset
 from mergequant.quant.w8a8_method import find_smoothing_groups, smooth_layer
 
-from conftest import run_cli
+from helpers import run_cli
 
 HAVE_CT = importlib.util.find_spec("compressed_tensors") is not None
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -180,9 +179,8 @@ def test_smoothing_lowers_w8a8_error_with_outlier_channels():
 # ---- the method end to end ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("w8") / "m", dtype=torch.float32, hidden=64, intermediate=160,
-                            layers=2, seed=12)
+def model(tiny_models) -> Path:
+    return tiny_models["base"]  # float32, 2 layers, hidden 64 (read-only: shared by the session)
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +239,7 @@ def test_checkpoint_layout_and_folded_norms(model, w8a8_out):
     assert "8-bit" in card and "compressed-tensors" in card
 
 
+@pytest.mark.client
 @pytest.mark.skipif(not HAVE_CT, reason="compressed-tensors not installed (scripts/install-int8-clients.sh)")
 def test_config_passes_compressed_tensors_schema(w8a8_out):
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
@@ -258,6 +257,7 @@ def _ct_token_quant(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x / s).clamp(-128, 127) * s
 
 
+@pytest.mark.client
 @pytest.mark.skipif(not HAVE_CT, reason="compressed-tensors not installed (scripts/install-int8-clients.sh)")
 def test_transformers_compressed_tensors_loads_it(w8a8_out):
     hf = AutoModelForCausalLM.from_pretrained(w8a8_out, dtype=torch.float32).eval()
@@ -293,6 +293,7 @@ def test_needs_calib_and_alpha_in_range(model, calib, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_cli_missing_calib_is_one_line(model, tmp_path):
     proc = run_cli("quantize", model, "-o", tmp_path / "out", "--method", "w8a8", "--group-size", "-1")
     assert proc.returncode != 0
