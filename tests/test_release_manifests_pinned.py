@@ -1,0 +1,239 @@
+"""`mergequant run` writes the same manifests, byte for byte, as before `release.py` became a package (issue 15).
+
+A few representative release files run in-process on the shared tiny float32 Llama family (``tiny_models``):
+a TIES merge quantized with GPTQ, RTN and AWQ, evaluated and pushed as a dry run; the same workdir after one
+quantization's settings change, first interrupted in the middle of that quantization and then resumed; a
+linear merge with only the merge pushed; a release that quantizes an existing model (int8, no merge step).
+Each manifest is reduced to one sha256 of its canonical JSON, normalised only where a run legitimately
+varies: the step timestamps (``started``/``finished``), the durations (``seconds``) and a claim's
+``since_ns``. The dry runs' plans are pinned the same way (their ``disk: ... free`` figure varies).
+
+Absolute paths are not normalised by rewriting strings: they are hashed into fingerprints, recipe and card
+hashes and content hashes, so a string substitution could not undo them. Instead everything runs under one
+fixed root (:data:`ROOT`, the models copied there), held with an ``flock`` so that two test runs on one
+machine take turns. ``PINNED`` holds the digests computed with the code before the split (``release.py`` at
+8d5abf7): any change of a byte in any manifest or plan fails here, and names the manifest.
+
+The outputs hold quantized weights and perplexities, so the digests are those of this machine's float
+arithmetic (x86-64, one thread); elementwise steps (merges, RTN) do not depend on it, GPTQ, AWQ and the
+evaluations could on other hardware. Regenerate (only when a change of manifests is intended and
+documented): ``python tests/test_release_manifests_pinned.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path("/tmp/mergequant-release-pinned")  # fixed: absolute paths end up inside hashes (see the docstring)
+
+PINNED: dict[str, str] = {  # computed with release.py at 8d5abf7, before the split
+    "main.dry-run.fresh": "0937f4ed0e7c7e006d4c043c5dbb6cd88b824703f9e9da7b733e1a16f0e32337",
+    "main.manifest": "1f5a23890b488cf358badf48e160511ee347294f0a56b38db416839ebc7d4aeb",
+    "main.dry-run.changed": "26e11f717ae6ac435125b731567da56589b110f952194440cbb802693068eb3d",
+    "main.manifest.interrupted": "2fa63e626e0229ea64331a44cb2a2e179f2cbd352f24d6eed2ea84b5e81169dd",
+    "main.manifest.resumed": "b68322cd331572480ecb67b128bb0c2d3587a90f3edaa6035ca976d2b9792a51",
+    "linear.manifest": "6bad14f449d02d2c123779890f474b72323fe7ecf09b8a7876885a337e47c735",
+    "model.dry-run.fresh": "9bbe58f7543105e5bf060f2aa75c6c3a482ca35b92552d5faf5949580f7864af",
+    "model.manifest": "fe7e8eb51f2bb247bd91fc34e472e8fc6531d8c4ffd4ebfda6c81c1133588e11",
+}
+
+TIES = """\
+merge_method: ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.4, density: [0.8, 0.3]}}
+dtype: float32
+"""
+
+LINEAR = """\
+merge_method: linear
+models:
+  - {{model: {a}, parameters: {{weight: 0.7}}}}
+  - {{model: {b}, parameters: {{weight: 0.3}}}}
+dtype: float32
+"""
+
+HELDOUT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+           "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+           "neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 6
+
+
+def _release(name: str, text: str) -> Path:
+    path = ROOT / f"release-{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def _main_release(rtn: str = "bits: 4") -> Path:
+    return _release("main", "workdir: out-main\n"
+                            "merge: {recipe: ties.yaml, shard_size: 200KB, workers: 1}\n"
+                            "quantize:\n"
+                            "  - {name: gptq, method: gptq, bits: 4, group_size: 32, calib: calib.txt, samples: 4, seqlen: 32}\n"
+                            f"  - {{name: rtn, method: rtn, {rtn}, group_size: 32}}\n"
+                            "  - {name: awq, method: awq, bits: 4, group_size: 32, calib: calib.txt, samples: 4, seqlen: 32, n_grid: 4}\n"
+                            "eval: {data: heldout.txt, seqlen: 32, backend: dequant}\n"
+                            "push:\n  merged: org/tiny\n  gptq: org/tiny-gptq\n  rtn: org/tiny-rtn\n"
+                            "  base_model_map: {models/base: org/base}\n")
+
+
+def normalised(manifest: dict) -> dict:
+    """The manifest without what varies between two runs of the same release: when steps ran, how long they
+    took, when a claim was made. Values are replaced in place: keys keep their order."""
+    out = json.loads(json.dumps(manifest))
+    for rec in out.get("steps", {}).values():
+        for key in ("started", "finished", "seconds"):
+            if key in rec:
+                rec[key] = key
+    for claim in out.get("pending", {}).values():
+        claim["since_ns"] = 0
+    return out
+
+
+def digest(manifest: dict) -> str:
+    """sha256 of the manifest file as the runner writes it (``json.dumps(manifest, indent=2)``: key order counts)."""
+    return hashlib.sha256((json.dumps(manifest, indent=2) + "\n").encode()).hexdigest()
+
+
+def manifest_digest(workdir: Path) -> str:
+    raw = (workdir / "manifest.json").read_text()
+    manifest = json.loads(raw)
+    assert digest(manifest) == hashlib.sha256(raw.encode()).hexdigest()  # the digest is of the file's exact bytes
+    return digest(normalised(manifest))
+
+
+def plan_digest(text: str) -> str:
+    return hashlib.sha256(re.sub(r"to write, .* free under", "to write, FREE free under", text).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def fixed_root(models: dict[str, Path]):
+    """:data:`ROOT`, emptied and filled with copies of ``models`` and the texts, held for the duration."""
+    ROOT.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{ROOT}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(ROOT, ignore_errors=True)
+        ROOT.mkdir()
+        for name, src in models.items():
+            shutil.copytree(src, ROOT / "models" / name)
+        m = {k: ROOT / "models" / k for k in models}
+        (ROOT / "ties.yaml").write_text(TIES.format(**m))
+        (ROOT / "linear.yaml").write_text(LINEAR.format(**m))
+        from mergequant.demo import demo_text
+
+        (ROOT / "calib.txt").write_text(demo_text(1))
+        (ROOT / "heldout.txt").write_text(HELDOUT)
+        try:
+            yield ROOT
+        finally:
+            shutil.rmtree(ROOT, ignore_errors=True)
+
+
+def compute(models: dict[str, Path]) -> dict[str, str]:
+    """Run every case; {case: digest}."""
+    from mergequant.release import RunOptions, run_release
+
+    def run(path: Path, **kw):
+        return run_release(path, RunOptions(quiet=True, push_dry_run=True, fsync=False, **kw), log=lambda m: None)
+
+    out: dict[str, str] = {}
+    with fixed_root(models) as root:
+        main = _main_release()
+        out["main.dry-run.fresh"] = plan_digest(run(main, dry_run=True).plan_text)
+        run(main)
+        out["main.manifest"] = manifest_digest(root / "out-main")
+
+        main = _main_release(rtn="bits: 8, sym: false")  # one quantization changed: redo it, eval and its push
+        out["main.dry-run.changed"] = plan_digest(run(main, dry_run=True).plan_text)
+        import mergequant.quant.quantize as quantize_mod
+
+        real = quantize_mod.run_quantize
+
+        def interrupted(*a, **kw):
+            raise KeyboardInterrupt
+
+        quantize_mod.run_quantize = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run(main)
+        finally:
+            quantize_mod.run_quantize = real
+        out["main.manifest.interrupted"] = manifest_digest(root / "out-main")
+        run(main)
+        out["main.manifest.resumed"] = manifest_digest(root / "out-main")
+
+        linear = _release("linear", "workdir: out-linear\nmerge: {recipe: linear.yaml, out: lin}\n"
+                                    "push: {lin: org/lin, private: true, revision: dev, commit_message: pinned}\n")
+        run(linear)
+        out["linear.manifest"] = manifest_digest(root / "out-linear")
+
+        model = _release("model", "workdir: out-model\nmerge: {model: models/a}\n"
+                                  "quantize:\n  - {name: int8, method: int8}\n  - {name: rtn3, method: rtn, bits: 3, group_size: 32}\n"
+                                  "eval: {data: heldout.txt, seqlen: 32, stride: 16, backend: dequant}\n")
+        out["model.dry-run.fresh"] = plan_digest(run(model, dry_run=True).plan_text)
+        run(model)
+        out["model.manifest"] = manifest_digest(root / "out-model")
+    return out
+
+
+@pytest.fixture(scope="module")
+def digests(tiny_models) -> dict[str, str]:
+    return compute(tiny_models)
+
+
+@pytest.mark.slow
+def test_manifests_and_plans_byte_identical(digests):
+    assert set(digests) == set(PINNED), f"cases changed: {sorted(set(digests) ^ set(PINNED))}"
+    changed = {k: v for k, v in digests.items() if PINNED[k] != v}
+    assert not changed, f"manifests or plans differ from the pinned ones: {sorted(changed)}"
+
+
+def test_the_digest_sees_one_changed_field():
+    """The reduction keeps every field but the timings: editing any recorded value, or the order of two keys
+    (the file's bytes), changes the digest."""
+    manifest = {"format": "mergequant-release/1", "steps": {"merge": {
+        "kind": "merge", "fingerprint": "ab", "started": "2026-12-01T00:00:00.000+00:00", "seconds": 1.5,
+        "files": {"model.safetensors": {"size": 10, "sha256": "cd"}}, "result": {"tensors": 3, "warnings": []}}}}
+    base = digest(normalised(manifest))
+    timed = json.loads(json.dumps(manifest))
+    timed["steps"]["merge"].update(started="2027-01-01T00:00:00.000+00:00", seconds=9.0)
+    assert digest(normalised(timed)) == base
+    for path, value in ((("fingerprint",), "ac"), (("files", "model.safetensors", "size"), 11),
+                        (("result", "tensors"), 4), (("kind",), "quantize"), (("result", "warnings"), ["w"])):
+        edited = json.loads(json.dumps(manifest))
+        rec = edited["steps"]["merge"]
+        for key in path[:-1]:
+            rec = rec[key]
+        rec[path[-1]] = value
+        assert digest(normalised(edited)) != base, path
+    reordered = json.loads(json.dumps(manifest))
+    reordered["steps"]["merge"]["result"] = {"warnings": [], "tensors": 3}
+    assert digest(normalised(reordered)) != base
+
+
+if __name__ == "__main__":  # print the digests of the current code
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import tiny_family
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        found = compute(tiny_family(Path(tmp), torch.float32, layers=2))
+    print("PINNED: dict[str, str] = {")
+    for k, v in found.items():
+        print(f'    "{k}": "{v}",')
+    print("}")
