@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 from mergequant import demo
 from mergequant.cli import app
 
+pytestmark = pytest.mark.slow  # trains the demo's models
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -271,6 +271,7 @@ def assert_matches_reference(method: str, ours: dict, models: dict[str, Path], o
 F32_CASES = [(m, MIXES[0]) for m in METHODS] + [(m, mix) for m in METHODS if m.startswith("dare") for mix in MIXES[1:]]
 
 
+@pytest.mark.slow  # merges every dtype mix
 @pytest.mark.parametrize("method,mix", F32_CASES, ids=[f"{m}-{mix_id(x)}" for m, x in F32_CASES])
 def test_mixed_equals_float32_copies(runs, method, mix):
     """Cast once: the mixed-dtype merge writes the same bytes as the merge of float32 copies of the same values

@@ -35,6 +35,8 @@ from safetensors import safe_open
 from mergequant.demo import finetune_of
 from mergequant.merge.run import MergeOptions, run_merge
 
+pytestmark = pytest.mark.slow  # runs mergekit as the oracle
+
 pytest.importorskip("mergekit")
 
 EXACT, CLOSE = 0.0, 1e-6

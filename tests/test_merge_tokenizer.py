@@ -225,6 +225,7 @@ def test_token_ids_as_tokenizers_assigns(models):
         assert token_ids(json.loads((models[k] / "tokenizer.json").read_text()))[0] == _vocab(models[k]), k
 
 
+@pytest.mark.slow  # runs mergekit
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_rows_match_mergekit_by_token(merged, name):
     ours_dir, mk_dir = merged[name]

@@ -285,6 +285,7 @@ def _load(out: Path) -> dict[str, torch.Tensor]:
     return res
 
 
+@pytest.mark.slow  # four CLI merges
 def test_dare_cli_independent_of_workers_and_seeded(f32_models, tmp_path):
     recipe = tmp_path / "dare.yaml"
     recipe.write_text(DARE_RECIPE.format(**{k: str(v) for k, v in f32_models.items()}))

@@ -204,6 +204,7 @@ def test_mixtral_fused_and_mixed_inputs_give_identical_bytes(mixtral, tmp_path):
     assert not torch.equal(merged[name], base[name])
 
 
+@pytest.mark.slow  # builds MoE models in transformers
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
 def test_qwen_moe_fused_as_transformers_writes_it(family, tmp_path):
     """transformers' own fused save (save_original_format=False) merges like its per-expert save."""
@@ -216,6 +217,7 @@ def test_qwen_moe_fused_as_transformers_writes_it(family, tmp_path):
     assert per == fused == mixed
 
 
+@pytest.mark.slow  # merges the tiny Mixtral twice
 @NEEDS_MIXTRAL
 def test_fused_output_is_the_per_expert_output_fused(mixtral, tmp_path):
     """--moe-layout fused (real CLI, mixed inputs) writes exactly fuse(per-expert output); config unchanged."""
@@ -273,6 +275,7 @@ MERGEKIT_RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # runs mergekit
 @NEEDS_MIXTRAL
 def test_elementwise_methods_match_mergekit_float32(tmp_path):
     """linear and task_arithmetic (gradients, filters) over float32 copies of the tiny Mixtral fine-tunes equal
@@ -335,6 +338,7 @@ def test_merged_mixtral_loads_and_matches_float64_merge(mixtral, tmp_path):
 
 # ---- refusals ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # builds MoE models per case
 @pytest.mark.parametrize("key,value", [("num_experts", 2), ("num_experts_per_tok", 1)])
 def test_different_experts_or_top_k_refused_in_one_line(key, value, tmp_path):
     q = _tiny_qwen("qwen3_moe", tmp_path / "a")

@@ -35,6 +35,8 @@ from mergequant.quant.gptq_method import GPTQMethod, RTNMethod
 from mergequant.quant.moe import MoECalibration, UnfusedExperts
 from mergequant.quant.quantize import QuantizeOptions, _calibration_ids, run_quantize
 
+pytestmark = pytest.mark.slow  # quantizes tiny MoE models end to end
+
 transformers = pytest.importorskip("transformers")
 
 MIXTRAL = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "models" / "moe-mixtral" / "base",

@@ -36,6 +36,8 @@ from safetensors import safe_open
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # runs mergekit as the oracle (minutes of setup)
+
 pytest.importorskip("mergekit")
 
 # ------------------------------------------------------------------------------------------------------
