@@ -163,7 +163,9 @@ def test_background_writeback_same_bytes(tmp_path, monkeypatch):
     write_all(tmp_path / "plain", tensors, 5000)
     items = _chunks(tensors, random.Random(3))
     write_all(tmp_path / "wb", tensors, 5000, items=items, workers=4, writeback_every=1000)
-    assert len(synced) >= 3
+    # at least one background sync happened (without writeback there are none); how many depends on the
+    # scheduler: a request made while the previous sync is still pending is folded into it
+    assert len(synced) >= 1
     for a, b in zip(sorted((tmp_path / "plain").iterdir()), sorted((tmp_path / "wb").iterdir())):
         assert a.read_bytes() == b.read_bytes(), a.name
 
