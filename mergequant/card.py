@@ -77,6 +77,35 @@ def hub_parents(refs: list[str], base_dir: Path | None = None) -> list[str]:
             and not (base_dir is not None and (base_dir / r).exists())]
 
 
+def parent_refs(models: list[str], adapters: Iterable = ()) -> list[str]:
+    """The models behind each reference: ``BASE+ADAPTER`` and an adapter-only reference stand for two parents,
+    the base and the adapter (``adapters``: the merge's :class:`mergequant.peft.adapted.AdapterInput` records,
+    which know the base an adapter-only reference resolved to); other references for themselves."""
+    by_ref = {a.reference: a for a in adapters}
+    out: list[str] = []
+    for m in models:
+        a = by_ref.get(m)
+        if a is not None:
+            out += [a.base, a.adapter]
+        elif "+" in m and not Path(m).exists():
+            out += [side for side in m.split("+", 1) if side]
+        else:
+            out.append(m)
+    return list(dict.fromkeys(out))
+
+
+def adapter_lines(adapters: Iterable) -> list[str]:
+    """The card section listing each adapter input with its base (empty without adapters)."""
+    adapters = list(adapters)
+    if not adapters:
+        return []
+    return ["## Adapters\n",
+            "LoRA adapters applied to their base tensor by tensor as the weights were read (no merged copy was made):\n",
+            *[f"- `{a.reference}`: {a.description} adapter `{a.adapter}` on base `{a.base}`"
+              + (" (the base named by the adapter's `base_model_name_or_path`)" if a.base_from_config else "")
+              for a in adapters], ""]
+
+
 def _local_path(ref: str, base_dir: Path | None) -> str:
     p = Path(ref).expanduser()
     if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
@@ -156,13 +185,15 @@ def _license_note(licenses: Mapping[str, str | None]) -> list[str]:
 # ---- cards -------------------------------------------------------------------------------------------
 def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], base_model: str | None,
                recipe_text: str, out_dtype: str | None, num_parameters: int, license: str | None = None,
-               base_dir: Path | None = None, parent_dirs: Mapping[str, str | Path] | None = None) -> str:
+               base_dir: Path | None = None, parent_dirs: Mapping[str, str | Path] | None = None,
+               adapters: Iterable = ()) -> str:
     """A model card for a merge: every Hub parent in ``base_model`` with relation ``merge``, the method
     and its paper, and the recipe verbatim (so the merge can be reproduced).
 
     ``parent_dirs`` (recipe reference -> the directory it resolved to) lets the card carry the
     parents' license (:func:`license_of`) when ``license`` is not given."""
-    parents = hub_parents(models, base_dir)
+    adapters = list(adapters)  # BASE+ADAPTER inputs: both sides are parents (see parent_refs)
+    parents = list(dict.fromkeys(hub_parents(parent_refs(models, adapters), base_dir)))
     licenses = parent_licenses(parent_dirs) if parent_dirs else {}
     if license is None and licenses:
         license = combine_licenses(licenses)
@@ -174,7 +205,7 @@ def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], 
     meta["tags"] = ["merge", "mergequant", method]
     if license:
         meta["license"] = license
-    local = [m for m in models if m.split("@")[0] not in parents]
+    local = [m for m in parent_refs(models, adapters) if m.split("@")[0] not in parents]
     lines = [
         front_matter(meta),
         "# Merged model\n",
@@ -186,6 +217,7 @@ def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], 
         "## Models merged\n",
         *[f"- `{m}`" + (" (base)" if m == base_model else "") + (" (local path)" if m in local else "") for m in models],
         "",
+        *adapter_lines(adapters),
     ]
     if local:
         lines += [_parents_mark("merge", [{"ref": m, "path": _local_path(m, base_dir)} for m in dict.fromkeys(local)]), ""]
@@ -206,7 +238,8 @@ def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], 
 def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str, str]], tags: list[str],
                requirements: str, calib: str | None, calib_tokens: int, samples: int,
                fallbacks: list[str], perplexity: dict | None = None, eval_data: str | None = None,
-               license: str | None = None, base_model: str | None = None, experts: dict | None = None) -> str:
+               license: str | None = None, base_model: str | None = None, experts: dict | None = None,
+               clients: list[str] | None = None, adapter=None) -> str:
     """A model card for a quantized checkpoint: ``base_model`` is the ONE source (when it is a Hub id,
     or ``base_model`` names where the local source was published) with relation ``quantized``; the
     body says how it was made (``settings`` rows from the method) and how to load it
@@ -215,9 +248,14 @@ def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str,
     ``license`` defaults to the source directory's (README front matter or config.json)."""
     if base_model is not None and not looks_like_hub_id(base_model):
         raise CardError(f"base_model {base_model!r} is not a Hub id (expected namespace/name)")
-    parents = [base_model.split("@")[0]] if base_model else hub_parents([source])
-    if license is None and Path(source).is_dir():
-        license = license_from_dir(source)
+    # an adapted source (BASE+ADAPTER, ``adapter``: its AdapterInput) was quantized from the adapter's model: the
+    # adapter is the one parent (its own card names the base), and the body names both
+    origin = adapter.adapter if adapter is not None else source
+    parents = [base_model.split("@")[0]] if base_model else hub_parents([origin])
+    if license is None and Path(origin).is_dir():
+        license = license_from_dir(origin)
+    if license is None and adapter is not None:
+        license = license_from_dir(adapter.base_path)
     meta: dict = {}
     if parents:
         meta["base_model"] = parents[:1]
@@ -232,7 +270,9 @@ def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str,
         f"Quantized from `{source}` with [mergequant](https://github.com/mergequant/mergequant) {__version__}.\n",
     ]
     if not parents:
-        lines += [_parents_mark("quantized", [{"ref": source, "path": _local_path(source, None)}]), ""]
+        lines += [_parents_mark("quantized", [{"ref": origin, "path": _local_path(origin, None)}]), ""]
+    if adapter is not None:
+        lines += adapter_lines([adapter])
     lines += [
         "| setting | value |", "|---|---|",
         f"| method | {method} |", *[f"| {k} | {v} |" for k, v in settings],
@@ -249,6 +289,10 @@ def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str,
                   "| model | perplexity |", "|---|---|",
                   *[f"| {k} | {v:.4f} |" for k, v in perplexity.items()], ""]
     needs = f"  # needs {requirements}" if requirements else ""
+    if clients:  # engines that loaded this exact setting in mergequant's serving matrix
+        lines += ["## Verified clients\n", "These engines loaded a checkpoint with exactly these settings and matched "
+                  "mergequant's own perplexity (its serving matrix: docs/quantize.md, \"What loads where\"):\n",
+                  *[f"- {c}" for c in clients], ""]
     if experts and experts.get("loading"):
         lines += ["## Loading\n", *experts["loading"], ""]
         return "\n".join(lines)
@@ -256,6 +300,70 @@ def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str,
               f"model = AutoModelForCausalLM.from_pretrained(\"{MODEL_PATH_PLACEHOLDER}\", device_map=\"auto\")",
               "```", ""]
     return "\n".join(lines)
+
+
+def gguf_card(*, source: str, files: list[tuple[str, str, int, dict[str, int]]], architecture: str,
+              calib: str | None = None, calib_tokens: int = 0, samples: int = 0, license: str | None = None,
+              base_model: str | None = None) -> str:
+    """A model card for GGUF files (``--method gguf``): one row per file (type, name, size, the GGUF types
+    its tensors got) and how to run them in llama.cpp. ``files``: (file type, file name, bytes, type counts)."""
+    from mergequant.units import format_bytes
+
+    if base_model is not None and not looks_like_hub_id(base_model):
+        raise CardError(f"base_model {base_model!r} is not a Hub id (expected namespace/name)")
+    parents = [base_model.split("@")[0]] if base_model else hub_parents([source])
+    if license is None and Path(source).is_dir():
+        license = license_from_dir(source)
+    meta: dict = {}
+    if parents:
+        meta["base_model"] = parents[:1]
+        meta["base_model_relation"] = "quantized"
+    meta["library_name"] = "gguf"
+    meta["tags"] = ["mergequant", "gguf", "llama.cpp"]
+    if license:
+        meta["license"] = license
+    lines = [front_matter(meta), f"# {Path(source).name or source} (GGUF)\n",
+             f"GGUF files for llama.cpp (architecture `{architecture}`), written from `{source}` by "
+             f"[mergequant](https://github.com/mergequant/mergequant) {__version__} in one pass.\n"]
+    if not parents:
+        lines += [_parents_mark("quantized", [{"ref": source, "path": _local_path(source, None)}]), ""]
+    lines += [GGUF_TABLE_HEADER, "|---|---|---|---|---|"]
+    for ft, name, size, counts in files:
+        mix = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+        lines.append(f"| `{name}` | {ft} | {format_bytes(size)} | {GGUF_NOT_MEASURED} | {mix} |")
+    lines += ["", f"Perplexity: held-out, measured in llama.cpp by `mergequant run` when the release has an eval step and "
+              f"llama-cpp-python is installed; \"{GGUF_NOT_MEASURED}\" otherwise (`mergequant eval` does not read GGUF)."]
+    lines += ["", "Rounding: " + (f"importance-weighted k-quant search (importance matrix from `{calib}`, {samples} samples, "
+                                  f"{calib_tokens:,} tokens)" if calib else
+                                  "llama.cpp's reference quantizer (byte-identical to `llama-quantize` without an "
+                                  "importance matrix)") + ".", "",
+              "## Loading\n", "```bash", f"llama-cli -m {files[0][1]} -p \"Hello\"", "```", "",
+              "```python", "from llama_cpp import Llama",
+              f"llm = Llama(model_path=\"{files[0][1]}\")", "```", ""]
+    return "\n".join(lines)
+
+
+GGUF_TABLE_HEADER = "| file | type | size | held-out perplexity | tensor types |"
+GGUF_NOT_MEASURED = "not measured"
+
+
+def gguf_card_perplexity(text: str, perplexity: Mapping[str, float]) -> str:
+    """The GGUF card ``text`` with each file's held-out perplexity (``{file name: perplexity}``) in its table row;
+    files not in ``perplexity`` keep "not measured"."""
+    out, in_table = [], False
+    for line in text.split("\n"):
+        if line == GGUF_TABLE_HEADER:
+            in_table = True
+        elif in_table and not line.startswith("|"):
+            in_table = False
+        elif in_table and line.startswith("| `"):
+            cells = line.split(" | ")
+            name = cells[0][len("| `"):].rstrip("`")
+            if name in perplexity and len(cells) >= 5:
+                cells[3] = f"{perplexity[name]:.4f}"
+                line = " | ".join(cells)
+        out.append(line)
+    return "\n".join(out)
 
 
 def _experts_section(experts: dict) -> list[str]:

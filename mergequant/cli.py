@@ -138,9 +138,38 @@ def merge(
         typer.echo(summary(result))
 
 
+@app.command(name="extract-lora")
+def extract_lora(
+    finetune: str = typer.Argument(..., help="Fine-tuned model: local directory or Hub id."),
+    base: str = typer.Option(..., "--base", help="The base model it was fine-tuned from (local directory or Hub id)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Adapter folder to write (atomically; must not exist unless --force, which only replaces an earlier adapter)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Maximum LoRA rank per module (default 64 unless --energy is given)."),
+    energy: Optional[float] = typer.Option(None, "--energy", help="Keep the smallest rank holding this fraction (0, 1] of each delta's squared Frobenius norm (capped by --rank)."),
+    embeddings: str = typer.Option("lora", "--embeddings", help="Embeddings and lm_head: lora (lora_embedding_A/B, lora_A/B) or save (whole, in modules_to_save; forced when the vocabulary sizes differ)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Adapter dtype: float32, bfloat16, float16 (default: the fine-tune's)."),
+    svd: str = typer.Option("auto", "--svd", help="exact (full SVD), randomized (range finder, for ranks well under the matrix size) or auto."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (modules, what is kept whole, estimated size); write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier adapter."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Extract a LoRA adapter (PEFT format) from FINETUNE - BASE: per-module SVD, streamed tensor by tensor.
+
+    Example: mergequant extract-lora ./my-finetune --base meta-llama/Llama-3.1-8B -o ./my-lora --rank 64
+    """
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    with _reported("extract-lora", "no output was written"):
+        from mergequant.peft.extract import ExtractOptions, run_extract, summary as extract_summary
+
+        opts = ExtractOptions(out=out, rank=rank, energy=energy, embeddings=embeddings, dtype=dtype, svd=svd,
+                              dry_run=dry_run, force=force, quiet=quiet)
+        res = run_extract(finetune, base, opts, log=typer.echo if dry_run else log)
+    if not dry_run:
+        typer.echo(extract_summary(res))
+
+
 @app.command()
 def inspect(
-    model: Path = typer.Argument(..., help="Model directory (safetensors or .bin, sharded or not)."),
+    model: Path = typer.Argument(..., help="Model directory (safetensors or .bin, sharded or not), BASE+ADAPTER (a LoRA applied on read) or a LoRA adapter folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Print architecture, layer and tensor counts, dtypes, parameter count and shard layout of MODEL."""
@@ -153,9 +182,9 @@ def inspect(
 
 @app.command()
 def quantize(
-    model: Path = typer.Argument(..., help="Full-precision model directory (safetensors)."),
+    model: Path = typer.Argument(..., help="Full-precision model directory (safetensors), BASE+ADAPTER (a LoRA applied as weights are read, no merged copy) or a LoRA adapter folder (base from its adapter_config.json)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (written atomically)."),
-    method: str = typer.Option("gptq", help="gptq (calibrated, GPTQ format), awq (calibrated, AWQ GEMM format, 4-bit), rtn (round-to-nearest baseline in GPTQ format, no data), int8 (bitsandbytes LLM.int8, no data) or w8a8 (SmoothQuant + int8 weights and activations, compressed-tensors format for vLLM)."),
+    method: str = typer.Option("gptq", help="gptq (calibrated, GPTQ format), awq (calibrated, AWQ GEMM format, 4-bit), rtn (round-to-nearest baseline in GPTQ format, no data), int8 (bitsandbytes LLM.int8, no data) or w8a8 (SmoothQuant + int8 weights and activations, compressed-tensors format for vLLM) or gguf (llama.cpp files, see --gguf-type)."),
     bits: Optional[int] = typer.Option(None, help="2, 3, 4 or 8 (gptq/rtn, default 4); 4 (awq); 8 (int8, w8a8: the default)."),
     group_size: int = typer.Option(128, help="Input columns per quantization group; -1 for one group per row."),
     desc_act: bool = typer.Option(False, "--desc-act", help="Act order: quantize columns by decreasing Hessian diagonal."),
@@ -177,12 +206,14 @@ def quantize(
     moe_calibration: str = typer.Option("all", "--moe-calibration", help="Mixture of experts: all (every expert's statistics from every calibration token; the layer output still uses the real routing) or routed (only the tokens the router sends it; starved experts fall back to round-to-nearest)."),
     moe_min_share: float = typer.Option(0.05, "--moe-min-share", help="--moe-calibration routed: an expert with fewer routed tokens than this fraction of its uniform share (tokens x top-k / experts) is rounded to nearest."),
     moe_names: str = typer.Option("original", "--moe-names", help="Mixture of experts: original (the architecture's per-expert names, e.g. Mixtral block_sparse_moe.experts.E.w1; what vLLM loads) or gptqmodel (mlp.experts.E.gate_proj; what GPTQModel.load needs for Mixtral)."),
+    gguf_type: list[str] = typer.Option([], "--gguf-type", help="--method gguf: a GGUF file type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K); repeat for several files written in one pass (OUT/<name>-<TYPE>.gguf)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan (modules, experts, output size, calibration tokens, peak memory); write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Quantize MODEL (layer by layer; RAM ~ one layer + activations) into a checkpoint that
-    transformers (with gptqmodel, bitsandbytes or compressed-tensors) and vLLM load unchanged.
+    transformers (with gptqmodel, bitsandbytes or compressed-tensors) loads unchanged; vLLM loads
+    the settings listed in docs/quantize.md ("What loads where"), and quantize says when it would not.
 
     Example: mergequant quantize ./merged -o ./merged-gptq --bits 4 --group-size 128 --calib data.jsonl
     """
@@ -195,13 +226,17 @@ def quantize(
                                seqlen=seqlen, seed=seed, device=device, force=force, quiet=quiet,
                                shard_size=parse_size(shard_size), eval_data=eval_data, zero_point=zero_point,
                                n_grid=n_grid, duo_scaling=duo_scaling, alpha=alpha, batch_size=batch_size,
-                               moe_calibration=moe_calibration, moe_min_share=moe_min_share, moe_names=moe_names)
+                               moe_calibration=moe_calibration, moe_min_share=moe_min_share, moe_names=moe_names,
+                               gguf_types=list(gguf_type))
         if dry_run:
             from mergequant.quant.quantize import describe_quantize_plan, plan_quantize
 
             typer.echo(describe_quantize_plan(plan_quantize(model, opts)))
             return
         res = run_quantize(model, opts, log=lambda m: typer.echo(m, err=True))
+    if method == "gguf":
+        typer.echo(f"wrote {res.out}: " + ", ".join(p.name for p in res.files))
+        return
     grouping = f", group {group_size}" if method in ("gptq", "rtn", "awq") else ""
     typer.echo(f"wrote {res.out}: {res.modules} Linear modules quantized ({method}, {opts.bits}-bit{grouping})"
                + (f"; {len(res.fallbacks)} fell back to round-to-nearest" if res.fallbacks else ""))
@@ -209,7 +244,7 @@ def quantize(
 
 @app.command(name="eval")
 def eval_cmd(
-    models: list[Path] = typer.Argument(..., help="Model directories (one or more): full precision, or quantized by mergequant (any method)."),
+    models: list[Path] = typer.Argument(..., help="Model directories (one or more): full precision, or quantized by mergequant (any method); BASE+ADAPTER or a LoRA adapter folder for a LoRA fine-tune."),
     data: list[str] = typer.Option(..., "--data", help="Held-out text: .txt, .jsonl (text), .parquet, or hf:NAME[:CONFIG]:SPLIT[:COLUMN]. Repeat it to measure several domains; NAME=SOURCE names one (default: the file's name)."),
     seqlen: int = typer.Option(2048, help="Window length in tokens (capped by the model's max_position_embeddings)."),
     stride: Optional[int] = typer.Option(None, help="Window step; smaller than --seqlen gives every token more context (default: --seqlen)."),
@@ -233,7 +268,7 @@ def eval_cmd(
             from mergequant.plot import check_plot_path, require
 
             require()  # before any model is loaded
-            check_plot_path(plot, [*models, *sources])
+            check_plot_path(plot, [*models, *(side for m in models for side in str(m).split("+")), *sources])  # BASE+ADAPTER: both
         rows = evaluate_models([str(m) for m in models], sources, seqlen=seqlen, stride=stride, device=device,
                                max_tokens=max_tokens, progress=not quiet, backend=backend,
                                log=lambda m: typer.echo(m, err=True))

@@ -109,15 +109,20 @@ def evaluate_models(model_dirs: list[str], datas: list[str], *, seqlen: int = 20
     check_eval_options(seqlen, stride, max_tokens)
     if backend not in BACKENDS:
         raise MergeQuantError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
-    from mergequant.io.checkpoint import Checkpoint
     from mergequant.io.model_files import pick_device
+    from mergequant.peft.adapted import adapter_notes, open_model, tokenizer_dir
     from mergequant.quant.calib import check_token_ids, load_documents, load_tokenizer, local_data_file
 
     for data in datas:
         local_data_file(data, EVAL_DATA)
     checkpoints, windows = [], []
     for model_dir in model_dirs:
-        ck = Checkpoint.open(model_dir)  # clear errors for missing/corrupt directories before transformers
+        # clear errors for missing/corrupt directories before transformers; BASE+ADAPTER and adapter-only folders
+        # open as an adapted view (mergequant/peft), loaded below from its tensors, never merged on disk
+        ck = open_model(model_dir)
+        for note in adapter_notes([ck]):
+            if log:
+                log(note)
         capped = _capped_seqlen(ck.config, seqlen)
         if stride is not None and stride > capped:
             raise MergeQuantError(f"--stride {stride} is longer than the window: --seqlen {seqlen} is capped at {capped} "
@@ -136,14 +141,14 @@ def evaluate_models(model_dirs: list[str], datas: list[str], *, seqlen: int = 20
     documents: dict[str, list[str]] = {}
     out = []
     for model_dir, ck, window in zip(model_dirs, checkpoints, windows):
-        tok = load_tokenizer(model_dir, "eval")
+        tok = load_tokenizer(tokenizer_dir(ck), "eval")
         ids = []
         for data in datas:
             if data not in documents:
                 documents[data] = load_documents(data, what=EVAL_DATA)
             ids.append(_eval_ids(tok, documents[data], max_tokens, data))
             check_token_ids(ids[-1], ck.config.get("vocab_size"), model_dir, data)
-        model, used = _load_model(ck, model_dir, dev, backend, log)
+        model, used = _load_model(ck, str(ck.path), dev, backend, log)  # a Hub id: its downloaded folder
         row = []
         for one in ids:
             res = perplexity(model, one, seqlen=window, stride=stride, device=dev, progress=progress)
@@ -200,6 +205,10 @@ def _load_model(ck, model_dir, dev, backend: str, log):
     full-precision one with transformers (its load report checked)."""
     if ck.config.get("quantization_config"):
         return _load_quantized(ck, model_dir, dev, backend, log)
+    from mergequant.peft.adapted import adapter_of
+
+    if adapter_of(ck) is not None:
+        return load_from_tensors(ck).to(dev).eval(), "transformers"
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -301,6 +310,47 @@ def _load_quantized(ck, model_dir, dev, backend: str, log):
                 "using mergequant's dequantizing loader")
         return load_dequantized(ck).to(dev).eval(), "dequant"
     return model.eval(), "transformers"
+
+
+def load_from_tensors(ck) -> "torch.nn.Module":
+    """A full-precision transformers model built from ``ck``'s config and filled from ``ck.get`` tensor by
+    tensor: how an adapted (BASE+ADAPTER) model is loaded without a merged copy on disk. Each parameter is
+    allocated once in the checkpoint's dtype and copied into; transformers' load report rules apply (a
+    missing or mis-shaped weight is refused, see :func:`check_load_report`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mergequant.architectures import ARCHITECTURES
+    from mergequant.merge.moe_layout import per_expert_view
+
+    cfg_dict = dict(ck.config)
+    model_type = cfg_dict.pop("model_type", None)
+    cfg = AutoConfig.for_model(model_type, **cfg_dict)
+    dtypes = {t.dtype for t in ck.tensors.values() if t.dtype.is_floating_point}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    params = dict(model.state_dict())
+    arch = ARCHITECTURES.get(model_type)
+    if arch is not None and arch.is_moe:  # per-expert tensors -> the fused parameters transformers 5 holds
+        from mergequant.quant.moe import fused_state
+
+        view = per_expert_view(ck)
+        state = fused_state(arch, {n: view.get(n) for n in view.tensors})
+        shapes = {n: tuple(t.shape) for n, t in state.items()}
+    else:
+        state, shapes = None, {n: tuple(t.shape) for n, t in ck.tensors.items()}
+    missing = [n for n in params if n not in shapes and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+    unexpected = [n for n in shapes if n not in params and not n.endswith("rotary_emb.inv_freq")]
+    mismatched = [n for n in shapes if n in params and tuple(params[n].shape) != shapes[n]]
+    check_load_report(ck.path, {"missing_keys": missing, "mismatched_keys": mismatched})
+    if unexpected:
+        raise MergeQuantError(f"{ck.path}: weight {unexpected[0]} is not a parameter of {type(model).__name__}")
+    with torch.no_grad():
+        for name in shapes:
+            if name in params:
+                params[name].copy_(state[name] if state is not None else ck.get(name))
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model
 
 
 def load_dequantized(ck) -> "torch.nn.Module":

@@ -171,6 +171,12 @@ def validate_folder(folder: str | Path, files: list[PlannedFile] | None = None) 
         if f.size > MAX_FILE_BYTES:
             raise PushError(f"{f.source}: {f.size / 1e9:.1f} GB is over the Hub's per-file limit of "
                             f"{MAX_FILE_BYTES / 1e9:.0f} GB; re-shard it (e.g. mergequant merge/quantize --shard-size 5GB)")
+    if "config.json" not in names and "adapter_config.json" in names:
+        validate_adapter_folder(folder, names)  # a PEFT adapter (extract-lora, a merge with output: adapter)
+        return
+    if "config.json" not in names and any(n.endswith(".gguf") for n in names):
+        validate_gguf_folder(folder, files)  # llama.cpp files (quantize --method gguf): no config.json, no safetensors
+        return
     if "config.json" not in names:
         raise PushError(f"{folder}: no config.json (is this a model folder?)")
     from mergequant.io.model_files import read_config
@@ -226,6 +232,44 @@ def validate_folder(folder: str | Path, files: list[PlannedFile] | None = None) 
             raise PushError(str(e)) from None
     else:
         raise PushError(f"{folder}: no weights (expected *.safetensors or pytorch_model*.bin)")
+
+
+def validate_adapter_folder(folder: Path, names: set[str]) -> None:
+    """A PEFT adapter folder: adapter_config.json is a LoRA-style config object, and the adapter weights
+    exist (safetensors: its header parses; a pickled adapter_model.bin is uploaded as is, never loaded)."""
+    from mergequant.io.safetensors_format import read_header
+
+    cfg = _json(folder / "adapter_config.json")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("peft_type"), str):
+        raise PushError(f"{folder / 'adapter_config.json'}: not a PEFT adapter config (expected an object with peft_type)")
+    if "adapter_model.safetensors" in names:
+        read_header(folder / "adapter_model.safetensors")
+    elif "adapter_model.bin" not in names:
+        raise PushError(f"{folder}: adapter_config.json but no adapter weights (adapter_model.safetensors)")
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def validate_gguf_folder(folder: Path, files: list[PlannedFile]) -> None:
+    """A folder of GGUF files (``quantize --method gguf``, a release's gguf step): every ``.gguf`` starts with
+    GGUF's header (magic, version 2 or 3, tensor and metadata counts), read from the real file inside the folder
+    (:func:`plan_upload` refused links out of it); no safetensors or pickled weights beside them (a mix of
+    formats in one repo is a mistake, e.g. the wrong folder)."""
+    import struct
+
+    ggufs = [f for f in files if f.path.endswith(".gguf")]
+    others = [f.path for f in files if f.path.endswith((".safetensors", ".bin", ".pt", ".pth"))]
+    if others:
+        raise PushError(f"{folder}: GGUF files next to other weights ({', '.join(others[:3])}): push one format per repo")
+    for f in ggufs:
+        with open(f.source, "rb") as fh:
+            head = fh.read(24)
+        if len(head) < 24 or head[:4] != GGUF_MAGIC:
+            raise PushError(f"{folder / f.path}: not a GGUF file (no GGUF header)")
+        version, = struct.unpack("<I", head[4:8])
+        if version not in (2, 3):
+            raise PushError(f"{folder / f.path}: GGUF version {version} (llama.cpp reads versions 2 and 3)")
 
 
 def prepare_card(folder: str | Path, repo: str, mapping: dict[str, str] | None = None) -> str | None:

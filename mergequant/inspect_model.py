@@ -9,7 +9,10 @@ from mergequant.units import format_bytes
 
 
 def inspect_model(path: str) -> dict:
-    ck = Checkpoint.open(path, require_config=False)
+    from mergequant.peft.adapted import adapter_of, open_model
+
+    ck = open_model(path, require_config=False, hub=False)  # a folder, BASE+ADAPTER or an adapter-only folder
+    adapter = adapter_of(ck)
     shards: dict[str, dict] = {}
     for t in ck.tensors.values():
         s = shards.setdefault(t.file, {"tensors": 0, "bytes": 0})
@@ -30,6 +33,10 @@ def inspect_model(path: str) -> dict:
         "shards": shards,
         "quantization": (ck.config.get("quantization_config") or {}).get("quant_method"),
         "experts": _experts(ck),
+        **({"adapter": {"reference": adapter.reference, "adapter": str(adapter.adapter_path), "base": adapter.base,
+                        "base_path": str(adapter.base_path), "base_from_config": adapter.base_from_config,
+                        "description": adapter.description, "modules": adapter.modules,
+                        "replaced_tensors": adapter.replaced}} if adapter else {}),
     }
 
 
@@ -72,6 +79,12 @@ def format_inspection(info: dict) -> str:
                      f"({e['layout']} layout); {e['active_parameters']:,} of {e['total_parameters']:,} parameters active")
     if info.get("quantization"):
         lines.append(f"quantization:  {info['quantization']}")
+    if info.get("adapter"):
+        a = info["adapter"]
+        lines.append(f"adapter:       {a['description']} ({a['adapter']}): {a['modules']} module(s)"
+                     + (f", {a['replaced_tensors']} tensor(s) replaced" if a["replaced_tensors"] else "")
+                     + f"; base {a['base']}" + (" (from adapter_config.json)" if a["base_from_config"] else "")
+                     + "; tensors below are the base's, adapted as they are read")
     lines.append(f"shards:        {len(info['shards'])}")
     for f, s in sorted(info["shards"].items()):
         lines.append(f"  {f}: {s['tensors']} tensors, {format_bytes(s['bytes'])}")

@@ -20,7 +20,7 @@ from mergequant.yaml_file import parse_yaml, read_yaml_text
 
 DTYPES = {"float32", "float16", "bfloat16", "float64"}
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-            "name", "modules", "tokenizer", "chat_template"}
+            "name", "modules", "tokenizer", "chat_template", "output", "adapter"}
 UNSUPPORTED_TOP = {
     "modules": "the 'modules:' form is not supported yet; use 'models:' or 'slices:'",
 }
@@ -71,6 +71,8 @@ class Recipe:
     warnings: list[str] = field(default_factory=list)
     tokenizer: "TokenizerSpec | None" = None  # tokenizer merging (tokenizer_source or tokenizer:), see merge/tokenizer.py
     chat_template: str | None = None
+    output: str = "model"  # "adapter": the merged delta written as a LoRA (see mergequant/peft/extract.py)
+    adapter: "AdapterSpec | None" = None
 
     def model_refs(self) -> list[str]:
         """Every distinct model reference, base first."""
@@ -117,8 +119,14 @@ def _string_choice(path: Path, key: str, value: Any, allowed: set[str], why: str
 def _model_ref(path: Path, where: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _err(path, where, "expected a model path or Hub id")
-    if "+" in value:
-        raise _err(path, where, f"'{value}': LoRA references (model+lora) are not supported")
+    if "+" in value:  # BASE+ADAPTER (a LoRA applied on the fly, see mergequant/peft): both sides named
+        from mergequant.errors import MergeQuantError
+        from mergequant.peft.reference import parse_reference
+
+        try:
+            parse_reference(value, base_dir=path.parent)
+        except MergeQuantError as e:
+            raise _err(path, where, str(e)) from None
     return value
 
 
@@ -215,7 +223,53 @@ def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
     _validate_parameters(recipe)
     _validate_structure(recipe)
     recipe.tokenizer = _parse_tokenizer(recipe, data)
+    recipe.output, recipe.adapter = _parse_output(recipe, data)
     return recipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# output: model (default) | adapter (the merged delta re-factored as a LoRA, see docs/extract-lora.md)
+# ---------------------------------------------------------------------------------------------------
+ADAPTER_KEYS = {"rank", "energy", "embeddings", "dtype", "svd"}
+
+
+@dataclass
+class AdapterSpec:
+    rank: int | None = None
+    energy: float | None = None
+    embeddings: str = "lora"
+    dtype: str | None = None
+    svd: str = "auto"
+
+
+def _parse_output(recipe: Recipe, data: dict) -> tuple[str, AdapterSpec | None]:
+    """``output: adapter`` + ``adapter: {rank, energy, embeddings, dtype, svd}``: checked here, before any
+    tensor is read; the merged delta (merged - base_model) needs a base_model and no tokenizer merging."""
+    path = recipe.path
+    output = _string_choice(path, "output", data.get("output"), {"model", "adapter"}) or "model"
+    section = data.get("adapter")
+    if output != "adapter":
+        if section is not None:
+            raise _err(path, "adapter", "only with 'output: adapter'")
+        return output, None
+    section = _check_keys(path, "adapter", section if section is not None else {}, ADAPTER_KEYS)
+    spec = AdapterSpec(section.get("rank"), section.get("energy"), section.get("embeddings", "lora"),
+                       section.get("dtype"), section.get("svd", "auto"))
+    if spec.rank is None and spec.energy is None:
+        raise _err(path, "adapter", "give adapter.rank (the maximum LoRA rank), adapter.energy, or both")
+    from mergequant.errors import MergeQuantError
+    from mergequant.peft.factor import METHODS, check_rank_energy
+
+    try:
+        check_rank_energy(spec.rank, spec.energy)
+    except MergeQuantError as e:
+        raise _err(path, "adapter", str(e)) from None
+    _string_choice(path, "adapter.embeddings", spec.embeddings, {"lora", "save"})
+    _string_choice(path, "adapter.dtype", spec.dtype, {"float32", "bfloat16", "float16"})
+    _string_choice(path, "adapter.svd", spec.svd, set(METHODS))
+    if not recipe.base_model:
+        raise _err(path, "output", "an adapter is the merged delta from base_model: the recipe needs a base_model")
+    return output, spec
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from mergequant.errors import CheckpointError
 
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
+# adapter_model.bin: PEFT adapters saved as pickles, read only with torch.load(weights_only=True) (mergequant/peft)
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py", "adapter_model.bin"]
 
 
 def resolve_model(ref: str, *, base_dir: Path | None = None, where: str = "") -> Path:

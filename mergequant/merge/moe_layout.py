@@ -167,7 +167,8 @@ class PerExpertView(Checkpoint):
         s = self.slices.get(name)
         if s is None:
             return self.inner.get(self.renamed.get(name, name))
-        block = self.inner.get(s.fused)[s.expert]
+        get_expert = getattr(self.inner, "get_expert", None)  # an adapted view computes one expert, not the block
+        block = get_expert(s.fused, s.expert) if get_expert else self.inner.get(s.fused)[s.expert]
         return block if s.rows is None else block[s.rows[0]:s.rows[1]]
 
 

@@ -16,7 +16,7 @@ import torch
 
 from mergequant.errors import CheckpointError, RecipeError
 from mergequant.io.checkpoint import Checkpoint, split_layer_name
-from mergequant.io.resolve import resolve_model
+from mergequant.peft.adapted import model_dirs, open_model
 from mergequant.merge.methods import REQUIRED, MethodSpec
 from mergequant.merge.moe_layout import check_same_experts, filter_name, moe_architecture, per_expert_view
 from mergequant.merge.params import layer_position, resolve
@@ -82,7 +82,7 @@ class MergePlan:
 
     @property
     def input_dirs(self) -> list[Path]:
-        return [c.path for c in self.checkpoints.values()]
+        return [d for c in self.checkpoints.values() for d in model_dirs(c)]  # an adapted model: base and adapter
 
 
 def natural_key(name: str):
@@ -99,8 +99,8 @@ def open_models(recipe: Recipe) -> dict[str, Checkpoint]:
     where.setdefault(recipe.base_model, "base_model")
     out = {}
     for ref in recipe.model_refs():
-        path = resolve_model(ref, base_dir=recipe.path.parent, where=f"{where.get(ref, '')} in {recipe.path}")
-        out[ref] = Checkpoint.open(path)
+        # a folder, a Hub id, BASE+ADAPTER or an adapter-only folder (a LoRA applied on read: mergequant/peft)
+        out[ref] = open_model(ref, base_dir=recipe.path.parent, where=f"{where.get(ref, '')} in {recipe.path}")
     return out
 
 

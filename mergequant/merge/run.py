@@ -21,6 +21,7 @@ from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, writ
 from mergequant.merge.engine import CHUNK, merge_tensor
 from mergequant.merge.moe_layout import FusedOutput, check_layout_name, fused_output, moe_architecture
 from mergequant.merge.plan import DTYPE_TO_NAME, MergePlan, build_plan, open_models
+from mergequant.peft.adapted import adapter_inputs, adapter_notes, tokenizer_dir
 from mergequant.merge.tokenizer import remap_token_ids, resolve_chat_template, write_chat_template, write_tokenizer
 from mergequant.recipe import load_recipe
 from mergequant.units import format_bytes
@@ -117,10 +118,17 @@ def run_merge(recipe_path: str | Path, opts: MergeOptions, log=print) -> MergeRe
     recipe = load_recipe(recipe_path)
     device = pick_device(opts.device)
     checkpoints = open_models(recipe)
-    plan = build_plan(recipe, checkpoints, out_dtype=opts.out_dtype, allow_vocab_mismatch=opts.allow_vocab_mismatch,
-                      mergekit_dtype=opts.mergekit_dtype)
+    for note in adapter_notes(checkpoints):  # BASE+ADAPTER inputs: which adapter, which base, from where
+        log(note)
+    adapter_out = recipe.output == "adapter"  # the merged delta as a LoRA: merged in float32, factored by SVD
+    plan = build_plan(recipe, checkpoints, out_dtype="float32" if adapter_out else opts.out_dtype,
+                      allow_vocab_mismatch=opts.allow_vocab_mismatch, mergekit_dtype=opts.mergekit_dtype)
     for w in plan.warnings:
         log(f"warning: {w}")
+    if adapter_out:
+        from mergequant.peft.extract import run_merge_to_adapter
+
+        return run_merge_to_adapter(plan, opts, log)
     check_output_location(opts.out, plan.input_dirs, force=opts.force, files=[("recipe", recipe.path)])
     layout = output_layout(plan, opts.moe_layout)
     shards = plan_shards([PlannedTensor(*t) for t in layout.tensors], opts.shard_size)
@@ -242,7 +250,7 @@ def _write_metadata(plan: MergePlan, out: Path, opts: MergeOptions) -> None:
                 config[key] = plan.vocab.rows
         config = remap_token_ids(config, plan.vocab.model_vocab[plan.ref_model], plan.vocab.tokens)
     write_json(out / "config.json", config)
-    copy_tokenizer_files(ref.path, out)
+    copy_tokenizer_files(tokenizer_dir(ref), out)  # BASE+ADAPTER: the adapter's tokenizer when it has one
     if plan.vocab is not None:
         write_tokenizer(plan.vocab, out)
         gen = out / "generation_config.json"
@@ -251,7 +259,7 @@ def _write_metadata(plan: MergePlan, out: Path, opts: MergeOptions) -> None:
             write_json(gen, remap_token_ids(json.loads(gen.read_text()), plan.vocab.model_vocab[plan.ref_model],
                                             plan.vocab.tokens))
     if plan.recipe.chat_template:
-        template = resolve_chat_template(plan.recipe.chat_template, [c.path for c in plan.checkpoints.values()],
+        template = resolve_chat_template(plan.recipe.chat_template, [tokenizer_dir(c) for c in plan.checkpoints.values()],
                                          f"{plan.recipe.path}: chat_template")
         if template is not None:
             write_chat_template(template, out)
@@ -262,7 +270,7 @@ def _write_metadata(plan: MergePlan, out: Path, opts: MergeOptions) -> None:
         base_model=plan.recipe.base_model, recipe_text=plan.recipe.text, out_dtype=dtype_name,
         num_parameters=sum(t.numel for t in plan.tensors),
         parent_dirs={r: c.path for r, c in plan.checkpoints.items()},
-        base_dir=plan.recipe.path.parent))
+        base_dir=plan.recipe.path.parent, adapters=adapter_inputs(plan.checkpoints)))
 
 
 def summary(result: MergeResult) -> str:

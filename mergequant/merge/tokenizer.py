@@ -150,7 +150,9 @@ def build_alignment(recipe, checkpoints: dict, ref_model: str) -> VocabAlignment
     refs = list(checkpoints)
     base = recipe.base_model or refs[0]
     rows = {r: model_rows(c) for r, c in checkpoints.items()}
-    infos = {r: read_tokenizer(c.path, rows[r]) for r, c in checkpoints.items()}
+    from mergequant.peft.adapted import tokenizer_dir  # BASE+ADAPTER: the adapter's tokenizer when it has one
+
+    infos = {r: read_tokenizer(tokenizer_dir(c), rows[r]) for r, c in checkpoints.items()}
     if infos[base] is None:
         if spec.source == "base" and not spec.tokens and not spec.pad_to_multiple_of:
             return None  # no base tokenizer to align by: the plain merge (rows by index, vocabulary check), as before

@@ -396,7 +396,10 @@ def gptq_quantize_config(
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
-        "desc_act": bool(desc_act),
+        # ``desc_act`` tells loaders whether g_idx is out of order. With static groups it never is (groups are
+        # fixed in channel order before the act-order solve), so the checkpoint is stored as plain grouped GPTQ:
+        # vLLM, which refuses desc_act with groups, then loads act-order quality (``static_groups`` records it)
+        "desc_act": bool(desc_act) and not (static_groups and group_size != -1),
         "sym": bool(sym),
         "true_sequential": bool(true_sequential),
         "damp_percent": float(damp_percent),

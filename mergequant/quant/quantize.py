@@ -30,6 +30,7 @@ from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, writ
 from mergequant.memory import release_free_memory
 from mergequant.merge.moe_layout import per_expert_view
 from mergequant.merge.plan import natural_key
+from mergequant.peft.adapted import adapter_notes, adapter_of, model_dirs, open_model, source_name, tokenizer_dir
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod, get_method
 
 # Calibration samples per forward chunk when --batch-size is not given: as many as fit in
@@ -79,6 +80,7 @@ class QuantizeOptions:
     moe_calibration: str = "all"  # mixture of experts: every expert sees all tokens, or only its routed ones
     moe_min_share: float = 0.05  # routed: fewer tokens than this share of a uniform share -> round-to-nearest
     moe_names: str = "original"  # mixture of experts: expert names in the output (see EXPERT_NAMES)
+    gguf_types: list[str] = field(default_factory=list)  # --method gguf: file types (Q4_K_M, Q8_0, ...), one file each
 
 
 @dataclass
@@ -91,6 +93,7 @@ class QuantizeResult:
     perplexity: dict = field(default_factory=dict)
     expert_tokens: dict[int, list[int]] = field(default_factory=dict)  # MoE: layer -> routed tokens per expert
     expert_fallbacks: dict[int, list[int]] = field(default_factory=dict)  # MoE routed: layer -> starved experts
+    files: list[Path] = field(default_factory=list)  # --method gguf: the .gguf files written
 
 
 # How quantized experts are named in the output. ``original``: the architecture's own per-expert names
@@ -275,7 +278,13 @@ def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> QuantizeResult:
     model_dir = Path(model_dir)
+    if opts.method == "gguf":  # llama.cpp files: its own driver (mergequant.gguf)
+        from mergequant.gguf.driver import run_gguf
+
+        return run_gguf(model_dir, opts, log)
     ck, arch, linears, method = _prepare(model_dir, opts)
+    for note in adapter_notes([ck]):
+        log(note)
     if opts.calib and not method.calibrated:
         log(f"note: --method {opts.method} needs no calibration data; --calib is ignored")
     for note in _notes(opts, arch, method):
@@ -322,20 +331,26 @@ def _prepare(model_dir: Path, opts: QuantizeOptions) -> tuple[Checkpoint, Archit
     """Every check made before any work (options, architecture, inputs, output location), in the order
     that costs least: the same for a run and its --dry-run."""
     _check_counts(opts)  # before any file is opened
-    ck = per_expert_view(Checkpoint.open(model_dir))  # fused MoE inputs are read under per-expert names
+    # a folder, BASE+ADAPTER or an adapter-only folder (LoRA applied as tensors are read: mergequant/peft);
+    # fused MoE inputs are read under per-expert names
+    ck = per_expert_view(open_model(model_dir))  # local folders as before; Hub ids (adapter-only repos too) downloaded
     refuse_quantized_input(ck)
     arch = quantizable_architecture(ck, opts.method)
     check_moe_options(opts, arch)
     linears = find_linears(ck, arch, opts.moe_names)
-    method = validate(opts, linears, model_dir=model_dir)
-    check_output_location(opts.out, [model_dir], force=opts.force,
+    method = validate(opts, linears, model_dir=tokenizer_dir(ck))
+    check_output_location(opts.out, model_dirs(ck), force=opts.force,
                           files=local_files({"calibration data": opts.calib, "eval data": opts.eval_data}))
     return ck, arch, linears, method
 
 
 def _notes(opts: QuantizeOptions, arch: Architecture, method: QuantMethod) -> list[str]:
+    from mergequant.quant.clients import client_warnings, settings_of
+
+    # engines that will not load this setting (serving matrix; MoE expert naming: moe_client_notes)
     return ([f"note: {f} does not apply to --method {opts.method}; it is ignored" for f in ignored_options(opts)]
-            + moe_client_notes(arch, opts, method))
+            + moe_client_notes(arch, opts, method)
+            + ([] if arch.is_moe else client_warnings(opts.method, settings_of(opts))))
 
 
 def _calibration_ids(model_dir: Path, ck: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
@@ -343,7 +358,7 @@ def _calibration_ids(model_dir: Path, ck: Checkpoint, opts: QuantizeOptions) -> 
     vocabulary's tokenizer holds tens of MB that the layer loop does not need)."""
     from mergequant.quant.calib import calibration_batch, check_token_ids, load_tokenizer
 
-    tok = load_tokenizer(model_dir, f"--method {opts.method}")
+    tok = load_tokenizer(tokenizer_dir(ck), f"--method {opts.method}")
     limit = ck.config.get("max_position_embeddings")
     seqlen = min(opts.seqlen, limit) if isinstance(limit, int) else opts.seqlen
     ids = calibration_batch(opts.calib, tok, samples=opts.samples, seqlen=seqlen, seed=opts.seed)
@@ -365,7 +380,7 @@ def _calibrated(model_dir, ck, linears, quantized, method, ctx, calib_ids, devic
     batch = ctx.opts.batch_size or auto_batch_size(ck.config, calib_ids.shape[1], calib_ids.shape[0])
     moe = MoECalibration(ctx.opts.moe_calibration, ctx.opts.moe_min_share)
     ctx.extra["moe"] = moe
-    runner = LayerRunner(model_dir, calib_ids, device, batch_size=batch, arch=ctx.arch, moe=moe)
+    runner = LayerRunner(ck, calib_ids, device, batch_size=batch, arch=ctx.arch, moe=moe)
     bar = tqdm(total=runner.num_layers, desc=ctx.opts.method, unit="layer", disable=ctx.opts.quiet or None,
                file=sys.stderr)
 
@@ -450,13 +465,19 @@ def _write_metadata(ck: Checkpoint, out: Path, opts: QuantizeOptions, method: Qu
         if fname_ == "quantize_config.json":
             obj = config["quantization_config"]
         write_json(out / fname_, obj)
-    copy_tokenizer_files(ck.path, out)
+    copy_tokenizer_files(tokenizer_dir(ck), out)
     (out / "README.md").write_text(quant_card(
-        source=str(ck.path), method=opts.method, bits=opts.bits, settings=method.card_settings(opts),
+        source=source_name(ck), adapter=adapter_of(ck), method=opts.method, bits=opts.bits, settings=method.card_settings(opts),
         tags=method.card_tags(opts), requirements=method.loading_requirements(), calib=opts.calib if method.calibrated else None,
         calib_tokens=result.calib_tokens, samples=opts.samples if method.calibrated else 0, fallbacks=result.fallbacks,
         perplexity=result.perplexity or None, eval_data=opts.eval_data,
-        experts=moe_card_info(ck, opts, method, result)))
+        experts=moe_card_info(ck, opts, method, result), clients=_verified_clients(opts, arch)))
+
+
+def _verified_clients(opts: QuantizeOptions, arch: Architecture) -> list[str]:
+    from mergequant.quant.clients import settings_of, verified_clients
+
+    return verified_clients(opts.method, settings_of(opts, arch.is_moe))
 
 
 def float_modules_pattern(arch: Architecture, opts: QuantizeOptions) -> str:
@@ -584,6 +605,10 @@ def plan_quantize(model_dir: str | Path, opts: QuantizeOptions) -> QuantizePlan:
     from mergequant.units import parse_size
 
     model_dir = Path(model_dir)
+    if opts.method == "gguf":
+        from mergequant.gguf.driver import plan_gguf
+
+        return plan_gguf(model_dir, opts)
     ck, arch, linears, method = _prepare(model_dir, opts)
     planned = planned_tensors(ck, linears, method, opts)
     shards = plan_shards(planned, parse_size(opts.shard_size))
@@ -604,7 +629,7 @@ def plan_quantize(model_dir: str | Path, opts: QuantizeOptions) -> QuantizePlan:
 def describe_quantize_plan(plan: QuantizePlan) -> str:
     from mergequant.units import format_bytes
 
-    lines = [f"quantize {plan.model} ({plan.architecture}) with {plan.method} {plan.bits}-bit: "
+    lines = [f"quantize {plan.model} ({plan.architecture}) with {plan.method}{f' {plan.bits}-bit' if plan.bits else ''}: "
              f"{plan.modules} Linear modules"]
     if plan.experts:
         e = plan.experts

@@ -228,7 +228,7 @@ class LayerRunner:
     (looked up from config.json when not given).
     """
 
-    def __init__(self, model_dir: str | Path, calib_ids: torch.Tensor, device: str | torch.device = "cpu",
+    def __init__(self, model_dir: "str | Path | Checkpoint", calib_ids: torch.Tensor, device: str | torch.device = "cpu",
                  *, dtype: torch.dtype = torch.float32, batch_size: int = 8,
                  activation_dtype: torch.dtype | None = None, arch: Architecture | None = None,
                  moe: MoECalibration | None = None):
@@ -236,8 +236,14 @@ class LayerRunner:
             raise MergeQuantError(f"calibration ids must be [samples, tokens], got shape {tuple(calib_ids.shape)}")
         if batch_size < 1:
             raise MergeQuantError(f"batch_size must be >= 1, got {batch_size}")
-        # a mixture-of-experts checkpoint in the fused layout is read under per-expert names
-        self.ckpt = per_expert_view(Checkpoint.open(model_dir))
+        # a mixture-of-experts checkpoint in the fused layout is read under per-expert names; ``model_dir`` may
+        # be an opened checkpoint (an adapted BASE+ADAPTER view: mergequant/peft) or a reference to open
+        if isinstance(model_dir, Checkpoint):
+            self.ckpt = per_expert_view(model_dir)
+        else:
+            from mergequant.peft.adapted import open_model
+
+            self.ckpt = per_expert_view(open_model(model_dir, hub=False))
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = batch_size

@@ -33,9 +33,13 @@ def dry_run(rel: Release, opts: RunOptions) -> ReleaseResult:
     and what each push would upload. Writes nothing (no workdir, no manifest, no cleanup)."""
     from mergequant.units import format_bytes
 
-    r = _Runner(rel, opts, log=lambda m: None)
+    notes: list[str] = []
+    r = _Runner(rel, opts, log=notes.append)
+    r.check_source()  # merge.model with a LoRA adapter: opened (a bad one refused in one line); its note is shown
+    r.log = lambda m: None
     r.validate_quantizations()
     lines = [f"release {rel.path}", f"workdir {rel.workdir}" + ("" if rel.workdir.exists() else " (created on the first run)")]
+    lines += notes
     refusals = r.refusals()
     lines += [f"REFUSED: {why}" for why in refusals]
     pending = r.manifest.get(PENDING, {})

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 
 def _folder_bytes(folder: Path) -> int:
+    if folder.is_file():  # one GGUF file of a gguf quantization (NAME/<source>-<TYPE>.gguf)
+        return folder.stat().st_size
     return sum(p.stat().st_size for p in files_under(folder)) if folder.is_dir() else 0
 
 

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergequant.errors import MergeQuantError
 from mergequant.release import shapes
+from mergequant.release.adapters import adapter_sides, side_dirs, sides_identity
 from mergequant.release.hashing import dir_fingerprint
 from mergequant.release.layout import RESULTS_PNG, ReleaseError
 from mergequant.release.manifest import PENDING, add_claims, drop_claims, now, read_manifest, write_manifest
@@ -79,13 +81,54 @@ class _Runner:
         self.rebuilt: set[str] = set()  # dry run: outputs that would be rewritten (unknown new content)
         self.quantizations: dict = {}  # {name: (QuantizeOptions, method, linears, stand-in)}, once checked
         self._merge_plan = None
+        self._source_ck = None  # merge.model with a LoRA adapter: its adapted view, opened once
 
     # ---- inputs ------------------------------------------------------------------------------------
     def source_dir(self) -> Path:
+        """The folder of the model the quantizations read (with an adapter: its base's folder)."""
+        if self.rel.merge.adapted:
+            return self.source_checkpoint().path
         return self.rel.merge.model if self.rel.merge.model is not None else self.wd / self.rel.merge.out
 
-    def source_identity(self) -> str | None:
-        """Content hash of the model the quantizations read; None when it is not known yet (dry run)."""
+    def source_ref(self) -> str | Path:
+        """What the quantizations open: the source folder, or ``merge.model``'s reference when it has an adapter."""
+        return self.rel.merge.model if self.rel.merge.adapted else self.source_dir().resolve()
+
+    def source_checkpoint(self):
+        """``merge.model`` with its adapter, as quantize reads it (:func:`mergequant.peft.adapted.open_model`, fused
+        experts per expert), opened once; anything wrong with the adapter is one line naming ``merge.model``."""
+        if self._source_ck is None:
+            from mergequant.merge.moe_layout import per_expert_view
+            from mergequant.peft.adapted import open_model
+
+            try:
+                self._source_ck = per_expert_view(open_model(self.rel.merge.model))
+            except MergeQuantError as e:
+                raise ReleaseError(f"{self.rel.path}: merge.model: {e}") from None
+        return self._source_ck
+
+    def check_source(self) -> None:
+        """Open ``merge.model``'s adapter now (before anything is written) when it has one, and say which it is."""
+        if self.rel.merge.adapted:
+            self.log(self.source_checkpoint().note)
+
+    def _sides(self, ref: str, base_dir: Path | None, where: str):
+        try:
+            return adapter_sides(ref, base_dir)
+        except MergeQuantError as e:
+            raise ReleaseError(f"{self.rel.path}: {where}: {e}") from None
+
+    def source_sides(self):
+        """The base and adapter sides of ``merge.model`` (:func:`mergequant.release.adapters.adapter_sides`)."""
+        # base_dir None: local sides are absolute already (spec), and an adapter-only folder's base_model_name_or_path
+        # is resolved as `mergequant quantize` resolves it (as written: peft records it as it was given)
+        return self._sides(self.rel.merge.model, None, "merge.model")
+
+    def source_identity(self) -> str | dict | None:
+        """Content hash of the model the quantizations read; None when it is not known yet (dry run). With an
+        adapter: the reference and the identities of both the base's and the adapter's folders."""
+        if self.rel.merge.adapted:
+            return {"reference": self.rel.merge.model, **sides_identity(self.source_sides())}
         if self.rel.merge.model is not None:
             return dir_fingerprint(self.rel.merge.model)
         name = self.rel.merge.out
@@ -115,8 +158,23 @@ class _Runner:
             out[ref] = p if p.is_dir() else None
         return out
 
+    def parent_sides(self) -> dict:
+        """{reference: its base and adapter sides} of every merge parent with a LoRA adapter."""
+        from mergequant.recipe import load_recipe
+
+        folder = load_recipe(self.rel.merge.recipe).path.parent
+        out = {}
+        for ref in self.parent_dirs():
+            sides = self._sides(ref, folder, "merge.recipe")
+            if sides is not None:
+                out[ref] = sides
+        return out
+
     def parents(self) -> dict:
-        return {ref: dir_fingerprint(p) if p is not None else f"hub:{ref}" for ref, p in self.parent_dirs().items()}
+        """Each parent's identity; a parent with an adapter: both sides' (a changed adapter redoes the merge)."""
+        adapted = self.parent_sides()
+        return {ref: sides_identity(adapted[ref]) if ref in adapted else dir_fingerprint(p) if p is not None
+                else f"hub:{ref}" for ref, p in self.parent_dirs().items()}
 
     def input_paths(self) -> list[tuple[str, Path, bool]]:
         """(what it is, path, is a model folder) for every local input of the release: nothing of
@@ -125,7 +183,14 @@ class _Runner:
         out = [("the release file", rel.path, False)]
         if rel.merge.recipe is not None:
             out.append(("merge.recipe", rel.merge.recipe, False))
-            out += [(f"merge parent {ref}", p, True) for ref, p in self.parent_dirs().items() if p is not None]
+            adapted = self.parent_sides()
+            for ref, p in self.parent_dirs().items():
+                if ref in adapted:
+                    out += [(f"merge parent {ref} ({role})", d, True) for role, d in side_dirs(adapted[ref])]
+                elif p is not None:
+                    out.append((f"merge parent {ref}", p, True))
+        elif rel.merge.adapted:
+            out += [(f"merge.model {role}", d, True) for role, d in side_dirs(self.source_sides())]
         else:
             out.append(("merge.model", rel.merge.model, True))
         out += [(f"quantize {q.name} calib", Path(q.settings["calib"]), False)
@@ -138,8 +203,17 @@ class _Runner:
         first = self.rel.merge.out if self.rel.merge.recipe is not None else "(model)"
         return [first] + [q.name for q in self.rel.quantize]
 
+    def is_gguf(self, name: str) -> bool:
+        """Whether the output ``name`` is a quantization with ``method: gguf`` (llama.cpp files)."""
+        return any(q.name == name and q.settings.get("method") == "gguf" for q in self.rel.quantize)
+
     def model_dir(self, name: str) -> Path:
-        return self.rel.merge.model if name == "(model)" else self.wd / name
+        """The folder of an evaluated model (its size in results.md; with an adapter, the base's folder)."""
+        return self.source_dir() if name == "(model)" else self.wd / name
+
+    def model_ref(self, name: str) -> str:
+        """What the eval step opens for ``name``: its folder, or ``merge.model``'s reference with its adapter."""
+        return str(self.source_ref() if name == "(model)" and self.rel.merge.adapted else self.model_dir(name))
 
     def push_map(self, name: str) -> dict[str, str]:
         mapping = dict(self.rel.push.base_model_map)
@@ -264,6 +338,7 @@ class _Runner:
     # ---- execute -----------------------------------------------------------------------------------
     def run(self) -> ReleaseResult:
         refuse(self.refusals())  # before the lock: a refused run creates nothing (not even the workdir)
+        self.check_source()  # so is a bad adapter in merge.model
         lock = WorkdirLock(self.wd)
         try:
             self._load_manifest()  # again, now that no other run can be writing it

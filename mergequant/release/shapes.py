@@ -3,7 +3,8 @@
 Quantization options are checked against the layers they will meet (a ``group_size`` that does not
 divide a layer, a method that does not support the architecture, MoE options) before the first step
 runs, so a release fails in a second instead of after a long merge. The source is the merge output
-when it is finished and unchanged, the ``merge: {model:}`` folder, or else the merge plan (which
+when it is finished and unchanged, the ``merge: {model:}`` folder (with a LoRA adapter, the adapted view
+:func:`mergequant.peft.adapted.open_model` gives, as quantize reads it), or else the merge plan (which
 knows every output tensor's name, shape and dtype without computing one). The dry run uses the same
 checked options for its size and memory estimates (:meth:`mergequant.release.steps.QuantizeStep.estimate`).
 """
@@ -41,7 +42,8 @@ def source_shapes(ctx: _Runner):
     src = ctx.source_dir()
     rec = ctx.records.get("merge")
     if ctx.rel.merge.model is not None:
-        ck = Checkpoint.open(src)
+        # with a LoRA adapter: the adapted view quantize reads (same tensors, shapes and dtypes as the base)
+        ck = ctx.source_checkpoint() if ctx.rel.merge.adapted else Checkpoint.open(src)
         return ck.config, ck.tensors
     if (rec is not None and (src / "config.json").is_file() and ctx.decide(ctx.steps[0], verify=False)[0] is False
             and rec.get("files", {}).get("config.json", {}).get("sha256") == sha256_file(src / "config.json")):
@@ -73,6 +75,17 @@ def check_quantizations(ctx: _Runner) -> dict:
     out = {}
     for q in rel.quantize:
         opts = QuantizeOptions(out=ctx.wd / q.name, **q.settings)
+        if q.settings.get("method") == "gguf":  # llama.cpp files: {file type: estimated bytes} instead of linears
+            from mergequant.release.gguf import check_gguf
+
+            try:
+                if rel.merge.adapted:
+                    raise MergeQuantError("method gguf reads a model folder; a model with a LoRA adapter (merge.model "
+                                          "BASE+ADAPTER) is not converted to GGUF yet (merge the adapter first)")
+                out[q.name] = (opts, "gguf", check_gguf(stand_in, opts), stand_in)
+            except MergeQuantError as e:
+                raise ReleaseError(f"{rel.path}: quantize {q.name}: {e}") from None
+            continue
         try:
             arch = quantizable_architecture(stand_in, opts.method)
             check_moe_options(opts, arch)

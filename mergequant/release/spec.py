@@ -31,9 +31,16 @@ PUSH_OPTION_KEYS = {"private", "revision", "create_pr", "commit_message", "endpo
 @dataclass
 class MergeSpec:
     recipe: Path | None  # absolute; None with `model:`
-    model: Path | None  # an existing model to quantize (no merge step)
+    # an existing model to quantize (no merge step): its folder (absolute), or for a model with a LoRA adapter
+    # (BASE+ADAPTER, an adapter-only folder) the reference open_model reads, local sides made absolute (str)
+    model: Path | str | None
     out: str  # output name (directory under workdir) of the merge
     options: dict  # MergeOptions keyword arguments (shard_size already in bytes)
+
+    @property
+    def adapted(self) -> bool:
+        """Whether ``model`` is a model with a LoRA adapter (a reference, read through the adapted view)."""
+        return isinstance(self.model, str)
 
 
 @dataclass
@@ -127,6 +134,24 @@ def _size(path: Path, where: str, value: Any) -> int:
         raise _err(path, where, str(e)) from None
 
 
+def _gguf_types(path: Path, where: str, value: Any) -> list[str]:
+    """``gguf_types``: a list (or one name) of GGUF file types, normalized as ``--gguf-type`` is (upper case, in
+    order, deduplicated); an unknown type is one line naming the key."""
+    from mergequant.gguf.mixes import FILE_TYPES
+
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(t, str) for t in items):
+        raise _err(path, where, f"expected a list of GGUF types like [Q4_K_M, Q8_0], got {value!r}")
+    out: list[str] = []
+    for t in items:
+        u = t.strip().upper()
+        if u not in FILE_TYPES:
+            raise _err(path, where, f"unknown GGUF type '{t}'" + suggestion(u, set(FILE_TYPES)).replace(" (allowed:", " (supported:"))
+        if u not in out:
+            out.append(u)
+    return out
+
+
 def quantize_fields() -> dict[str, dataclasses.Field]:
     from mergequant.quant.quantize import QuantizeOptions
 
@@ -141,6 +166,43 @@ def _field_kind(f: dataclasses.Field) -> tuple[type | tuple, str, bool]:
              "str": (str, "a string"), "Path": (str, "a path")}
     kind, what = kinds.get(base, (object, "a value"))
     return kind, what, nullable
+
+
+def _model_source(path: Path, value: str) -> Path | str:
+    """``merge.model``: a model folder (absolute Path, as before), or a model with a LoRA adapter as the reference
+    :func:`mergequant.peft.adapted.open_model` reads (str): ``BASE+ADAPTER`` with each local side made absolute
+    (relative to the release file; a side that is not a local path is a Hub id), or an adapter-only folder
+    (its base from ``base_model_name_or_path``). Checks the syntax and that local sides exist; the adapter
+    itself is opened (and refused in one line if it does not fit) by the runner before anything is written."""
+    from mergequant.peft.config import ADAPTER_CONFIG
+    from mergequant.peft.reference import parse_reference
+    from mergequant.recipe import looks_like_hub_id
+
+    where = "merge.model"
+    local = _local(path.parent, value)
+    ref = None
+    if not local.exists() and "+" in value:  # an existing path is that path, even with a '+' in its name
+        try:
+            ref = parse_reference(value, base_dir=path.parent)
+        except MergeQuantError as e:  # BASE+ / +ADAPTER / A+B+C: the recipe's wording
+            raise _err(path, where, str(e)) from None
+    if ref is None or ref.adapter is None:
+        if (local / "config.json").is_file():
+            return local.resolve()
+        if (local / ADAPTER_CONFIG).is_file():  # an adapter-only folder
+            return str(local.resolve())
+        raise _err(path, where, f"not a model directory (no config.json): {local}"
+                   + (f" (nor a LoRA adapter: no {ADAPTER_CONFIG})" if local.is_dir() else ""))
+    sides = []
+    for role, side in (("base", ref.base), ("adapter", ref.adapter)):
+        p = _local(path.parent, side)
+        if p.exists():
+            sides.append(str(p.resolve()))
+        elif looks_like_hub_id(side):
+            sides.append(side)
+        else:
+            raise _err(path, where, f"{value}: the {role} {p} does not exist (nor is {side!r} a Hub id namespace/name)")
+    return "+".join(sides)
 
 
 def load_release(path: str | Path) -> Release:
@@ -201,10 +263,7 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
         for k in MERGE_KEYS - {"model"}:
             if k in m:
                 raise _err(path, f"merge.{k}", "only applies to a merge ('recipe'); with 'model' nothing is merged")
-        model = _local(base, _typed(path, "merge.model", m["model"], str, "a model directory"))
-        if not (model / "config.json").is_file():
-            raise _err(path, "merge.model", f"not a model directory (no config.json): {model}")
-        model = model.resolve()
+        model = _model_source(path, _typed(path, "merge.model", m["model"], str, "a model directory"))
         out = None
     if recipe is not None:
         from mergequant.merge.run import MergeOptions, check_merge_options
@@ -236,9 +295,9 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
             raise _err(path, f"{where}.name", f"'{name}' is already used" if name in seen else f"'{name}' is reserved")
         seen.add(name)
         method = q["method"]
-        if method not in METHODS:
+        if method not in METHODS and method != "gguf":  # gguf: llama.cpp files, its own driver (mergequant.gguf)
             raise _err(path, f"{where}.method", f"unknown method '{method}'"
-                       + suggestion(method, METHODS).replace(" (allowed:", " (supported:"))
+                       + suggestion(method, set(METHODS) | {"gguf"}).replace(" (allowed:", " (supported:"))
         settings: dict = {}
         for k, v in q.items():
             if k == "name":
@@ -246,11 +305,18 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
             w = f"{where}.{k}"
             if k == "shard_size":
                 settings[k] = _size(path, w, v)
+            elif k == "gguf_types":
+                settings[k] = _gguf_types(path, w, v)
             elif k == "calib":
                 settings[k] = _data_source(path, w, v)
             else:
                 kind, what, nullable = _field_kind(fields[k])
                 settings[k] = _typed(path, w, v, kind, what, nullable=nullable)
+        if method == "gguf" and not settings.get("gguf_types"):
+            raise _err(path, f"{where}.gguf_types", "missing: method gguf needs the GGUF file types, "
+                       "e.g. gguf_types: [Q4_K_M, Q8_0]")
+        if method != "gguf" and "gguf_types" in settings:
+            raise _err(path, f"{where}.gguf_types", f"only applies to method gguf (this quantization is {method})")
         quants.append(QuantSpec(name, settings))
 
     # eval

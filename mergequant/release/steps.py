@@ -166,7 +166,18 @@ class QuantizeStep(Step):
         if ctx.rel.eval is not None:  # the card carries perplexities measured on the eval data
             ins["eval_data"] = data_fingerprint(ctx.rel.eval.data)
             ins["eval_backend"] = ctx.rel.eval.backend
+            if self.gguf:  # measured in llama.cpp (when installed), in eval's windows
+                from mergequant.release.gguf import llama_cpp_available
+
+                ev = ctx.rel.eval
+                ins["eval_windows"] = {"seqlen": ev.seqlen, "stride": ev.stride, "max_tokens": ev.max_tokens}
+                ins["gguf_perplexity"] = "llama.cpp" if llama_cpp_available() else "not measured"
         return ins
+
+    @property
+    def gguf(self) -> bool:
+        """``method: gguf``: llama.cpp files (WORKDIR/NAME/<source>-<TYPE>.gguf + README.md), see :mod:`mergequant.release.gguf`."""
+        return self.settings.get("method") == "gguf"
 
     def fingerprint_settings(self) -> dict:
         settings = super().fingerprint_settings()
@@ -177,18 +188,57 @@ class QuantizeStep(Step):
         from mergequant.quant.quantize import QuantizeOptions, run_quantize
 
         ev = ctx.rel.eval
+        if self.gguf:
+            return self._execute_gguf(ctx)
         opts = QuantizeOptions(out=ctx.wd / self.name, force=True, quiet=ctx.opts.quiet, fsync=ctx.opts.fsync,
                                eval_data=ev.data if ev else None, eval_backend=ev.backend if ev else "auto",
                                **self.settings)
-        res = run_quantize(ctx.source_dir().resolve(), opts, log=ctx.log)
+        res = run_quantize(ctx.source_ref(), opts, log=ctx.log)  # a folder, or BASE+ADAPTER / an adapter
         return {**record_output(ctx.wd, self.name),
                 "result": {"modules": res.modules, "fallbacks": res.fallbacks, "calib_tokens": res.calib_tokens,
                            "perplexity": res.perplexity}}
+
+    def _execute_gguf(self, ctx: _Runner) -> dict:
+        """The GGUF files (one pass), then, with an eval step and llama-cpp-python, each file's held-out perplexity
+        measured in llama.cpp and written into the card's table (before the folder is recorded)."""
+        from mergequant.card import gguf_card_perplexity
+        from mergequant.quant.quantize import QuantizeOptions, run_quantize
+        from mergequant.release.gguf import llama_cpp_available, measure_perplexity
+
+        ev = ctx.rel.eval
+        out = ctx.wd / self.name
+        opts = QuantizeOptions(out=out, force=True, quiet=ctx.opts.quiet, fsync=ctx.opts.fsync, **self.settings)
+        src = ctx.source_dir().resolve()
+        res = run_quantize(src, opts, log=ctx.log)
+        files = {p.name: out / p.name for p in res.files}
+        measured = None
+        if ev is not None and llama_cpp_available():
+            ctx.log(f"  measuring {len(files)} GGUF file(s) in llama.cpp on {ev.data}")
+            measured = measure_perplexity(src, files, ev, log=ctx.log)
+        elif ev is not None:
+            ctx.log("  note: llama-cpp-python is not installed (scripts/install-llama-cpp.sh): the GGUF files' "
+                    "perplexity is not measured")
+        if measured:
+            card = out / "README.md"
+            write_atomic(card, gguf_card_perplexity(card.read_text(encoding="utf-8"),
+                                                    {n: r["perplexity"] for n, r in measured.items()}))
+        return {**record_output(ctx.wd, self.name),
+                "result": {"modules": res.modules, "gguf_files": sorted(files), "calib_tokens": res.calib_tokens,
+                           "perplexity": None if measured is None else {n: r["perplexity"] for n, r in measured.items()},
+                           "perplexity_detail": measured}}
 
     def estimate(self, ctx: _Runner, run: bool, sizes: dict[str, int]) -> Estimate:
         if not run:
             sizes[self.name] = _recorded_size(ctx, self)
             return Estimate()
+        if self.gguf:
+            from mergequant.units import format_bytes
+
+            per_type = ctx.quantizations[self.name][2]
+            sizes[self.name] = sum(per_type.values())
+            return Estimate(f"; writes ~{format_bytes(sizes[self.name])} in {len(per_type)} GGUF file(s) ("
+                            + ", ".join(f"{t} ~{format_bytes(b)}" for t, b in per_type.items())
+                            + "), peak memory ~0.1 GiB + the interpreter (one tensor slab at a time)", sizes[self.name])
         from mergequant.architectures import architecture_for
         from mergequant.io.writer import plan_shards
         from mergequant.quant.quantize import estimate_peak_bytes, planned_tensors
@@ -238,7 +288,14 @@ class EvalStep(Step):
         ev, wd = ctx.rel.eval, ctx.wd
         table = {}
         for name in ctx.eval_models():
-            res = evaluate_model(str(ctx.model_dir(name)), ev.data, seqlen=ev.seqlen, stride=ev.stride, device=ev.device,
+            if ctx.is_gguf(name):  # mergequant eval does not read GGUF: the quantize step measured them in llama.cpp
+                measured = (ctx.records.get(f"quantize/{name}", {}).get("result") or {}).get("perplexity_detail") or {}
+                for file, r in measured.items():
+                    table[f"{name}/{file}"] = r
+                if not measured:
+                    ctx.log(f"  {name}: GGUF files not measured (needs llama-cpp-python)")
+                continue
+            res = evaluate_model(ctx.model_ref(name), ev.data, seqlen=ev.seqlen, stride=ev.stride, device=ev.device,
                                  max_tokens=ev.max_tokens, progress=not ctx.opts.quiet, backend=ev.backend)
             table[name] = res.as_dict()
             ctx.log(f"  {name}: perplexity {res.perplexity:.4f} over {res.tokens} tokens")

@@ -1,0 +1,488 @@
+"""GGUF k-quants (super-blocks of 256 weights): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+
+Re-expressed from the formats and the reference search of llama.cpp (ggml-quants.c): every
+super-block is split into 16- or 32-weight sub-blocks, each gets a scale (and a min for the
+asymmetric types) from a small search around round-to-nearest, and the sub-block scales are
+themselves quantized to 4, 6 or 8 bits against a half-precision super-block scale. The arithmetic
+follows llama.cpp's reference quantizer exactly in float32 (same operation order, C rounding), so
+without an importance matrix the bytes equal llama.cpp's. With one (``--calib``) the search weighs
+each column's error by the matrix, as llama.cpp's ``quantize_row_*_impl`` do.
+
+Searches (names as in ggml-quants.c, our code):
+- ``_qx``: symmetric signed levels, scale refined over 18 trial inverse scales (Q6_K);
+- ``_q3``: symmetric, then coordinate descent on each level (Q3_K);
+- ``_qkx2``: asymmetric (scale, min) by weighted least squares over ``nstep`` trial scales (Q2_K, Q4_K, Q5_K).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from mergequant.gguf.blocks import put_f16
+
+EPS = np.float32(1e-15)  # ggml's GROUP_MAX_EPS: a sub-block below this is all zeros
+
+
+@numba.njit(cache=True)
+def _nint(v):
+    """llama.cpp's nearest_int: round half to even (adding 1.5 * 2^23 in float32)."""
+    return np.int64(np.rint(v))
+
+
+@numba.njit(cache=True)
+def _qx(x, s, n, nmax, L, lo, qw, use_qw):
+    """Symmetric levels in [-nmax, nmax-1] for x[s:s+n] (stored + nmax in L[lo:lo+n]); returns the scale.
+    Weights: ``qw`` when ``use_qw``, else x^2 (rmse_type 1)."""
+    mx = np.float32(0.0)
+    amax = np.float32(0.0)
+    for i in range(n):
+        ax = np.abs(x[s + i])
+        if ax > amax:
+            amax = ax
+            mx = x[s + i]
+    if amax < EPS:
+        for i in range(n):
+            L[lo + i] = 0
+        return np.float32(0.0)
+    iscale = np.float32(-nmax) / mx
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        xi = x[s + i]
+        q = _nint(iscale * xi)
+        q = max(-nmax, min(nmax - 1, q))
+        L[lo + i] = q + nmax
+        w = qw[s + i] if use_qw else xi * xi
+        fl = np.float32(q)
+        sumlx += w * xi * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != 0 else np.float32(0.0)
+    best = scale * sumlx
+    for t in range(-9, 10):
+        if t == 0:
+            continue
+        iscale = -(np.float32(nmax) + np.float32(0.1) * np.float32(t)) / mx
+        sumlx = np.float32(0.0)
+        suml2 = np.float32(0.0)
+        for i in range(n):
+            xi = x[s + i]
+            q = _nint(iscale * xi)
+            q = max(-nmax, min(nmax - 1, q))
+            w = qw[s + i] if use_qw else xi * xi
+            fl = np.float32(q)
+            sumlx += w * xi * fl
+            suml2 += w * fl * fl
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                q = _nint(iscale * x[s + i])
+                L[lo + i] = nmax + max(-nmax, min(nmax - 1, q))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@numba.njit(cache=True)
+def _q3(x, s, n, nmax, L, lo):
+    """Symmetric levels with coordinate descent (make_q3_quants, do_rmse); L stored + nmax."""
+    mx = np.float32(0.0)
+    amax = np.float32(0.0)
+    for i in range(n):
+        ax = np.abs(x[s + i])
+        if ax > amax:
+            amax = ax
+            mx = x[s + i]
+    if amax < EPS:
+        for i in range(n):
+            L[lo + i] = 0
+        return np.float32(0.0)
+    iscale = np.float32(-nmax) / mx
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        xi = x[s + i]
+        q = _nint(iscale * xi)
+        q = max(-nmax, min(nmax - 1, q))
+        L[lo + i] = q
+        w = xi * xi
+        sumlx += w * xi * np.float32(q)
+        suml2 += w * np.float32(q) * np.float32(q)
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            xi = x[s + i]
+            w = xi * xi
+            li = np.float32(L[lo + i])
+            slx = sumlx - w * xi * li
+            if slx > 0:
+                sl2 = suml2 - w * li * li
+                nl = _nint(xi * sl2 / slx)
+                nl = max(-nmax, min(nmax - 1, nl))
+                if nl != L[lo + i]:
+                    fn = np.float32(nl)
+                    slx += w * xi * fn
+                    sl2 += w * fn * fn
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[lo + i] = nl
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if changed == 0:
+            break
+    for i in range(n):
+        L[lo + i] += nmax
+    return sumlx / suml2 if suml2 > 0 else np.float32(0.0)
+
+
+@numba.njit(cache=True)
+def _qkx2(x, s, n, nmax, w, L, lo, aux, rmin, rdelta, nstep, use_mad):
+    """Asymmetric levels in [0, nmax] (make_qkx2_quants): returns (scale, -min)."""
+    mn = x[s]
+    mx = x[s]
+    sum_w = w[0]
+    sum_x = sum_w * x[s]
+    for i in range(1, n):
+        xi = x[s + i]
+        if xi < mn:
+            mn = xi
+        if xi > mx:
+            mx = xi
+        sum_w += w[i]
+        sum_x += w[i] * xi
+    if mn > 0:
+        mn = np.float32(0.0)
+    if mx == mn:
+        for i in range(n):
+            L[lo + i] = 0
+        return np.float32(0.0), -mn
+    fnmax = np.float32(nmax)
+    iscale = fnmax / (mx - mn)
+    scale = np.float32(1.0) / iscale
+    best = np.float32(0.0)
+    for i in range(n):
+        q = _nint(iscale * (x[s + i] - mn))
+        q = max(0, min(nmax, q))
+        L[lo + i] = q
+        diff = scale * np.float32(q) + mn - x[s + i]
+        diff = np.abs(diff) if use_mad else diff * diff
+        best += w[i] * diff
+    if nstep < 1:
+        return scale, -mn
+    for t in range(nstep + 1):
+        iscale = (rmin + rdelta * np.float32(t) + fnmax) / (mx - mn)
+        sum_l = np.float32(0.0)
+        sum_l2 = np.float32(0.0)
+        sum_xl = np.float32(0.0)
+        for i in range(n):
+            q = _nint(iscale * (x[s + i] - mn))
+            q = max(0, min(nmax, q))
+            aux[i] = q
+            fl = np.float32(q)
+            sum_l += w[i] * fl
+            sum_l2 += w[i] * fl * fl
+            sum_xl += w[i] * fl * x[s + i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > 0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > 0:
+                this_min = np.float32(0.0)
+                this_scale = sum_xl / sum_l2
+            cur = np.float32(0.0)
+            for i in range(n):
+                diff = this_scale * np.float32(aux[i]) + this_min - x[s + i]
+                diff = np.abs(diff) if use_mad else diff * diff
+                cur += w[i] * diff
+            if cur < best:
+                for i in range(n):
+                    L[lo + i] = aux[i]
+                best = cur
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@numba.njit(cache=True)
+def _pack2(L, out, pos):
+    """Four 2-bit planes: byte j/4 + l of each 128 holds L[j+l], L[j+l+32] << 2, +64 << 4, +96 << 6."""
+    for j in range(0, 256, 128):
+        for k in range(32):
+            out[pos + j // 4 + k] = np.uint8((L[j + k] | (L[j + k + 32] << 2) | (L[j + k + 64] << 4)
+                                              | (L[j + k + 96] << 6)) & 0xFF)
+
+
+@numba.njit(cache=True, parallel=True)
+def _q2_k(x, out, qw, use_qw):
+    nb = x.size // 256
+    for i in numba.prange(nb):  # super-blocks are independent
+        L = np.zeros(256, dtype=np.int64)
+        aux = np.zeros(16, dtype=np.int64)
+        w = np.zeros(16, dtype=np.float32)
+        scales = np.zeros(16, dtype=np.float32)
+        mins = np.zeros(16, dtype=np.float32)
+        s0 = i * 256
+        b = i * 84
+        max_scale = np.float32(0.0)
+        max_min = np.float32(0.0)
+        for j in range(16):
+            for k in range(16):
+                w[k] = np.abs(x[s0 + 16 * j + k])
+            sc, m = _qkx2(x, s0 + 16 * j, 16, 3, w, L, 16 * j, aux, np.float32(-0.5), np.float32(0.1), 15, True)
+            scales[j] = sc
+            mins[j] = m
+            if sc > max_scale:
+                max_scale = sc
+            if m > max_min:
+                max_min = m
+        if max_scale > 0:
+            iscale = np.float32(15.0) / max_scale
+            for j in range(16):
+                out[b + j] = np.uint8(_nint(iscale * scales[j]) & 0xFF)
+            d = put_f16(out, b + 80, max_scale / np.float32(15.0))
+        else:
+            for j in range(16):
+                out[b + j] = 0
+            d = put_f16(out, b + 80, np.float32(0.0))
+        if max_min > 0:
+            iscale = np.float32(15.0) / max_min
+            for j in range(16):
+                out[b + j] = np.uint8((out[b + j] | (_nint(iscale * mins[j]) << 4)) & 0xFF)
+            dmin = put_f16(out, b + 82, max_min / np.float32(15.0))
+        else:
+            dmin = put_f16(out, b + 82, np.float32(0.0))
+        for j in range(16):
+            sc = np.int64(out[b + j])
+            dd = d * np.float32(sc & 0xF)
+            if dd == 0:
+                continue
+            dm = dmin * np.float32(sc >> 4)
+            for k in range(16):
+                q = _nint((x[s0 + 16 * j + k] + dm) / dd)
+                L[16 * j + k] = max(0, min(3, q))
+        _pack2(L, out, b + 16)
+
+
+@numba.njit(cache=True, parallel=True)
+def _q3_k(x, out, qw, use_qw):
+    nb = x.size // 256
+    for i in numba.prange(nb):  # super-blocks are independent
+        L = np.zeros(256, dtype=np.int64)
+        scales = np.zeros(16, dtype=np.float32)
+        s0 = i * 256
+        b = i * 110  # hmask[32] qs[64] scales[12] d
+        max_scale = np.float32(0.0)
+        amax = np.float32(0.0)
+        for j in range(16):
+            sc = _q3(x, s0 + 16 * j, 16, 4, L, 16 * j)
+            scales[j] = sc
+            if np.abs(sc) > amax:
+                amax = np.abs(sc)
+                max_scale = sc
+        for k in range(12):
+            out[b + 96 + k] = 0
+        if max_scale != 0:
+            iscale = np.float32(-32.0) / max_scale
+            for j in range(16):
+                q = _nint(iscale * scales[j])
+                q = ((q + 128) & 0xFF) - 128  # int8_t
+                q = max(-32, min(31, q)) + 32
+                if j < 8:
+                    out[b + 96 + j] = np.uint8(q & 0xF)
+                else:
+                    out[b + 96 + j - 8] = np.uint8(out[b + 96 + j - 8] | ((q & 0xF) << 4))
+                q >>= 4
+                out[b + 96 + 8 + j % 4] = np.uint8(out[b + 96 + 8 + j % 4] | (q << (2 * (j // 4))))
+            d = put_f16(out, b + 108, np.float32(1.0) / iscale)
+        else:
+            d = put_f16(out, b + 108, np.float32(0.0))
+        for j in range(16):
+            if j < 8:
+                sc = np.int64(out[b + 96 + j]) & 0xF
+            else:
+                sc = np.int64(out[b + 96 + j - 8]) >> 4
+            sc = (sc | (((np.int64(out[b + 96 + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
+            dd = d * np.float32(sc)
+            if dd == 0:
+                continue
+            for k in range(16):
+                q = _nint(x[s0 + 16 * j + k] / dd)
+                L[16 * j + k] = max(-4, min(3, q)) + 4
+        for k in range(32):
+            out[b + k] = 0
+        m = 0
+        hm = 1
+        for j in range(256):
+            if L[j] > 3:
+                out[b + m] = np.uint8(out[b + m] | hm)
+                L[j] -= 4
+            m += 1
+            if m == 32:
+                m = 0
+                hm <<= 1
+        _pack2(L, out, b + 32)
+
+
+@numba.njit(cache=True)
+def _scale_min_k4(j, out, p):
+    if j < 4:
+        return np.int64(out[p + j]) & 63, np.int64(out[p + j + 4]) & 63
+    d = (np.int64(out[p + j + 4]) & 0xF) | ((np.int64(out[p + j - 4]) >> 6) << 4)
+    m = (np.int64(out[p + j + 4]) >> 4) | ((np.int64(out[p + j]) >> 6) << 4)
+    return d, m
+
+
+@numba.njit(cache=True, parallel=True)
+def _q45_k(x, out, nmax, rmin, rdelta, nstep, bpb, qw, use_qw):
+    """Q4_K (nmax 15, 144-byte blocks) and Q5_K (nmax 31, 176): d, dmin, 12 bytes of 6-bit scales/mins,
+    [Q5_K: qh 32 bytes], 128 bytes of low nibbles."""
+    nb = x.size // 256
+    for i in numba.prange(nb):  # super-blocks are independent
+        L = np.zeros(256, dtype=np.int64)
+        aux = np.zeros(32, dtype=np.int64)
+        w = np.zeros(32, dtype=np.float32)
+        scales = np.zeros(8, dtype=np.float32)
+        mins = np.zeros(8, dtype=np.float32)
+        s0 = i * 256
+        b = i * bpb
+        max_scale = np.float32(0.0)
+        max_min = np.float32(0.0)
+        for j in range(8):
+            sum_x2 = np.float32(0.0)
+            for k in range(32):
+                sum_x2 += x[s0 + 32 * j + k] * x[s0 + 32 * j + k]
+            av_x = np.sqrt(sum_x2 / np.float32(32.0))
+            for k in range(32):
+                w[k] = av_x + np.abs(x[s0 + 32 * j + k])
+            sc, m = _qkx2(x, s0 + 32 * j, 32, nmax, w, L, 32 * j, aux, rmin, rdelta, nstep, False)
+            scales[j] = sc
+            mins[j] = m
+            if sc > max_scale:
+                max_scale = sc
+            if m > max_min:
+                max_min = m
+        inv_scale = np.float32(63.0) / max_scale if max_scale > 0 else np.float32(0.0)
+        inv_min = np.float32(63.0) / max_min if max_min > 0 else np.float32(0.0)
+        p = b + 4
+        for j in range(8):
+            ls = min(63, _nint(inv_scale * scales[j]) & 0xFF)
+            lm = min(63, _nint(inv_min * mins[j]) & 0xFF)
+            if j < 4:
+                out[p + j] = np.uint8(ls)
+                out[p + j + 4] = np.uint8(lm)
+            else:
+                out[p + j + 4] = np.uint8((ls & 0xF) | ((lm & 0xF) << 4))
+                out[p + j - 4] = np.uint8(out[p + j - 4] | ((ls >> 4) << 6))
+                out[p + j] = np.uint8(out[p + j] | ((lm >> 4) << 6))
+        d = put_f16(out, b, max_scale / np.float32(63.0))
+        dmin = put_f16(out, b + 2, max_min / np.float32(63.0))
+        for j in range(8):
+            sc, m = _scale_min_k4(j, out, p)
+            dd = d * np.float32(sc)
+            if dd == 0:
+                continue
+            dm = dmin * np.float32(m)
+            for k in range(32):
+                q = _nint((x[s0 + 32 * j + k] + dm) / dd)
+                L[32 * j + k] = max(0, min(nmax, q))
+        if nmax == 15:
+            q = b + 16
+            for j in range(0, 256, 64):
+                for k in range(32):
+                    out[q + k] = np.uint8(L[j + k] | (L[j + k + 32] << 4))
+                q += 32
+        else:
+            qh = b + 16
+            ql = b + 48
+            for k in range(32):
+                out[qh + k] = 0
+            m1 = 1
+            m2 = 2
+            for n in range(0, 256, 64):
+                for k in range(32):
+                    l1 = L[n + k]
+                    if l1 > 15:
+                        l1 -= 16
+                        out[qh + k] = np.uint8(out[qh + k] | m1)
+                    l2 = L[n + k + 32]
+                    if l2 > 15:
+                        l2 -= 16
+                        out[qh + k] = np.uint8(out[qh + k] | m2)
+                    out[ql + k] = np.uint8(l1 | (l2 << 4))
+                m1 <<= 2
+                m2 <<= 2
+                ql += 32
+
+
+@numba.njit(cache=True, parallel=True)
+def _q6_k(x, out, qw, use_qw):
+    nb = x.size // 256
+    for i in numba.prange(nb):  # super-blocks are independent
+        L = np.zeros(256, dtype=np.int64)
+        scales = np.zeros(16, dtype=np.float32)
+        s0 = i * 256
+        b = i * 210  # ql[128] qh[64] scales[16] d
+        max_scale = np.float32(0.0)
+        max_abs = np.float32(0.0)
+        for ib in range(16):
+            sc = _qx(x, s0 + 16 * ib, 16, 32, L, 16 * ib, qw, use_qw)
+            scales[ib] = sc
+            if np.abs(sc) > max_abs:
+                max_abs = np.abs(sc)
+                max_scale = sc
+        if max_abs < EPS:
+            for k in range(210):
+                out[b + k] = 0
+            continue
+        iscale = np.float32(-128.0) / max_scale
+        d = put_f16(out, b + 208, np.float32(1.0) / iscale)
+        for ib in range(16):
+            q = min(127, _nint(iscale * scales[ib]))
+            out[b + 192 + ib] = np.uint8(q & 0xFF)
+        for j in range(16):
+            sc = np.int64(out[b + 192 + j])
+            if sc > 127:
+                sc -= 256
+            dd = d * np.float32(sc)
+            if dd == 0:
+                continue
+            for k in range(16):
+                q = _nint(x[s0 + 16 * j + k] / dd)
+                L[16 * j + k] = max(-32, min(31, q)) + 32
+        ql = b
+        qh = b + 128
+        for j in range(0, 256, 128):
+            for k in range(32):
+                q1 = L[j + k] & 0xF
+                q2 = L[j + k + 32] & 0xF
+                q3 = L[j + k + 64] & 0xF
+                q4 = L[j + k + 96] & 0xF
+                out[ql + k] = np.uint8(q1 | (q3 << 4))
+                out[ql + k + 32] = np.uint8(q2 | (q4 << 4))
+                out[qh + k] = np.uint8((L[j + k] >> 4) | ((L[j + k + 32] >> 4) << 2) | ((L[j + k + 64] >> 4) << 4)
+                                       | ((L[j + k + 96] >> 4) << 6))
+            ql += 64
+            qh += 32
+
+
+_NO_W = np.zeros(1, dtype=np.float32)
+
+
+def quantize_k(flat: np.ndarray, out: np.ndarray, qtype: str, cols: int, imatrix: np.ndarray | None = None) -> None:
+    """Quantize ``flat`` (float32, rows of ``cols`` end to end) into ``out`` as k-quant ``qtype``."""
+    if imatrix is not None:
+        from mergequant.gguf.imatrix import quantize_k_weighted
+
+        quantize_k_weighted(flat, out, qtype, cols, imatrix)
+        return
+    if qtype == "Q2_K":
+        _q2_k(flat, out, _NO_W, False)
+    elif qtype == "Q3_K":
+        _q3_k(flat, out, _NO_W, False)
+    elif qtype == "Q4_K":
+        _q45_k(flat, out, 15, np.float32(-1.0), np.float32(0.1), 20, 144, _NO_W, False)
+    elif qtype == "Q5_K":
+        _q45_k(flat, out, 31, np.float32(-0.5), np.float32(0.1), 15, 176, _NO_W, False)
+    elif qtype == "Q6_K":
+        _q6_k(flat, out, _NO_W, False)
+    else:
+        raise ValueError(f"not a k-quant type: {qtype}")
