@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS for both tools' subprocesses (default: unset, each tool's own choice)")
     ap.add_argument("--skip-gptqmodel", action="store_true")
+    ap.add_argument("--passive-peer", action="store_true",
+                    help="also run GPTQModel with OMP_WAIT_POLICY=PASSIVE (the setting mergequant's CLI uses)")
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--out", type=Path, default=RESULTS / "moe-tiny.json")
     args = ap.parse_args()
@@ -172,19 +174,27 @@ def main() -> None:
     rows.append({"name": "fp (bf16)", "tool": "-", "bits": 16, **fp})
 
     # (tag, tool, method, routing): ours and GPTQModel back to back, all-token pair first
-    configs = [("mergequant-rtn", "mergequant", "rtn", None),
-               ("mergequant-gptq-all", "mergequant", "gptq", "all")]
+    # mergequant's CLI lets idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, mergequant.cli); GPTQModel
+    # runs as its users run it (spinning threads, the OpenMP default) and, in a "-passive" row, with the
+    # same setting as ours, so the comparison can be read both ways
+    configs = [("mergequant-rtn", "mergequant", "rtn", None, {}),
+               ("mergequant-gptq-all", "mergequant", "gptq", "all", {})]
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"}
     if not args.skip_gptqmodel:
-        configs.append(("gptqmodel-gptq-bypass", "gptqmodel", "gptq", "bypass"))
-    configs.append(("mergequant-gptq-routed", "mergequant", "gptq", "routed"))
+        configs.append(("gptqmodel-gptq-bypass", "gptqmodel", "gptq", "bypass", {}))
+        if args.passive_peer:
+            configs.append(("gptqmodel-gptq-bypass-passive", "gptqmodel", "gptq", "bypass", passive))
+    configs.append(("mergequant-gptq-routed", "mergequant", "gptq", "routed", {}))
     if not args.skip_gptqmodel:
-        configs.append(("gptqmodel-gptq-natural", "gptqmodel", "gptq", "natural"))
+        configs.append(("gptqmodel-gptq-natural", "gptqmodel", "gptq", "natural", {}))
+        if args.passive_peer:
+            configs.append(("gptqmodel-gptq-natural-passive", "gptqmodel", "gptq", "natural", passive))
 
     # every round runs each configuration once, in the order above, so each of ours runs right next to
     # its GPTQModel counterpart in every round (the load on this shared machine drifts over minutes)
     env_threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     plans = []
-    for base, tool, method, routing in configs:
+    for base, tool, method, routing, extra_env in configs:
         tag = f"{base}-w{bits}g{gs}"
         out = WORK / tag
         if tool == "mergequant":
@@ -198,7 +208,7 @@ def main() -> None:
         else:
             cmd = [sys.executable, "-c", GPTQMODEL_SCRIPT, str(args.model), str(calib), str(out), str(bits), str(gs),
                    routing, str(args.samples), str(args.seqlen), str(args.seed), str(args.batch_size)]
-            env = {"GPTQMODEL_CPU_WORKERS": "2", **env_threads}
+            env = {"GPTQMODEL_CPU_WORKERS": "2", **env_threads, **extra_env}
         plans.append((tag, tool, method, routing, out, cmd, env))
     runs: dict[str, list[dict]] = {p[0]: [] for p in plans}
     for rnd in range(args.repeats):
@@ -262,6 +272,10 @@ def main() -> None:
                 comparisons[f"speedup_{o}_vs_{g}_per_round"] = per_round
                 comparisons[f"rss_ratio_{g}_over_{o}"] = round(theirs[g]["peak_rss_anon_mib"] / ours[o]["peak_rss_anon_mib"], 2)
                 comparisons[f"ppl_ratio_{o}_over_{g}"] = round(ours[o]["perplexity"] / theirs[g]["perplexity"], 4)
+            peer = by.get(f"gptqmodel-gptq-{g}-passive{sfx}")
+            if peer:
+                comparisons[f"speedup_{o}_vs_{g}_passive"] = round(peer["wall_s"] / ours[o]["wall_s"], 2)
+                comparisons[f"cpu_ratio_{g}_passive_over_{o}"] = round(peer["cpu_s"] / ours[o]["cpu_s"], 2)
         fastest_theirs = min(r["wall_s"] for r in present.values())
         comparisons["speedup_slowest_ours_vs_fastest_gptqmodel"] = round(
             fastest_theirs / max(r["wall_s"] for r in ours.values()), 2)

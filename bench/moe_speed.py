@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both tools")
     ap.add_argument("--only", choices=["mergequant", "gptqmodel"], default=None)
+    ap.add_argument("--passive-peer", action="store_true",
+                    help="also run GPTQModel with OMP_WAIT_POLICY=PASSIVE (the setting mergequant's CLI uses)")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -95,23 +97,27 @@ def main() -> None:
     calib, _, _ = quant_bench.build_data(300, 100)  # the quant benchmark's calibration text (shared corpus)
     env = {"OMP_NUM_THREADS": str(args.threads), "GPTQMODEL_CPU_WORKERS": "2"}
     plans = []
+    # mergequant's CLI lets idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE); GPTQModel runs with the
+    # OpenMP default (as its users run it) and, with --passive-peer, also with our setting
+    peer_envs = [("", {})] + ([("-passive", {"OMP_WAIT_POLICY": "PASSIVE"})] if args.passive_peer else [])
     for ours, theirs in (("all", "bypass"), ("routed", "natural")):
         if args.only in (None, "mergequant"):
             out = WORK / f"mergequant-{ours}"
-            plans.append((f"mergequant-gptq-{ours}", out, [
+            plans.append((f"mergequant-gptq-{ours}", out, {}, [
                 sys.executable, "-m", "mergequant", "quantize", str(model), "-o", str(out), "--method", "gptq",
                 "--bits", "4", "--group-size", "128", "--damp", "0.01", "--samples", str(args.samples),
                 "--seqlen", str(args.seqlen), "--seed", "0", "--device", "cpu", "--force", "--quiet",
                 "--batch-size", str(args.batch_size), "--calib", str(calib), "--moe-calibration", ours]))
         if args.only in (None, "gptqmodel"):
-            out = WORK / f"gptqmodel-{theirs}"
-            plans.append((f"gptqmodel-gptq-{theirs}", out, [
-                sys.executable, "-c", moe_bench.GPTQMODEL_SCRIPT, str(model), str(calib), str(out), "4", "128",
-                theirs, str(args.samples), str(args.seqlen), "0", str(args.batch_size)]))
+            for sfx, extra in peer_envs:
+                out = WORK / f"gptqmodel-{theirs}{sfx}"
+                plans.append((f"gptqmodel-gptq-{theirs}{sfx}", out, extra, [
+                    sys.executable, "-c", moe_bench.GPTQMODEL_SCRIPT, str(model), str(calib), str(out), "4", "128",
+                    theirs, str(args.samples), str(args.seqlen), "0", str(args.batch_size)]))
     rows = []
-    for name, out, cmd in plans:
+    for name, out, extra, cmd in plans:
         shutil.rmtree(out, ignore_errors=True)
-        r = quant_bench.run_measured(cmd, env=env, log=WORK / f"{name}.log")
+        r = quant_bench.run_measured(cmd, env={**env, **extra}, log=WORK / f"{name}.log")
         r.pop("stdout", None)
         r["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         rows.append({"name": name, **r})
@@ -120,7 +126,7 @@ def main() -> None:
             f"(load {r['loadavg_after'][0]})")
     by = {r["name"]: r for r in rows}
     ratios = {}
-    for ours, theirs in (("all", "bypass"), ("routed", "natural")):
+    for ours, theirs in [(o, t + sfx) for o, t in (("all", "bypass"), ("routed", "natural")) for sfx, _ in peer_envs]:
         a, b = by.get(f"mergequant-gptq-{ours}"), by.get(f"gptqmodel-gptq-{theirs}")
         if a and b:
             ratios[f"{theirs}_over_{ours}"] = {"wall": round(b["wall_s"] / a["wall_s"], 2),

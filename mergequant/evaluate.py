@@ -273,7 +273,7 @@ def _load_quantized(ck, model_dir, dev, backend: str, log):
     """(model, backend used) for a quantized checkpoint; see ``evaluate_model``."""
     import importlib.util
 
-    from mergequant.quant.method import format_for_config
+    from mergequant.checkpoint_formats import format_for_config
 
     from mergequant.architectures import ARCHITECTURES
 
@@ -360,7 +360,7 @@ def load_dequantized(ck) -> "torch.nn.Module":
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mergequant.architectures import ARCHITECTURES
-    from mergequant.quant.method import format_for_config
+    from mergequant.checkpoint_formats import format_for_config
 
     qcfg = ck.config["quantization_config"]
     fmt = format_for_config(qcfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergequant.quant.gptq import HessianAccumulator, gptq_quantize, quantize_rtn
+from mergequant.quant.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_batch, quantize_rtn
 
 K, N, T = 256, 128, 512
 
@@ -57,6 +57,47 @@ def test_hessian_accumulator_matches_direct_formula():
     acc.add(X[:7].float().reshape(7, 1, K))
     acc.add(X[7:20].float())
     assert acc.nsamples == 20
+
+
+def test_hessian_upper_strips_equal_the_full_product():
+    """H is accumulated on upper row strips only (half the products) and mirrored when read: for a
+    width of several strips it equals the float64 X^T X, is exactly symmetric, and reading it midway
+    does not disturb later batches."""
+    g = torch.Generator().manual_seed(3)
+    k = 700  # several strips of HessianAccumulator.MIN_STRIP, the last one short
+    X = torch.randn(300, k, generator=g, dtype=torch.float64)
+    acc = HessianAccumulator()
+    acc.add(X[:100].float())
+    torch.testing.assert_close(acc.hessian.double(), 2.0 / 100 * X[:100].T @ X[:100], rtol=1e-5, atol=1e-5)
+    acc.add(X[100:].float())  # after a read (mirror) the next batch still updates every entry
+    H = acc.hessian
+    assert len(acc._strips(k)) > 2
+    assert torch.equal(H, H.T)
+    torch.testing.assert_close(H.double(), 2.0 / 300 * X.T @ X, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gs", [128, -1, 32])
+def test_batched_solves_equal_separate_solves(gs):
+    """Independent weights solved as one batch (the experts' down projections) give exactly the codes,
+    scales, zeros and proxy errors of separate solves, dead input columns and a failed factorization
+    (round-to-nearest fallback) included."""
+    probs = []
+    for seed in range(4):
+        X, W = _data(seed=20 + seed)
+        if seed == 1:
+            X[:, 7] = 0  # a dead input channel in one of them
+        probs.append((W, _hessian(X)))
+    probs[2] = (probs[2][0], -torch.eye(K))  # never factorizes: RTN, as on its own
+    ref = [gptq_quantize(W, H, bits=4, group_size=gs) for W, H in probs]
+    Hs = [H.clone() for _, H in probs]
+    got = gptq_quantize_batch([W for W, _ in probs], Hs, bits=4, group_size=gs)
+    assert Hs == []  # consumed
+    for r, b in zip(ref, got):
+        assert torch.equal(r.codes, b.codes) and torch.equal(r.scales, b.scales) and torch.equal(r.zeros, b.zeros)
+        assert r.fallback_rtn == b.fallback_rtn and r.error == pytest.approx(b.error, rel=1e-12)
+    assert [b.fallback_rtn for b in got] == [False, False, True, False]
+    with pytest.raises(ValueError, match="one shape"):
+        gptq_quantize_batch([probs[0][0], probs[0][0][:, :128]], [probs[0][1], probs[0][1]], bits=4)
 
 
 def test_rtn_conventions():

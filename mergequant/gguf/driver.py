@@ -1,5 +1,9 @@
 """``mergequant quantize MODEL -o OUT --method gguf --gguf-type T [...]``: checks, optional calibration
-(importance matrix), the one-pass writer, the card. Called from ``mergequant.quant.quantize``."""
+(importance matrix), the one-pass writer, the card. Called from ``mergequant.quant.quantize``.
+
+The files' naming, per-tensor types and block packing are the GGUF format's
+(``mergequant.checkpoint_formats.gguf``, :data:`FORMAT`); the math is llama.cpp's quantizers
+(``mergequant.gguf.blocks``, ``kquants``, ``imatrix``) and the importance matrix collected here."""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mergequant.checkpoint_formats import get_format
 from mergequant.errors import MergeQuantError
 from mergequant.gguf import mixes
+
+FORMAT = get_format("gguf")
 
 
 def _prepare(model_dir: Path, opts):
@@ -46,17 +53,15 @@ def _prepare(model_dir: Path, opts):
 def plan_gguf(model_dir: Path, opts):
     """--dry-run: the files, their sizes and per-type tensor counts, from headers only."""
     from mergequant.gguf.blocks import row_bytes
-    from mergequant.gguf.writer import model_shape, plan_tensors
     from mergequant.quant.quantize import QuantizePlan
 
     ck, arch_name, types = _prepare(Path(model_dir), opts)
-    planned = plan_tensors(ck, arch_name, arch_name == "llama")
-    shape = model_shape(ck, arch_name, has_imatrix=bool(opts.calib))
+    planned = FORMAT.plan(ck, arch_name, arch_name == "llama", types, has_imatrix=bool(opts.calib))
     sizes, notes = {}, []
     for ft in types:
         counts: dict[str, int] = {}
         for p in planned:
-            t = mixes.tensor_type(ft, p.name, p.shape, shape)
+            t = p.types[ft]
             counts[t] = counts.get(t, 0) + 1
             sizes[ft] = sizes.get(ft, 0) + p.rows * row_bytes(t, p.cols)
         notes.append(f"{Path(model_dir).resolve().name}-{ft}.gguf: ~{sizes[ft] / 2**20:.1f} MiB ("

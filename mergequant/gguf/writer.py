@@ -1,7 +1,7 @@
 """Write GGUF files (llama.cpp) from a checkpoint, for several file types in one pass.
 
 ``write_gguf(model_dir, out_dir, ["Q4_K_M", "Q8_0"])`` plans every output tensor (GGUF name, shape,
-and per file type the tensor's GGUF type, from ``mixes``), writes each file's header (metadata:
+and per file type the tensor's GGUF type, from ``mixes``: ``checkpoint_formats.gguf.GGUFFormat.plan``), writes each file's header (metadata:
 architecture hyper-parameters, tokenizer, chat template; tensor infos with offsets) up front, then
 streams: each source tensor is read once (memory-mapped, in row slabs of ``CHUNK_ELEMENTS``), turned
 into float32, and quantized once per distinct type the files need, the bytes appended to each file.
@@ -23,9 +23,10 @@ from typing import Callable
 
 import numpy as np
 
+from mergequant.checkpoint_formats import get_format
 from mergequant.errors import MergeQuantError
 from mergequant.gguf import mixes
-from mergequant.gguf.blocks import quantize_blocks, row_bytes
+from mergequant.gguf.blocks import row_bytes
 
 CHUNK_ELEMENTS = 1 << 22  # weights per read slab (16 MiB of float32)
 ALIGN = 32
@@ -276,11 +277,7 @@ def write_gguf(model_dir: str | Path, out_dir: str | Path, file_types: list[str]
     ck = ck or per_expert_view(Checkpoint.open(model_dir))
     arch_name, permute = gguf_architecture(ck.config, f"{model_dir}: ")
     tok = tokenizer_metadata(model_dir, ck.config)
-    planned = plan_tensors(ck, arch_name, permute)
-    shape = model_shape(ck, arch_name, has_imatrix=imatrix is not None)
-    for p in planned:
-        for ft in file_types:
-            p.types[ft] = mixes.tensor_type(ft, p.name, p.shape, shape)
+    planned = get_format("gguf").plan(ck, arch_name, permute, file_types, has_imatrix=imatrix is not None)
     name = name or Path(model_dir).resolve().name
     logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
     writers = {}
@@ -330,6 +327,7 @@ def _imatrix_for(imatrix: dict | None, p: Planned, r0: int, r1: int) -> np.ndarr
 def _stream(planned: list[Planned], writers: dict, imatrix: dict | None, progress: bool) -> None:
     from tqdm import tqdm
 
+    pack = get_format("gguf").pack
     files = {ft: w.fout[0] for ft, w in writers.items()}
     for f in files.values():
         _pad(f)
@@ -350,7 +348,7 @@ def _stream(planned: list[Planned], writers: dict, imatrix: dict | None, progres
             for ft, f in files.items():
                 t = p.types[ft]
                 if t not in done:
-                    done[t] = quantize_blocks(x.reshape(r1 - r0, cols), t, im if t.endswith("_K") or t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1") else None)
+                    done[t] = pack(x.reshape(r1 - r0, cols), t, im)
                 b = done[t]
                 f.write(memoryview(np.ascontiguousarray(b)).cast("B"))
                 written[ft] += b.nbytes

@@ -1,4 +1,5 @@
-"""AWQ 4-bit, exported in the AWQ GEMM on-disk format (qweight/qzeros/scales, packed along N).
+"""AWQ 4-bit: the math. Written in the AWQ GEMM on-disk format (qweight/qzeros/scales, packed along N;
+``mergequant.checkpoint_formats.awq``, held as ``AWQMethod.format``).
 
 Per decoder layer (float32, materialized by the layer runner):
 
@@ -36,9 +37,9 @@ import torch
 from torch import nn
 
 from mergequant.architectures import Architecture, architecture_for_layer_class
+from mergequant.checkpoint_formats import get_format
 from mergequant.errors import MergeQuantError
-from mergequant.io.writer import PlannedTensor
-from mergequant.quant import awq, formats
+from mergequant.quant import awq
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
 
 SEARCH_TOKENS = 16384  # calibration tokens per layer kept to judge the attention and MLP blocks
@@ -253,25 +254,15 @@ def apply_scale(group: ScalingGroup, modules: dict[str, nn.Linear], s: torch.Ten
 
 class AWQMethod(QuantMethod):
     name = "awq"
+    format = get_format("awq_gemm")
     calibrated = True
     bits_allowed = (4,)
-    client_modules = ("gptqmodel", "accelerate")  # transformers loads AWQ through these (`eval --backend auto`)
 
     # ---- before any work ---------------------------------------------------------------------------
     def validate(self, opts, linears: list[QuantLinear]) -> None:
         if opts.n_grid < 1:
             raise MergeQuantError(f"--n-grid must be >= 1, got {opts.n_grid}")
-        for lin in linears:  # (the driver checked every layer has all of its family's Linears)
-            if lin.out_features % 8:
-                raise MergeQuantError(f"AWQ packs 8 output features per int32; {lin.prefix} has out_features "
-                                      f"{lin.out_features}, not a multiple of 8 (use --method gptq)")
-
-    def planned(self, lin: QuantLinear, opts) -> list[PlannedTensor]:
-        K, N = lin.in_features, lin.out_features
-        G = 1 if opts.group_size == -1 else K // opts.group_size
-        return [PlannedTensor("qweight", torch.int32, (K, N // 8)),
-                PlannedTensor("qzeros", torch.int32, (G, N // 8)),
-                PlannedTensor("scales", torch.float16, (G, N))]
+        self.format.validate(opts, linears)  # (the driver checked every layer has all of its family's Linears)
 
     # ---- the work ----------------------------------------------------------------------------------
     def process_layer(self, ctx: QuantContext, i, layer, inputs, todo, modules) -> None:
@@ -311,17 +302,12 @@ class AWQMethod(QuantMethod):
             mod.weight.data.copy_(qw.w_hat.to(mod.weight.dtype))
             ctx.write(lin, self.pack(qw))
 
-    @staticmethod
-    def pack(qw: awq.QuantizedWeight) -> dict[str, torch.Tensor]:
-        """AWQ GEMM tensors of one Linear from :func:`awq.pseudo_quantize`'s codes."""
-        return {"qweight": formats.awq_pack(qw.q.T.contiguous().cpu()),
-                "qzeros": formats.awq_pack_zeros(qw.zeros.cpu()),
-                "scales": qw.scales.to(torch.float16).cpu()}
+    @classmethod
+    def pack(cls, qw: awq.QuantizedWeight) -> dict[str, torch.Tensor]:
+        """AWQ GEMM tensors of one Linear from :func:`awq.pseudo_quantize`'s codes (``cls.format``)."""
+        return cls.format.pack(qw.q.T, qw.zeros, qw.scales)
 
-    # ---- describing the result ---------------------------------------------------------------------
-    def quantization_config(self, opts) -> dict:
-        return formats.awq_quantize_config(bits=opts.bits, group_size=opts.group_size, zero_point=opts.zero_point)
-
+    # ---- describing the settings -------------------------------------------------------------------
     def card_settings(self, opts) -> list[tuple[str, str]]:
         gs = "per row (-1)" if opts.group_size == -1 else str(opts.group_size)
         return [("bits", str(opts.bits)), ("group size", gs), ("zero point", str(opts.zero_point)),
@@ -330,26 +316,3 @@ class AWQMethod(QuantMethod):
 
     def card_tags(self, opts) -> list[str]:
         return [self.name, f"{opts.bits}bit"]
-
-    def loading_requirements(self) -> str:
-        return "gptqmodel"
-
-    # ---- reading back ----------------------------------------------------------------------------------
-    @classmethod
-    def handles(cls, qcfg: dict) -> bool:
-        return qcfg.get("quant_method") == "awq" and str(qcfg.get("version", qcfg.get("format", "gemm"))).lower() == "gemm"
-
-    @classmethod
-    def quantized_prefixes(cls, names, qcfg) -> list[str]:
-        return [n[: -len(".qweight")] for n in names if n.endswith(".qweight")]
-
-    @classmethod
-    def dequantize(cls, get, prefix: str, qcfg: dict) -> torch.Tensor:
-        if qcfg.get("bits", 4) != 4:
-            raise MergeQuantError(f"AWQ GEMM checkpoint with bits={qcfg.get('bits')}: only 4-bit is readable")
-        return formats.awq_dequantize(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"),
-                                      qcfg.get("group_size", 128))
-
-    @classmethod
-    def storage_suffixes(cls) -> tuple[str, ...]:
-        return (".qweight", ".qzeros", ".scales")

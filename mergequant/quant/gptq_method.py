@@ -1,4 +1,6 @@
-"""GPTQ and round-to-nearest, both exported in the GPTQ on-disk format (qweight/qzeros/scales/g_idx).
+"""GPTQ and round-to-nearest: the math. Both write the GPTQ on-disk format (qweight/qzeros/scales/
+g_idx, ``mergequant.checkpoint_formats.gptq``), which each holds as ``method.format``; neither
+inherits the other.
 
 GPTQ runs per decoder layer in true-sequential order (the family's ``Architecture.sequential``, for
 Llama k,v,q | o | up,gate | down): each group's
@@ -10,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from mergequant.checkpoint_formats import get_format
 from mergequant.errors import MergeQuantError
-from mergequant.io.writer import PlannedTensor
 from mergequant.memory import mapped_allocations, release_free_memory
 from mergequant.quant import formats
 from mergequant.quant.compact import QuantizedForward
@@ -20,6 +22,7 @@ from mergequant.quant.gptq import (
     SUPPORTED_BITS,
     HessianAccumulator,
     gptq_quantize,
+    gptq_quantize_batch,
     quantize_rtn,
 )
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
@@ -32,99 +35,90 @@ EXPERT_HESSIAN_BYTES = 512 * 2**20
 GPU_ROW_BLOCK_BYTES = 512 * 2**20  # GPTQ's working copy of W's rows on a GPU (CPU: gptq.ROW_BLOCK_BYTES)
 
 
+def _expert_stats_dtype(inputs) -> torch.dtype | None:
+    """The dtype in which the experts' gate/up run to produce their down projections' statistics:
+    bfloat16 when the checkpoint's activations are stored in it, else the layer's compute dtype (None).
+
+    Why: with all-token calibration every expert's gate and up run on every calibration token only
+    to produce its down projection's Hessian, the largest float cost of an MoE layer after the
+    Hessians themselves; a bfloat16 product is ~3x faster on CPUs with AVX-512 BF16 or AMX (and on
+    GPUs). It is the precision the model runs in (and GPTQModel calibrates in). The Hessian is still
+    accumulated in float32, the layer's output (what the next layer receives) still computed in the
+    compute dtype, and gate/up's own statistics come from the unrounded input."""
+    hidden = getattr(inputs, "hidden", None)
+    return torch.bfloat16 if hidden and hidden[0].dtype == torch.bfloat16 else None
+
+
 def _top_k(ctx) -> int:
     k = ctx.source.config.get("num_experts_per_tok")
     return k if isinstance(k, int) and k > 0 else 1
 
 
-def _fmt(opts) -> str:
-    return "gptq" if opts.sym else "gptq_v2"
+def _check_damp(opts) -> None:
+    # rtn checks it too: the value is recorded in the config (damp_percent) whichever method ran
+    if not 0 < opts.damp < 1:
+        raise MergeQuantError(f"--damp must be in (0, 1), got {opts.damp}")
+
+
+def _card_settings(fmt, opts) -> list[tuple[str, str]]:
+    gs = "per row (-1)" if opts.group_size == -1 else str(opts.group_size)
+    return [("bits", str(opts.bits)), ("group size", gs), ("act order (desc_act)", str(opts.desc_act)),
+            ("symmetric", str(opts.sym)), ("checkpoint format", fmt.checkpoint_format(opts))]
 
 
 class RTNMethod(QuantMethod):
     """Round-to-nearest per group: the no-calibration baseline, same files as GPTQ."""
 
     name = "rtn"
+    format = get_format("gptq")
     calibrated = False
     bits_allowed = SUPPORTED_BITS
-    client_modules = ("gptqmodel", "optimum")
 
     def validate(self, opts, linears: list[QuantLinear]) -> None:
-        for lin in linears:
-            if opts.bits == 3 and (lin.in_features % 32 or lin.out_features % 32):
-                raise MergeQuantError(f"3-bit packing needs in/out features divisible by 32; {lin.prefix} is "
-                                      f"{lin.out_features}x{lin.in_features}")
-        if not 0 < opts.damp < 1:
-            raise MergeQuantError(f"--damp must be in (0, 1), got {opts.damp}")
-
-    def planned(self, lin: QuantLinear, opts) -> list[PlannedTensor]:
-        K, N, bits = lin.in_features, lin.out_features, opts.bits
-        G = 1 if opts.group_size == -1 else K // opts.group_size
-        return [PlannedTensor("qweight", torch.int32, (K * bits // 32, N)),
-                PlannedTensor("qzeros", torch.int32, (G, N * bits // 32)),
-                PlannedTensor("scales", torch.float16, (G, N)),
-                PlannedTensor("g_idx", torch.int32, (K,))]
+        self.format.validate(opts, linears)
+        _check_damp(opts)
 
     def write_codes(self, ctx: QuantContext, lin: QuantLinear, q_kn, scales, zeros, g_idx) -> None:
-        """Pack and write codes given in checkpoint orientation [K, N]."""
-        ctx.write(lin, formats.gptq_pack(q_kn, zeros, scales, g_idx, ctx.opts.bits, _fmt(ctx.opts)))
+        """Pack (``self.format``) and write codes given in checkpoint orientation [K, N]."""
+        ctx.write(lin, self.format.pack(q_kn, scales, zeros, g_idx, ctx.opts))
 
     def quantize_weight(self, ctx: QuantContext, lin: QuantLinear, W: torch.Tensor) -> None:
         o = ctx.opts
         q, scales, zeros = quantize_rtn(W, o.bits, o.group_size, o.sym)
         self.write_codes(ctx, lin, q.T, scales, zeros, formats.g_idx_for(lin.in_features, o.group_size))
 
-    def quantization_config(self, opts) -> dict:
-        return formats.gptq_quantize_config(bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act,
-                                            sym=opts.sym, damp_percent=opts.damp, static_groups=opts.static_groups,
-                                            checkpoint_format=_fmt(opts))
-
-    def declare_float(self, qcfg: dict, pattern: str) -> dict:
-        # GPTQModel's (and vLLM's) per-module overrides: a "-:" rule excludes matching modules
-        return {**qcfg, "dynamic": {f"-:{pattern}": {}}}
-
-    def extra_files(self, opts) -> dict[str, dict]:
-        return {"quantize_config.json": self.quantization_config(opts)}
-
     def card_settings(self, opts) -> list[tuple[str, str]]:
-        gs = "per row (-1)" if opts.group_size == -1 else str(opts.group_size)
-        return [("bits", str(opts.bits)), ("group size", gs), ("act order (desc_act)", str(opts.desc_act)),
-                ("symmetric", str(opts.sym)), ("checkpoint format", _fmt(opts))]
+        return _card_settings(self.format, opts)
 
     def card_tags(self, opts) -> list[str]:
         return [self.name, f"{opts.bits}bit", "gptq"]
 
-    def loading_requirements(self) -> str:
-        return "gptqmodel (and optimum)"
 
-    # ---- reading back ----------------------------------------------------------------------------------
-    @classmethod
-    def handles(cls, qcfg: dict) -> bool:
-        return qcfg.get("quant_method") == "gptq"
-
-    @classmethod
-    def quantized_prefixes(cls, names, qcfg) -> list[str]:
-        return [n[: -len(".qweight")] for n in names if n.endswith(".qweight")]
-
-    @classmethod
-    def dequantize(cls, get, prefix: str, qcfg: dict) -> torch.Tensor:
-        return formats.gptq_dequantize(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"),
-                                       get(f"{prefix}.g_idx"), qcfg["bits"], qcfg.get("checkpoint_format", "gptq"))
-
-    @classmethod
-    def storage_suffixes(cls) -> tuple[str, ...]:
-        return (".qweight", ".qzeros", ".scales", ".g_idx")
-
-
-class GPTQMethod(RTNMethod):
+class GPTQMethod(QuantMethod):
     """GPTQ per decoder layer. The float weights of the quantized Linears are never materialized:
     the solver reads each from the memory-mapped checkpoint, and once solved the module computes
     from its codes (``compact.QuantizedForward``, bit-identical W_hat), so the layer costs about an
     eighth of its float32 size (4-bit) while the Hessians are accumulated."""
 
     name = "gptq"
+    format = get_format("gptq")
     calibrated = True
     defers_weights = True
+    bits_allowed = SUPPORTED_BITS
+
+    def validate(self, opts, linears: list[QuantLinear]) -> None:
+        self.format.validate(opts, linears)
+        _check_damp(opts)
+
+    def write_codes(self, ctx: QuantContext, lin: QuantLinear, q_kn, scales, zeros, g_idx) -> None:
+        """Pack (``self.format``) and write codes given in checkpoint orientation [K, N]."""
+        ctx.write(lin, self.format.pack(q_kn, scales, zeros, g_idx, ctx.opts))
+
+    def card_settings(self, opts) -> list[tuple[str, str]]:
+        return _card_settings(self.format, opts)
+
+    def card_tags(self, opts) -> list[str]:
+        return [self.name, f"{opts.bits}bit", "gptq"]
 
     def process_layer(self, ctx, i, layer, inputs, todo, modules) -> None:
         widest = max(m.in_features for m in modules.values())
@@ -216,8 +210,11 @@ class GPTQMethod(RTNMethod):
         """Hessians of a batch of experts' down projections: each from ``act(gate(x)) * up(x)`` with the
         expert's (already quantized) gate and up, over every token or the expert's routed tokens."""
         accs = {s: HessianAccumulator(modules[s].in_features) for s in batch}
+        stats_dtype = _expert_stats_dtype(inputs)
         with torch.no_grad():
             for x, idx, mod in self._expert_inputs(layer, inputs):
+                if stats_dtype is not None:
+                    x = x.to(stats_dtype)
                 for s in batch:
                     e = experts[s][0]
                     xe = x if moe.mode == "all" else x[(idx == e).any(dim=-1)]
@@ -262,12 +259,44 @@ class GPTQMethod(RTNMethod):
         by_acc: dict[int, list[str]] = {}
         for s in names:
             by_acc.setdefault(id(accs[s]), []).append(s)
-        for shared in by_acc.values():
+        groups = list(by_acc.values())
+        if self._batchable(ctx, groups, modules):
+            self._solve_batch(ctx, [accs[g[0]] for g in groups], [modules[g[0]] for g in groups],
+                              [todo[g[0]] for g in groups])
+            accs.clear()
+            return
+        for shared in groups:
             acc = accs[shared[0]]
             for s in shared:
                 del accs[s]
             self._solve(ctx, [modules[s] for s in shared], [todo[s] for s in shared], acc)
         accs.clear()
+
+    @staticmethod
+    def _batchable(ctx, groups: list[list[str]], modules) -> bool:
+        """Whether ``groups`` (one module per Hessian, all of one shape: a batch of experts' down
+        projections) can be solved as one batch: natural column order only (no act order, whose
+        permutation differs per expert; no static groups)."""
+        o = ctx.opts
+        if len(groups) < 2 or o.desc_act or o.static_groups or any(len(g) != 1 for g in groups):
+            return False
+        shapes = {(modules[g[0]].out_features, modules[g[0]].in_features) for g in groups}
+        return len(shapes) == 1
+
+    def _solve_batch(self, ctx, accs, mods, lins) -> None:
+        """Independent solves of one shape, their column loops run as one batch (``gptq_quantize_batch``:
+        bit-identical to solving each on its own, several times fewer small operations)."""
+        o = ctx.opts
+        release_free_memory()
+        Hs = [acc.take() for acc in accs]
+        dev = Hs[0].device
+        parts = [ctx.source_weight(lin).to(dev) for lin in lins]
+        with mapped_allocations():
+            results = gptq_quantize_batch(parts, Hs, bits=o.bits, group_size=o.group_size, sym=o.sym, damp=o.damp,
+                                          row_block_bytes=ROW_BLOCK_BYTES if dev.type == "cpu" else GPU_ROW_BLOCK_BYTES)
+        del Hs, parts
+        for mod, lin, res in zip(mods, lins, results):
+            self._install(ctx, [mod], [lin], res)
 
     def _round_starved(self, ctx, i: int, names: list[str], todo, modules, dev: torch.device) -> None:
         """Round-to-nearest for the Linears of experts the router starved (routed calibration): a
@@ -302,6 +331,11 @@ class GPTQMethod(RTNMethod):
                                 static_groups=o.static_groups, sym=o.sym, damp=o.damp, overwrite_h=True,
                                 row_block_bytes=ROW_BLOCK_BYTES if H.device.type == "cpu" else GPU_ROW_BLOCK_BYTES)
         del H, parts
+        self._install(ctx, mods, lins, res)
+
+    def _install(self, ctx, mods, lins, res) -> None:
+        """Record a solve (fallback, proxy error), write its codes and let its modules compute from them."""
+        o = ctx.opts
         if res.fallback_rtn:
             ctx.result.fallbacks.extend(lin.prefix for lin in lins)
             ctx.log(f"warning: {', '.join(lin.prefix for lin in lins)}: Cholesky failed at every damping; "

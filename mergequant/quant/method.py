@@ -3,13 +3,16 @@
 The driver (``quantize.py``) owns everything methods share: finding the decoder Linear modules
 (from the family's ``mergequant.architectures`` description, handed to methods as ``ctx.arch``),
 calibration data, the layer runner, the sharded atomic writer, config/card files and ``--eval``.
-A method only says which tensors replace each quantized ``weight`` (so the shard layout can be
-planned before any work), how it turns weights (and, if calibrated, a materialized decoder layer
-with its inputs) into those tensors, how to describe itself in ``config.json`` and the card, and how
-to turn its tensors back into a float weight (so ``mergequant eval`` reads every format we write).
+A method is the math: how it turns weights (and, if calibrated, a materialized decoder layer with
+its inputs) into codes, and how it describes its settings on the card. Everything about the files
+those codes go into (which tensors replace each quantized ``weight``, so the shard layout can be
+planned before any work; how codes are packed; the ``quantization_config``; how ``mergequant eval``
+turns the tensors back into float weights; which engines load them) belongs to the method's
+on-disk format, ``method.format``, a ``mergequant.checkpoint_formats.CheckpointFormat`` that
+several methods may share (gptq and rtn both write GPTQ files).
 
 Methods are found by name through ``METHODS`` (lazy imports: a method's heavy dependencies load
-only when it is used).
+only when it is used); formats through ``mergequant.checkpoint_formats``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from mergequant.checkpoint_formats.base import CheckpointFormat, format_for_config  # noqa: F401 (re-exported)
 from mergequant.errors import MergeQuantError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,9 +97,11 @@ def require_finite(where, name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 class QuantMethod:
-    """Base class; subclasses set ``name`` and override what they need."""
+    """Base class; subclasses set ``name`` and ``format`` and override what they need."""
 
     name: str = ""
+    # the on-disk format this method writes (a shared instance from ``checkpoint_formats.get_format``)
+    format: CheckpointFormat | None = None
     calibrated: bool = True  # needs --calib and runs through the layer runner
     bits_allowed: tuple[int, ...] = (2, 3, 4, 8)
     uses_group_size: bool = True  # False: per-row scales, --group-size is ignored (not validated)
@@ -108,26 +114,17 @@ class QuantMethod:
     def default_bits(self) -> int:
         """--bits when not given: 4 where allowed, else the method's only/first width (8 for int8)."""
         return 4 if 4 in self.bits_allowed else self.bits_allowed[0]
-    # Python packages transformers needs to load this format with its own kernels (for ``eval``);
-    # empty: no maintained client runs it here, eval always dequantizes.
-    client_modules: tuple[str, ...] = ()
 
     # ---- before any work ---------------------------------------------------------------------------
     def validate(self, opts, linears: list[QuantLinear]) -> None:
-        """Raise MergeQuantError for options this method cannot honour (before anything is written)."""
-
-    def planned(self, lin: QuantLinear, opts) -> list["PlannedTensor"]:
-        """The tensors (names relative to ``lin.prefix``) that replace ``lin.prefix.weight``.
-        The bias, if any, is written by the driver as a normal float tensor."""
-        raise NotImplementedError
-
-    def float_dtype(self, opts) -> torch.dtype:
-        """dtype of every tensor that is not quantized (embeddings, norms, biases, lm_head)."""
-        return torch.float16
+        """Raise MergeQuantError for options this method (or its format) cannot honour, before anything
+        is written. The default checks the format's constraints only."""
+        self.format.validate(opts, linears)
 
     # ---- the work ----------------------------------------------------------------------------------
     def quantize_weight(self, ctx: QuantContext, lin: QuantLinear, W: torch.Tensor) -> None:
-        """Uncalibrated methods: quantize one float32 weight [out, in] and ``ctx.write`` its tensors."""
+        """Uncalibrated methods: quantize one float32 weight [out, in] and ``ctx.write`` its tensors
+        (packed by ``self.format``)."""
         raise NotImplementedError
 
     def process_layer(self, ctx: QuantContext, i: int, layer: "nn.Module", inputs: "LayerInputs",
@@ -144,20 +141,7 @@ class QuantMethod:
         """
         raise NotImplementedError
 
-    # ---- describing the result ---------------------------------------------------------------------
-    def quantization_config(self, opts) -> dict:
-        """The ``quantization_config`` entry of config.json that loaders dispatch on."""
-        raise NotImplementedError
-
-    def declare_float(self, qcfg: dict, pattern: str) -> dict:
-        """``qcfg`` with the modules matching regex ``pattern`` (full module names: MoE routers,
-        ``shared_expert_gate``) declared unquantized, where the format has a way to say it."""
-        return qcfg
-
-    def extra_files(self, opts) -> dict[str, dict]:
-        """Other JSON files to write beside config.json (e.g. GPTQ's quantize_config.json)."""
-        return {}
-
+    # ---- describing the settings (the card) --------------------------------------------------------
     def card_settings(self, opts) -> list[tuple[str, str]]:
         """(setting, value) rows for the model card's table."""
         return [("bits", str(opts.bits))]
@@ -165,30 +149,46 @@ class QuantMethod:
     def card_tags(self, opts) -> list[str]:
         return [self.name, f"{opts.bits}bit"]
 
-    def loading_requirements(self) -> str:
-        """What a user must install to load the checkpoint with transformers (for the card)."""
-        return ""
+    # ---- the format's answers, for callers holding a method --------------------------------------------
+    # Shortcuts to ``self.format`` (the driver calls the format itself); the reading-back ones stay
+    # class-level so ``RTNMethod.dequantize(get, prefix, qcfg)`` keeps working.
+    def planned(self, lin: QuantLinear, opts) -> list["PlannedTensor"]:
+        return self.format.planned(lin, opts)
 
-    # ---- reading back --------------------------------------------------------------------------------
+    def float_dtype(self, opts) -> torch.dtype:
+        return self.format.float_dtype(opts)
+
+    def quantization_config(self, opts) -> dict:
+        return self.format.quantization_config(opts)
+
+    def declare_float(self, qcfg: dict, pattern: str) -> dict:
+        return self.format.declare_float(qcfg, pattern)
+
+    def extra_files(self, opts) -> dict[str, dict]:
+        return self.format.extra_files(opts)
+
+    def loading_requirements(self) -> str:
+        return self.format.loading_requirements()
+
+    @property
+    def client_modules(self) -> tuple[str, ...]:
+        return self.format.client_modules
+
     @classmethod
     def handles(cls, qcfg: dict) -> bool:
-        """Whether a ``quantization_config`` was written by this method's format."""
-        return False
+        return cls.format is not None and cls.format.handles(qcfg)
 
     @classmethod
     def quantized_prefixes(cls, names: list[str], qcfg: dict) -> list[str]:
-        """Module prefixes in a checkpoint of this format whose weight must be dequantized."""
-        raise NotImplementedError
+        return cls.format.quantized_prefixes(names, qcfg)
 
     @classmethod
     def dequantize(cls, get: Callable[[str], torch.Tensor], prefix: str, qcfg: dict) -> torch.Tensor:
-        """The float32 weight [out, in] of module ``prefix`` (``get(name)`` reads a tensor)."""
-        raise NotImplementedError
+        return cls.format.dequantize(get, prefix, qcfg)
 
     @classmethod
     def storage_suffixes(cls) -> tuple[str, ...]:
-        """Tensor name suffixes that belong to a quantized module (skipped when loading floats)."""
-        return ()
+        return cls.format.storage_suffixes()
 
 
 # name -> "module:Class"; imported on first use
@@ -215,15 +215,3 @@ def get_method(name: str) -> QuantMethod:
         if e.name and e.name.startswith("mergequant."):
             raise MergeQuantError(f"--method {name} is not available in this build of mergequant") from None
         raise
-
-
-def format_for_config(qcfg: dict) -> type[QuantMethod] | None:
-    """The method class whose on-disk format ``qcfg`` (a config.json quantization_config) describes."""
-    for path in dict.fromkeys(METHODS.values()):
-        try:
-            cls = _load_class(path)
-        except ModuleNotFoundError:
-            continue
-        if cls.handles(qcfg):
-            return cls
-    return None

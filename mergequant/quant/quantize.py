@@ -2,8 +2,9 @@
 
 Data flow: the decoder Linear modules are found by name, from the model family's description
 (``mergequant.architectures``: a family without one, or a mixture-of-experts family, is refused
-before anything is read or written); the chosen method (``method.py``) says
-which tensors replace each weight, so the output shards are planned before any work. Uncalibrated
+before anything is read or written); the chosen method's on-disk format (``method.format``, a
+``mergequant.checkpoint_formats.CheckpointFormat``) says which tensors replace each weight, so the
+output shards are planned before any work, and what config and card claims go with them. Uncalibrated
 methods (rtn, int8) quantize weight by weight straight from the checkpoint. Calibrated methods
 (gptq, awq, w8a8) run through the layer runner, which materializes one decoder layer at a time with
 its calibration inputs; the method quantizes the layer's Linears (and may fold scales into its
@@ -255,14 +256,14 @@ def validate(opts: QuantizeOptions, linears: list[QuantLinear], method: QuantMet
 
 
 def planned_tensors(ck: Checkpoint, linears: list[QuantLinear], method: QuantMethod, opts) -> list[PlannedTensor]:
-    """Every tensor of the output checkpoint (name, dtype, shape), in file order: the method's tensors
-    for each quantized Linear, everything else in the method's float dtype."""
+    """Every tensor of the output checkpoint (name, dtype, shape), in file order: the format's tensors
+    for each quantized Linear, everything else in the format's float dtype."""
     quantized = {f"{lin.source_prefix}.weight" for lin in linears}
-    fdtype = method.float_dtype(opts)
+    fdtype = method.format.float_dtype(opts)
     arch = architecture_for(ck.config)
     out = []
     for lin in linears:
-        for t in method.planned(lin, opts):
+        for t in method.format.planned(lin, opts):
             out.append(PlannedTensor(f"{lin.prefix}.{t.name}", t.dtype, t.shape))
     for name, info in ck.tensors.items():
         if name in quantized:
@@ -345,12 +346,12 @@ def _prepare(model_dir: Path, opts: QuantizeOptions) -> tuple[Checkpoint, Archit
 
 
 def _notes(opts: QuantizeOptions, arch: Architecture, method: QuantMethod) -> list[str]:
-    from mergequant.quant.clients import client_warnings, settings_of
+    from mergequant.quant.clients import settings_of
 
     # engines that will not load this setting (serving matrix; MoE expert naming: moe_client_notes)
     return ([f"note: {f} does not apply to --method {opts.method}; it is ignored" for f in ignored_options(opts)]
             + moe_client_notes(arch, opts, method)
-            + ([] if arch.is_moe else client_warnings(opts.method, settings_of(opts))))
+            + ([] if arch.is_moe else method.format.client_warnings(settings_of(opts), opts.method)))
 
 
 def _calibration_ids(model_dir: Path, ck: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
@@ -451,33 +452,34 @@ def check_moe_options(opts: QuantizeOptions, arch: Architecture | None = None) -
 def _write_metadata(ck: Checkpoint, out: Path, opts: QuantizeOptions, method: QuantMethod, result: QuantizeResult) -> None:
     from mergequant.card import quant_card
 
+    fmt = method.format
     config = dict(ck.config)
-    config["quantization_config"] = method.quantization_config(opts)
+    config["quantization_config"] = fmt.quantization_config(opts)
     arch = architecture_for(ck.config)
     if arch.is_moe:  # routers (and shared_expert_gate) stay in float: said where the format can say it
-        config["quantization_config"] = method.declare_float(config["quantization_config"], float_modules_pattern(arch, opts))
-    fname = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[method.float_dtype(opts)]
+        config["quantization_config"] = fmt.declare_float(config["quantization_config"], float_modules_pattern(arch, opts))
+    fname = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[fmt.float_dtype(opts)]
     config["torch_dtype"] = fname
     if "dtype" in config:
         config["dtype"] = fname
     write_json(out / "config.json", config)
-    for fname_, obj in method.extra_files(opts).items():
+    for fname_, obj in fmt.extra_files(opts).items():
         if fname_ == "quantize_config.json":
             obj = config["quantization_config"]
         write_json(out / fname_, obj)
     copy_tokenizer_files(tokenizer_dir(ck), out)
     (out / "README.md").write_text(quant_card(
         source=source_name(ck), adapter=adapter_of(ck), method=opts.method, bits=opts.bits, settings=method.card_settings(opts),
-        tags=method.card_tags(opts), requirements=method.loading_requirements(), calib=opts.calib if method.calibrated else None,
+        tags=method.card_tags(opts), requirements=fmt.loading_requirements(), calib=opts.calib if method.calibrated else None,
         calib_tokens=result.calib_tokens, samples=opts.samples if method.calibrated else 0, fallbacks=result.fallbacks,
         perplexity=result.perplexity or None, eval_data=opts.eval_data,
-        experts=moe_card_info(ck, opts, method, result), clients=_verified_clients(opts, arch)))
+        experts=moe_card_info(ck, opts, method, result), clients=_verified_clients(opts, arch, method)))
 
 
-def _verified_clients(opts: QuantizeOptions, arch: Architecture) -> list[str]:
-    from mergequant.quant.clients import settings_of, verified_clients
+def _verified_clients(opts: QuantizeOptions, arch: Architecture, method: QuantMethod) -> list[str]:
+    from mergequant.quant.clients import settings_of
 
-    return verified_clients(opts.method, settings_of(opts, arch.is_moe))
+    return method.format.verified_clients(settings_of(opts, arch.is_moe), opts.method)
 
 
 def float_modules_pattern(arch: Architecture, opts: QuantizeOptions) -> str:

@@ -1,5 +1,6 @@
 """``--method w8a8``: SmoothQuant + per-channel int8 weights, in the compressed-tensors ``int-quantized``
-format (vLLM runs it with int8 GEMMs, activations quantized per token at run time).
+format (vLLM runs it with int8 GEMMs, activations quantized per token at run time). The files are
+``mergequant.checkpoint_formats.compressed_tensors``, held as ``W8A8Method.format``; this module is the math.
 
 Per decoder layer (materialized in float32 by the layer runner):
 
@@ -36,8 +37,8 @@ import torch
 from torch import nn
 
 from mergequant.architectures import Architecture
+from mergequant.checkpoint_formats import get_format
 from mergequant.errors import MergeQuantError
-from mergequant.io.writer import PlannedTensor
 from mergequant.quant.int8 import (channel_int8_dequantize, channel_int8_quantize, fold_into_linear, fold_into_norm,
                                    smooth_scales, weight_column_absmax)
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
@@ -167,8 +168,8 @@ def smooth_layer(layer: nn.Module, inputs, alpha: float, *, check: bool = True, 
 
 class W8A8Method(QuantMethod):
     name = "w8a8"
+    format = get_format("compressed_tensors")
     calibrated = True
-    client_modules = ("compressed_tensors",)  # `mergequant eval` (backend auto) loads it with transformers + this
     bits_allowed = (8,)
     uses_group_size = False  # one scale per output channel
     smooth = True  # False: plain per-channel int8 weights (for comparisons)
@@ -176,13 +177,6 @@ class W8A8Method(QuantMethod):
     def validate(self, opts, linears: list[QuantLinear]) -> None:
         if not 0.0 <= opts.alpha <= 1.0:
             raise MergeQuantError(f"--alpha must be in [0, 1] (SmoothQuant migration strength), got {opts.alpha}")
-
-    def float_dtype(self, opts) -> torch.dtype:
-        return torch.float16
-
-    def planned(self, lin: QuantLinear, opts) -> list[PlannedTensor]:
-        return [PlannedTensor("weight", torch.int8, (lin.out_features, lin.in_features)),
-                PlannedTensor("weight_scale", self.float_dtype(opts), (lin.out_features, 1))]
 
     def process_layer(self, ctx: QuantContext, i, layer, inputs, todo, modules) -> None:
         if self.smooth:
@@ -198,33 +192,7 @@ class W8A8Method(QuantMethod):
             W_hat = channel_int8_dequantize(codes, scale)
             ctx.result.proxy_error += float(((W - W_hat) ** 2).sum() / (W ** 2).sum().clamp_min(1e-30))
             mod.weight.data.copy_(W_hat.to(mod.weight.device, mod.weight.dtype))
-            ctx.write(lin, {"weight": codes.cpu(), "weight_scale": scale.cpu()})
-
-    def quantization_config(self, opts) -> dict:
-        # QuantizationConfig(config_groups={"group_0": preset "W8A8" on ["Linear"]}, format="int-quantized",
-        # quantization_status="compressed", ignore=["lm_head"]).model_dump() of compressed-tensors 0.20
-        return {
-            "config_groups": {
-                "group_0": {
-                    "targets": ["Linear"],
-                    "weights": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
-                                "strategy": "channel", "dynamic": False},
-                    "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
-                                          "strategy": "token", "dynamic": True},
-                    "output_activations": None,
-                    "format": "int-quantized",
-                },
-            },
-            "quant_method": "compressed-tensors",
-            "kv_cache_scheme": None,
-            "format": "int-quantized",
-            "quantization_status": "compressed",
-            "global_compression_ratio": None,
-            "ignore": ["lm_head"],
-        }
-
-    def declare_float(self, qcfg: dict, pattern: str) -> dict:
-        return {**qcfg, "ignore": [*qcfg.get("ignore", []), f"re:{pattern}"]}  # compressed-tensors' regex form
+            ctx.write(lin, self.format.pack(codes, scale))
 
     def card_settings(self, opts) -> list[tuple[str, str]]:
         return [("bits", "8 (weights int8 per output channel; activations int8 per token, dynamic)"),
@@ -233,29 +201,3 @@ class W8A8Method(QuantMethod):
 
     def card_tags(self, opts) -> list[str]:
         return [self.name, "8bit", "int8", "smoothquant", "compressed-tensors"]
-
-    def loading_requirements(self) -> str:
-        return "compressed-tensors"
-
-    # ---- reading back ----------------------------------------------------------------------------------
-    @classmethod
-    def handles(cls, qcfg: dict) -> bool:
-        if qcfg.get("quant_method") != "compressed-tensors":
-            return False
-        groups = (qcfg.get("config_groups") or {}).values()
-        fmt = {qcfg.get("format")} | {g.get("format") for g in groups if isinstance(g, dict)}
-        weights = [g.get("weights") or {} for g in groups if isinstance(g, dict)]
-        return ("int-quantized" in fmt or "naive-quantized" in fmt) and all(
-            w.get("type") == "int" and w.get("num_bits") == 8 and w.get("symmetric", True) for w in weights)
-
-    @classmethod
-    def quantized_prefixes(cls, names, qcfg) -> list[str]:
-        return [n[: -len(".weight_scale")] for n in names if n.endswith(".weight_scale")]
-
-    @classmethod
-    def dequantize(cls, get, prefix: str, qcfg: dict) -> torch.Tensor:
-        return channel_int8_dequantize(get(f"{prefix}.weight"), get(f"{prefix}.weight_scale"))
-
-    @classmethod
-    def storage_suffixes(cls) -> tuple[str, ...]:
-        return (".weight", ".weight_scale")

@@ -31,7 +31,8 @@ def check_gguf(stand_in, opts) -> dict[str, int]:
     from mergequant.architectures import architecture_for
     from mergequant.gguf import mixes
     from mergequant.gguf.blocks import row_bytes
-    from mergequant.gguf.writer import gguf_architecture, model_shape, plan_tensors
+    from mergequant.checkpoint_formats import get_format
+    from mergequant.gguf.writer import gguf_architecture
 
     types = mixes.check_file_types(opts.gguf_types)
     if opts.bits is not None:
@@ -40,11 +41,10 @@ def check_gguf(stand_in, opts) -> dict[str, int]:
     if opts.calib and architecture_for(stand_in.config).is_moe:
         raise MergeQuantError("calib with method gguf: importance matrices for mixture-of-experts models are not "
                               "collected yet (leave calib out for llama.cpp's reference rounding)")
-    planned = plan_tensors(stand_in, arch_name, permute)
-    shape = model_shape(stand_in, arch_name, has_imatrix=bool(opts.calib))
+    planned = get_format("gguf").plan(stand_in, arch_name, permute, types, has_imatrix=bool(opts.calib))
     sizes = {}
     for ft in types:
-        sizes[ft] = sum(p.rows * row_bytes(mixes.tensor_type(ft, p.name, p.shape, shape), p.cols) for p in planned)
+        sizes[ft] = sum(p.rows * row_bytes(p.types[ft], p.cols) for p in planned)
     return sizes
 
 
