@@ -265,7 +265,7 @@ def test_unknown_pre_tokenizer_is_one_line(dense_model, tmp_path):
 
 
 @pytest.mark.parametrize("model_type,expect", [
-    ("gemma", "GGUF defines this architecture but mergequant's GGUF export does not convert it yet"),
+    ("starcoder2", "GGUF defines this architecture but mergequant's GGUF export does not convert it yet"),
     ("made_up_arch", "GGUF (llama.cpp) defines no architecture for it"),
 ])
 def test_architecture_gguf_cannot_take_is_one_line(dense_model, tmp_path, model_type, expect):

@@ -3,8 +3,9 @@
 Written by ``--method gguf`` (``mergequant.gguf.driver``), read by llama.cpp and its bindings, not by
 ``mergequant eval`` (measure GGUF files with llama-perplexity). What the format says:
 
-* **naming**: llama.cpp's tensor names (``blk.3.attn_q.weight``; Mixtral's experts stacked into
-  ``blk.N.ffn_{gate,up,down}_exps.weight``) and, per requested file type (``Q4_K_M``...), each
+* **naming**: llama.cpp's tensor names (``blk.3.attn_q.weight``; mixture-of-experts experts stacked into
+  ``blk.N.ffn_{gate,up,down}_exps.weight``, Qwen2-MoE's shared expert ``ffn_*_shexp``, Phi-3's fused
+  ``attn_qkv``; per family: ``mergequant.gguf.writer.FAMILIES``) and, per requested file type (``Q4_K_M``...), each
   tensor's GGML type from llama.cpp's mixes (``mergequant.gguf.mixes``): :meth:`GGUFFormat.plan`;
 * **packing**: rows of float32 into GGML blocks (``mergequant.gguf.blocks`` / ``kquants``, byte-identical
   to llama.cpp's reference quantizers), importance-weighted for the types that use an importance
@@ -12,7 +13,8 @@ Written by ``--method gguf`` (``mergequant.gguf.driver``), read by llama.cpp and
 * **config**: the file's key-values (architecture hyper-parameters, tokenizer, ``general.file_type``),
   written by ``mergequant.gguf.writer`` into each file's header;
 * **reading back**: a tensor's float values from its blocks (gguf-py's dequantizers, llama.cpp's
-  row order: q/k rows are permuted from transformers' rotary layout): :meth:`GGUFFormat.dequantize`
+  layout: Llama-family q/k rows are permuted from transformers' rotary layout, Gemma norms hold
+  ``1 + w``): :meth:`GGUFFormat.dequantize`
   with a per-tensor ``qcfg`` (:meth:`GGUFFormat.read` builds one from a file). No config.json
   ``quantization_config`` describes GGUF files, so :meth:`handles` is always False.
 """

@@ -20,7 +20,7 @@ FORMAT = get_format("gguf")
 
 def _prepare(model_dir: Path, opts):
     from mergequant.gguf.tokenizer import tokenizer_metadata
-    from mergequant.gguf.writer import gguf_architecture
+    from mergequant.gguf.writer import check_llama_cpp_name, gguf_architecture
     from mergequant.io.checkpoint import Checkpoint
     from mergequant.io.output_dir import check_output_location, local_files
     from mergequant.merge.moe_layout import per_expert_view
@@ -33,7 +33,8 @@ def _prepare(model_dir: Path, opts):
     ck = per_expert_view(Checkpoint.open(model_dir))
     refuse_quantized_input(ck)
     arch_name, _ = gguf_architecture(ck.config, f"{model_dir}: ")
-    tokenizer_metadata(model_dir, ck.config)  # unknown pre-tokenizer, missing tokenizer: refused now
+    tok = tokenizer_metadata(model_dir, ck.config)  # unknown pre-tokenizer, missing tokenizer: refused now
+    check_llama_cpp_name(Path(model_dir).resolve().name, tok.tokens, f"{model_dir}: ")
     if opts.calib:
         from mergequant.architectures import architecture_for
         from mergequant.quant.calib import CALIBRATION, local_data_file, require_tokenizer
@@ -67,7 +68,7 @@ def plan_gguf(model_dir: Path, opts):
         notes.append(f"{Path(model_dir).resolve().name}-{ft}.gguf: ~{sizes[ft] / 2**20:.1f} MiB ("
                      + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + ")")
     largest = max(p.rows * p.cols for p in planned)
-    n_lin = sum(1 for p in planned if mixes.quantizable(p.name, len(p.shape)))
+    n_lin = sum(1 for p in planned if mixes.quantizable(p.name, tuple(p.shape)))
     calib_tokens = opts.samples * min(opts.seqlen, ck.config.get("max_position_embeddings") or opts.seqlen) if opts.calib else 0
     return QuantizePlan(Path(model_dir), ck.architecture, f"gguf ({', '.join(types)})", 0, n_lin, None,
                         sum(sizes.values()), len(types), calib_tokens, 4 * 4 * min(largest, 1 << 22), notes)

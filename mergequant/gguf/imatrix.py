@@ -8,14 +8,23 @@ scales, ``_qkx2`` with rmin -0.9, step 0.05) and quantizes the sub-block scales 
 weighted search (``_qp``) instead of plain rounding: the scheme of llama.cpp's ``quantize_row_*_impl``
 (ggml-quants.c), re-expressed here. Q6_K weighs by the importance alone; Q4_0, Q4_1, Q5_0 and Q5_1 use
 the row's mean square for sigma^2 and the same weighted searches per 32-weight block. Q8_0 ignores it.
+With the same matrix the bytes equal llama.cpp's quantizer's (tests/test_gguf_llama_cpp.py).
+
+Opt-in (``MERGEQUANT_GGUF_REFINE=1``, off by default so the equality above holds): after that search,
+``_refine_affine`` (Q2_K, Q4_K, Q5_K) and ``_refine_sym`` (Q3_K) lower the same weighted error further
+per super-block -- each sub-block's integer scale (and min) moves to the best neighbouring value with
+its levels re-rounded, then the half-precision super-block scale(s) are refitted by weighted least
+squares; steps are kept only when the error falls. Measured in bench/gguf_bench.py (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 
-from mergequant.gguf.blocks import put_f16
+from mergequant.gguf.blocks import f16_to_f32, f32_to_f16, put_f16
 from mergequant.gguf.kquants import EPS, _nint, _pack2, _q6_k, _qkx2, _qx, _scale_min_k4
 
 
@@ -83,6 +92,146 @@ def _qp(x, n, nmax, L, qw):
     return sumlx / suml2 if suml2 > 0 else np.float32(0.0)
 
 
+
+@numba.njit(cache=True)
+def _f16r(v):
+    """``v`` rounded to half precision (what the file stores), as float32."""
+    return f16_to_f32(f32_to_f16(v))
+
+
+@numba.njit(cache=True)
+def _err_affine(x, s0, W, j, sl, nmax, dd, dm, L, write):
+    """Weighted squared error of sub-block j (``sl`` weights) dequantized as dd * q - dm, q rounded to nearest
+    in [0, nmax]; with ``write`` the levels go to L."""
+    e = np.float32(0.0)
+    for k in range(sl):
+        xi = x[s0 + sl * j + k]
+        q = 0
+        if dd != 0:
+            q = max(0, min(nmax, _nint((xi + dm) / dd)))
+        if write:
+            L[sl * j + k] = q
+        diff = dd * np.float32(q) - dm - xi
+        e += W[sl * j + k] * diff * diff
+    return e
+
+
+@numba.njit(cache=True)
+def _refine_affine(x, s0, W, nsub, sl, nmax, lmax, Ls, Lm, d, dmin, L):
+    """Refinement of an affine k-quant super-block (Q2_K, Q4_K, Q5_K) after llama.cpp's search, on the same
+    weighted objective: (1) each sub-block's integer scale and min move to the best of their +-1
+    neighbours (levels re-rounded); (2) the super-block's d and dmin are refitted by weighted least squares
+    to the chosen integer scales, mins and levels (then half-rounded). Repeated while the total error falls;
+    a step is kept only if it lowers the error, so the result is never worse than the search's."""
+    tot = np.float32(0.0)
+    for j in range(nsub):
+        tot += _err_affine(x, s0, W, j, sl, nmax, d * np.float32(Ls[j]), dmin * np.float32(Lm[j]), L, True)
+    for _ in range(4):
+        new_tot = np.float32(0.0)
+        for j in range(nsub):
+            b0, b1 = Ls[j], Lm[j]
+            best = _err_affine(x, s0, W, j, sl, nmax, d * np.float32(b0), dmin * np.float32(b1), L, False)
+            for a in range(max(0, Ls[j] - 1), min(lmax, Ls[j] + 1) + 1):
+                for c in range(max(0, Lm[j] - 1), min(lmax, Lm[j] + 1) + 1):
+                    e = _err_affine(x, s0, W, j, sl, nmax, d * np.float32(a), dmin * np.float32(c), L, False)
+                    if e < best:
+                        best, b0, b1 = e, a, c
+            Ls[j], Lm[j] = b0, b1
+            new_tot += _err_affine(x, s0, W, j, sl, nmax, d * np.float32(b0), dmin * np.float32(b1), L, True)
+        # x ~ d * A - m * B with A = ls * q, B = lm: 2 x 2 weighted least squares
+        saa = np.float32(0.0)
+        sab = np.float32(0.0)
+        sbb = np.float32(0.0)
+        sxa = np.float32(0.0)
+        sxb = np.float32(0.0)
+        for j in range(nsub):
+            for k in range(sl):
+                w = W[sl * j + k]
+                a = np.float32(Ls[j] * L[sl * j + k])
+                bb = np.float32(Lm[j])
+                xi = x[s0 + sl * j + k]
+                saa += w * a * a
+                sab += w * a * bb
+                sbb += w * bb * bb
+                sxa += w * xi * a
+                sxb += w * xi * bb
+        det = saa * sbb - sab * sab
+        improved = new_tot < tot
+        tot = min(tot, new_tot)
+        if det > 0:
+            nd = _f16r((sxa * sbb - sxb * sab) / det)
+            nm = _f16r((sxa * sab - sxb * saa) / det)
+            if nd > 0 and nm >= 0:
+                t2 = np.float32(0.0)
+                for j in range(nsub):
+                    t2 += _err_affine(x, s0, W, j, sl, nmax, nd * np.float32(Ls[j]), nm * np.float32(Lm[j]), L, False)
+                if t2 < tot:
+                    d, dmin, tot, improved = nd, nm, t2, True
+        if not improved:
+            break
+    for j in range(nsub):
+        _err_affine(x, s0, W, j, sl, nmax, d * np.float32(Ls[j]), dmin * np.float32(Lm[j]), L, True)
+    return d, dmin
+
+
+@numba.njit(cache=True)
+def _err_sym(x, s0, W, j, dd, L, write):
+    """Q3_K sub-block j (16 weights) as dd * q, q in [-4, 3] (stored + 4 in L with ``write``)."""
+    e = np.float32(0.0)
+    for k in range(16):
+        xi = x[s0 + 16 * j + k]
+        q = 0
+        if dd != 0:
+            q = max(-4, min(3, _nint(xi / dd)))
+        if write:
+            L[16 * j + k] = q + 4
+        diff = dd * np.float32(q) - xi
+        e += W[16 * j + k] * diff * diff
+    return e
+
+
+@numba.njit(cache=True)
+def _refine_sym(x, s0, W, Ls, d, L):
+    """Q3_K's version of _refine_affine: signed 6-bit sub-block scales Ls in [-32, 31] move to the best of
+    +-2, then d is refitted by weighted least squares; kept only while the weighted error falls."""
+    tot = np.float32(0.0)
+    for j in range(16):
+        tot += _err_sym(x, s0, W, j, d * np.float32(Ls[j]), L, True)
+    for _ in range(4):
+        new_tot = np.float32(0.0)
+        for j in range(16):
+            b0 = Ls[j]
+            best = _err_sym(x, s0, W, j, d * np.float32(b0), L, False)
+            for a in range(max(-32, Ls[j] - 2), min(31, Ls[j] + 2) + 1):
+                e = _err_sym(x, s0, W, j, d * np.float32(a), L, False)
+                if e < best:
+                    best, b0 = e, a
+            Ls[j] = b0
+            new_tot += _err_sym(x, s0, W, j, d * np.float32(b0), L, True)
+        improved = new_tot < tot
+        tot = min(tot, new_tot)
+        sxa = np.float32(0.0)
+        saa = np.float32(0.0)
+        for j in range(16):
+            for k in range(16):
+                a = np.float32(Ls[j] * (L[16 * j + k] - 4))
+                sxa += W[16 * j + k] * x[s0 + 16 * j + k] * a
+                saa += W[16 * j + k] * a * a
+        if saa > 0:
+            nd = _f16r(sxa / saa)
+            if nd != 0:
+                t2 = np.float32(0.0)
+                for j in range(16):
+                    t2 += _err_sym(x, s0, W, j, nd * np.float32(Ls[j]), L, False)
+                if t2 < tot:
+                    d, tot, improved = nd, t2, True
+        if not improved:
+            break
+    for j in range(16):
+        _err_sym(x, s0, W, j, d * np.float32(Ls[j]), L, True)
+    return d
+
+
 @numba.njit(cache=True)
 def _sigma2(x, s0, factor):
     sx2 = np.float32(0.0)
@@ -92,7 +241,7 @@ def _sigma2(x, s0, factor):
 
 
 @numba.njit(cache=True, parallel=True)
-def _q45_k_w(x, out, nmax, bpb, qw):
+def _q45_k_w(x, out, nmax, bpb, qw, refine):
     nb = x.size // 256
     for i in numba.prange(nb):  # super-blocks are independent
         L = np.zeros(256, dtype=np.int64)
@@ -103,6 +252,7 @@ def _q45_k_w(x, out, nmax, bpb, qw):
         mins = np.zeros(8, dtype=np.float32)
         Ls = np.zeros(8, dtype=np.int64)
         Lm = np.zeros(8, dtype=np.int64)
+        Wf = np.zeros(256, dtype=np.float32)
         s0 = i * 256
         b = i * bpb
         sigma2 = _sigma2(x, s0, 2.0)
@@ -111,6 +261,7 @@ def _q45_k_w(x, out, nmax, bpb, qw):
             for k in range(32):
                 xi = x[s0 + 32 * j + k]
                 w[k] = qw[s0 + 32 * j + k] * np.sqrt(sigma2 + xi * xi)
+                Wf[32 * j + k] = w[k]
             for k in range(32):
                 sumw += w[k]
             sw[j] = sumw
@@ -132,6 +283,20 @@ def _q45_k_w(x, out, nmax, bpb, qw):
                 out[p + j] = np.uint8((out[p + j] | ((lm >> 4) << 6)) & 0xFF)
         d = put_f16(out, b, d_block)
         dmin = put_f16(out, b + 2, m_block)
+        if refine:
+            for j in range(8):
+                Ls[j], Lm[j] = _scale_min_k4(j, out, p)
+            d, dmin = _refine_affine(x, s0, Wf, 8, 32, nmax, 63, Ls, Lm, d, dmin, L)
+            for j in range(8):
+                if j < 4:
+                    out[p + j] = np.uint8(Ls[j])
+                    out[p + j + 4] = np.uint8(Lm[j])
+                else:
+                    out[p + j + 4] = np.uint8((Ls[j] & 0xF) | ((Lm[j] & 0xF) << 4))
+                    out[p + j - 4] = np.uint8((out[p + j - 4] | ((Ls[j] >> 4) << 6)) & 0xFF)
+                    out[p + j] = np.uint8((out[p + j] | ((Lm[j] >> 4) << 6)) & 0xFF)
+            d = put_f16(out, b, d)
+            dmin = put_f16(out, b + 2, dmin)
         for j in range(8):
             sc, m = _scale_min_k4(j, out, p)
             dd = d * np.float32(sc)
@@ -171,7 +336,7 @@ def _q45_k_w(x, out, nmax, bpb, qw):
 
 
 @numba.njit(cache=True, parallel=True)
-def _q3_k_w(x, out, qw):
+def _q3_k_w(x, out, qw, refine):
     nb = x.size // 256
     for i in numba.prange(nb):  # super-blocks are independent
         L = np.zeros(256, dtype=np.int64)
@@ -204,6 +369,20 @@ def _q3_k_w(x, out, qw):
             q >>= 4
             out[b + 96 + 8 + j % 4] = np.uint8((out[b + 96 + 8 + j % 4] | (q << (2 * (j // 4)))) & 0xFF)
         d = put_f16(out, b + 108, d_block)
+        if refine:
+            for j in range(16):
+                Ls[j] = max(-32, min(31, Ls[j] - 32))  # _qx stores levels + 32
+            d = put_f16(out, b + 108, _refine_sym(x, s0, W, Ls, d, L))
+            for k in range(12):
+                out[b + 96 + k] = 0
+            for j in range(16):
+                q = Ls[j] + 32
+                if j < 8:
+                    out[b + 96 + j] = np.uint8(q & 0xF)
+                else:
+                    out[b + 96 + j - 8] = np.uint8(out[b + 96 + j - 8] | ((q & 0xF) << 4))
+                q >>= 4
+                out[b + 96 + 8 + j % 4] = np.uint8((out[b + 96 + 8 + j % 4] | (q << (2 * (j // 4)))) & 0xFF)
         for j in range(16):
             if j < 8:
                 sc = np.int64(out[b + 96 + j]) & 0xF
@@ -247,7 +426,7 @@ def _qx_local(x, s, W, lo, nmax, L):
 
 
 @numba.njit(cache=True, parallel=True)
-def _q2_k_w(x, out, qw):
+def _q2_k_w(x, out, qw, refine):
     nb = x.size // 256
     for i in numba.prange(nb):  # super-blocks are independent
         L = np.zeros(256, dtype=np.int64)
@@ -258,6 +437,7 @@ def _q2_k_w(x, out, qw):
         mins = np.zeros(16, dtype=np.float32)
         Ls = np.zeros(16, dtype=np.int64)
         Lm = np.zeros(16, dtype=np.int64)
+        Wf = np.zeros(256, dtype=np.float32)
         s0 = i * 256
         b = i * 84
         sigma2 = _sigma2(x, s0, 1.0)
@@ -266,6 +446,7 @@ def _q2_k_w(x, out, qw):
             for k in range(16):
                 xi = x[s0 + 16 * j + k]
                 w[k] = qw[s0 + 16 * j + k] * np.sqrt(sigma2 + xi * xi)
+                Wf[16 * j + k] = w[k]
             for k in range(16):
                 sw[j] += w[k]
             sc, m = _qkx2(x, s0 + 16 * j, 16, 3, w, L, 16 * j, aux, np.float32(-0.9), np.float32(0.05), 36, False)
@@ -275,6 +456,10 @@ def _q2_k_w(x, out, qw):
         mm = _qp(mins, 16, 15, Lm, sw)
         dm = put_f16(out, b + 80, dm)
         mm = put_f16(out, b + 82, mm)
+        if refine:
+            dm, mm = _refine_affine(x, s0, Wf, 16, 16, 3, 15, Ls, Lm, dm, mm, L)
+            dm = put_f16(out, b + 80, dm)
+            mm = put_f16(out, b + 82, mm)
         for j in range(16):
             out[b + j] = np.uint8((Ls[j] | (Lm[j] << 4)) & 0xFF)
         for j in range(16):
@@ -335,20 +520,29 @@ def _classic_w(x, out, kind, cols, qw):
                 out[b + q0 + j] = np.uint8(((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4)) & 0xFF)
 
 
-def quantize_k_weighted(flat: np.ndarray, out: np.ndarray, qtype: str, cols: int, imatrix: np.ndarray) -> None:
-    """``flat`` (rows of ``cols`` end to end) as k-quant ``qtype`` with per-column importance ``imatrix``."""
+# Opt-in refinement of the importance-weighted Q2_K/Q3_K/Q4_K/Q5_K search (see _refine_affine, _refine_sym):
+# off by default, so that --calib files stay equal to llama.cpp's quantizer handed the same matrix
+# (tests/test_gguf_llama_cpp.py); MERGEQUANT_GGUF_REFINE=1 turns it on (bench/gguf_bench.py measures both).
+REFINE = os.environ.get("MERGEQUANT_GGUF_REFINE", "") == "1"
+
+
+def quantize_k_weighted(flat: np.ndarray, out: np.ndarray, qtype: str, cols: int, imatrix: np.ndarray,
+                        refine: bool | None = None) -> None:
+    """``flat`` (rows of ``cols`` end to end) as k-quant ``qtype`` with per-column importance ``imatrix``;
+    ``refine`` (default: the module's REFINE) adds the refinement pass after llama.cpp's search."""
+    refine = REFINE if refine is None else bool(refine)
     im = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
     if im.size != cols:
         raise ValueError(f"importance matrix has {im.size} entries for rows of {cols}")
     qw = np.tile(im, flat.size // cols)
     if qtype == "Q2_K":
-        _q2_k_w(flat, out, qw)
+        _q2_k_w(flat, out, qw, refine)
     elif qtype == "Q3_K":
-        _q3_k_w(flat, out, qw)
+        _q3_k_w(flat, out, qw, refine)
     elif qtype == "Q4_K":
-        _q45_k_w(flat, out, 15, 144, qw)
+        _q45_k_w(flat, out, 15, 144, qw, refine)
     elif qtype == "Q5_K":
-        _q45_k_w(flat, out, 31, 176, qw)
+        _q45_k_w(flat, out, 31, 176, qw, refine)
     elif qtype == "Q6_K":
         _q6_k(flat, out, qw, True)
     elif qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):

@@ -7,10 +7,11 @@ default type (Q3_K, Q4_K, Q5_K) some tensors are raised above. The rules below a
 file and ``llama-quantize``'s have the same type per tensor (checked byte for byte in the tests):
 
 - Only 2-D (3-D expert) tensors whose name ends in ``weight`` are quantized; norms (``*_norm.weight``)
-  and MoE routers (``ffn_gate_inp``) stay F32, as do all 1-D tensors.
+  and MoE routers (``ffn_gate_inp``) stay F32, as do all 1-D tensors (llama.cpp counts dimensions as
+  ``ggml_n_dims``: a [1, n] tensor such as Qwen2-MoE's ``ffn_gate_inp_shexp`` is 1-D).
 - ``output.weight`` (and ``token_embd.weight`` when the model has no separate output): Q6_K for every
   quantized file type except Q8_0 (Q8_0 when the row length is not a multiple of the block).
-- ``attn_v``: Q2_K -> Q3_K (Q4_K when n_head / n_kv_head >= 4); Q3_K_M -> Q5_K in the first two layers
+- ``attn_v`` (and a fused ``attn_qkv``, Phi-3's, which llama.cpp puts in the same category): Q2_K -> Q3_K (Q4_K when n_head / n_kv_head >= 4); Q3_K_M -> Q5_K in the first two layers
   then Q4_K; Q3_K_L -> Q5_K; Q4_K_M, Q5_K_M -> Q6_K where ``use_more_bits``; Q4_K_S -> Q5_K in the first
   four layers; 70B-type models (llama 80 layers with GQA, qwen2 80 layers): Q3_K/Q4_K -> Q5_K; 8-expert
   models: Q8_0 (also ``attn_k``).
@@ -87,7 +88,14 @@ class ModelShape:
                 or (self.arch == "qwen2" and self.n_layer == 80))
 
 
-def quantizable(name: str, n_dims: int) -> bool:
+def quantizable(name: str, n_dims: int | tuple[int, ...]) -> bool:
+    """``n_dims``: a count, or the numpy shape (then leading 1s do not count, as in ggml_n_dims: Qwen2-MoE's
+    ``ffn_gate_inp_shexp`` [1, n_embd] is 1-D to llama.cpp and stays F32)."""
+    if isinstance(n_dims, tuple):
+        shape = list(n_dims)
+        while len(shape) > 1 and shape[0] == 1:
+            shape.pop(0)
+        n_dims = len(shape)
     return (n_dims >= 2 and name.endswith("weight") and "_norm.weight" not in name
             and "ffn_gate_inp.weight" not in name)
 
@@ -97,7 +105,7 @@ _LAYER = re.compile(r"blk\.(\d+)\.")
 
 def tensor_type(file_type: str, name: str, shape: tuple[int, ...], m: ModelShape) -> str:
     """The GGUF type of tensor ``name`` (GGUF name, numpy ``shape``: rows first) in a ``file_type`` file."""
-    if not quantizable(name, len(shape)):
+    if not quantizable(name, tuple(shape)):
         return "F32"
     new = default_type(file_type)
     if new in FLOAT_TYPES:
@@ -112,7 +120,7 @@ def tensor_type(file_type: str, name: str, shape: tuple[int, ...], m: ModelShape
             new = "Q6_K"
     elif name == "token_embd.weight":
         pass
-    elif "attn_v.weight" in name:
+    elif "attn_qkv.weight" in name or "attn_v.weight" in name:  # llama.cpp: fused qkv counts as attn_v
         if ft == "Q2_K":
             new = "Q4_K" if m.n_gqa >= 4 else "Q3_K"
         elif ft == "Q3_K_M":

@@ -7,16 +7,27 @@ streams: each source tensor is read once (memory-mapped, in row slabs of ``CHUNK
 into float32, and quantized once per distinct type the files need, the bytes appended to each file.
 Anonymous memory stays around a few copies of one slab, whatever the model size.
 
-Llama-family attention (llama, mistral, mixtral: GGUF architecture ``llama``) needs q and k rows
-permuted from transformers' rotary layout (two halves) to llama.cpp's (interleaved pairs); the
-permutation is applied while reading rows. Mixtral's experts are stacked into 3-D
-``ffn_{gate,up,down}_exps`` tensors, one expert's matrix at a time.
+Each transformers family maps to a GGUF architecture with the facts of llama.cpp's own converter
+(``convert_hf_to_gguf.py``; :data:`FAMILIES`): Llama-family attention (llama, mistral, mixtral: GGUF
+architecture ``llama``) needs q and k rows permuted from transformers' rotary layout (two halves) to
+llama.cpp's (interleaved pairs), applied while reading rows; the other families use llama.cpp's NEOX
+rotary layout, i.e. transformers' own, and are not permuted. Gemma's RMSNorm multiplies by ``1 + w``,
+which llama.cpp stores as the weight itself: ``w + 1`` (computed in float32) for every ``*norm.weight``
+of gemma, gemma2 and gemma3. Gemma 1/2 have no output matrix in llama.cpp (the token embedding is the
+output). Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` stay fused (``attn_qkv``, and ``ffn_up`` with
+2 x intermediate rows). Mixture-of-experts experts (Mixtral, Qwen2-MoE, Qwen3-MoE) are stacked into 3-D
+``ffn_{gate,up,down}_exps`` tensors, one expert's matrix at a time; Qwen2-MoE's shared expert is
+``ffn_{gate,up,down}_shexp`` and its sigmoid gate ``ffn_gate_inp_shexp``. What llama.cpp hard-codes
+and a config could say otherwise (Qwen MoE's top-k weight normalization, Gemma's query scaling, MoE
+layers without experts, Phi-3's long-context rope) is refused with one line rather than written into a
+file that would compute something else.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,11 +42,44 @@ from mergequant.gguf.blocks import row_bytes
 CHUNK_ELEMENTS = 1 << 22  # weights per read slab (16 MiB of float32)
 ALIGN = 32
 
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers family is written (facts of llama.cpp's converter for its GGUF architecture)."""
+
+    arch: str  # GGUF architecture name
+    permute_qk: bool = False  # llama.cpp's "normal" rotary layout: q/k rows interleaved
+    norm_shift: float = 0.0  # added to every ``*norm.weight`` (Gemma: llama.cpp stores 1 + w)
+    # "own": output.weight when the checkpoint has an untied lm_head; "embd": never (llama.cpp uses the
+    # token embedding: Gemma 1/2); "required": always (llama.cpp needs it: Qwen2-MoE; the embedding when tied)
+    output: str = "own"
+
+
+# transformers model_type -> how it is written
+FAMILIES = {
+    "llama": Family("llama", permute_qk=True),
+    "mistral": Family("llama", permute_qk=True),
+    "mixtral": Family("llama", permute_qk=True),
+    "qwen2": Family("qwen2"),
+    "qwen3": Family("qwen3"),
+    "gemma": Family("gemma", norm_shift=1.0, output="embd"),
+    "gemma2": Family("gemma2", norm_shift=1.0, output="embd"),
+    "gemma3_text": Family("gemma3", norm_shift=1.0),
+    "phi3": Family("phi3"),
+    "qwen2_moe": Family("qwen2moe", output="required"),
+    "qwen3_moe": Family("qwen3moe"),
+}
 # transformers model_type -> (GGUF architecture, q/k rotary permutation)
-GGUF_ARCH = {"llama": ("llama", True), "mistral": ("llama", True), "mixtral": ("llama", True),
-             "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+GGUF_ARCH = {mt: (f.arch, f.permute_qk) for mt, f in FAMILIES.items()}
 _SKIP = ("rotary_emb.inv_freq",)
-_EXPERT_KINDS = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+_EXPERT_PARTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")  # (gate, up, down), as ExpertLayout orders them
+
+
+def _tied(config: dict) -> bool:
+    from mergequant.architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(config.get("model_type"))
+    return arch.ties_embeddings(config) if arch else bool(config.get("tie_word_embeddings", False))
 
 
 def gguf_architecture(config: dict, where: str = "") -> tuple[str, bool]:
@@ -44,6 +88,7 @@ def gguf_architecture(config: dict, where: str = "") -> tuple[str, bool]:
 
     mt = config.get("model_type")
     if mt in GGUF_ARCH:
+        _check_family(config, where)
         return GGUF_ARCH[mt]
     supported = ", ".join(GGUF_ARCH)
     if isinstance(mt, str) and mt in set(gguf.MODEL_ARCH_NAMES.values()):
@@ -53,8 +98,68 @@ def gguf_architecture(config: dict, where: str = "") -> tuple[str, bool]:
                           f"supports {supported}")
 
 
+def _check_family(cfg: dict, where: str) -> None:
+    """Refuse, in one line, what llama.cpp's graph for the family hard-codes differently from ``cfg``."""
+    mt = cfg.get("model_type")
+
+    def refuse(why: str):
+        raise MergeQuantError(f"{where}model_type {mt!r}: {why}; --method gguf refuses to write a file llama.cpp "
+                              "would compute differently")
+
+    n_head = int(cfg.get("num_attention_heads") or 1)
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size") or 0) // n_head)
+    if mt in ("gemma", "gemma2") and not _tied(cfg):
+        refuse("an untied lm_head (llama.cpp's gemma/gemma2 use the token embedding as the output layer)")
+    if mt in ("gemma2", "gemma3_text"):
+        # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B shapes
+        big = int(cfg.get("num_hidden_layers") or 0) == (46 if mt == "gemma2" else 62)
+        want = int(cfg["hidden_size"]) // n_head if big else head_dim
+        q = cfg.get("query_pre_attn_scalar")
+        if q is not None and float(q) != float(want):
+            refuse(f"query_pre_attn_scalar {q} (llama.cpp scales queries by 1/sqrt({want}))")
+    if mt == "gemma3_text":
+        if cfg.get("attn_logit_softcapping") is not None:
+            refuse("attn_logit_softcapping (llama.cpp's gemma3 has none)")
+        local = (cfg.get("rope_parameters") or {}).get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            refuse(f"rope type {local.get('rope_type')!r} on the sliding-window layers (llama.cpp: default only)")
+    if mt == "phi3":
+        rp = _rope(cfg)
+        if rp.get("rope_type") not in ("default", None) or rp.get("long_factor"):
+            refuse(f"rope scaling {rp.get('rope_type')!r} (long-context Phi-3: rope_factors_long/short are not "
+                   "written by this exporter yet)")
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        if step != 1 or cfg.get("mlp_only_layers"):
+            refuse("layers without experts (decoder_sparse_step/mlp_only_layers; llama.cpp's "
+                   f"{'qwen2moe' if mt == 'qwen2_moe' else 'qwen3moe'} gives every layer experts)")
+        norm = bool(cfg.get("norm_topk_prob", False))  # transformers' default for both
+        if norm != (mt == "qwen3_moe"):
+            refuse(f"norm_topk_prob={norm} (llama.cpp's {'qwen3moe' if mt == 'qwen3_moe' else 'qwen2moe'} "
+                   f"{'always' if mt == 'qwen3_moe' else 'never'} renormalizes the top-k expert weights)")
+
+
+_PHI3_NAME_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def check_llama_cpp_name(name: str, tokens: list[str], where: str = "") -> None:
+    """llama.cpp gives any model whose ``general.name`` contains "phi3" or "phi-3" Phi-3's token attributes,
+    looking up ``<unk>``, ``<s>``, ``</s>`` and ``<|endoftext|>``: without them it fails to load the file.
+    One line instead of a file that does not load."""
+    low = name.lower()
+    if "phi3" in low or "phi-3" in low:
+        have = set(tokens)
+        missing = [t for t in _PHI3_NAME_TOKENS if t not in have]
+        if missing:
+            raise MergeQuantError(f"{where}model name {name!r}: llama.cpp applies Phi-3's token rules to names with "
+                                  f"phi3/phi-3 and fails without {', '.join(missing)} in the vocabulary; rename the "
+                                  "model folder")
+
+
 def _rope(config: dict) -> dict:
     rp = dict(config.get("rope_parameters") or {})
+    if "full_attention" in rp or "sliding_attention" in rp:  # Gemma 3: per layer kind; the global layers' here
+        rp = dict(rp.get("full_attention") or {})
     rs = config.get("rope_scaling") or {}
     if isinstance(rs, dict):
         for k, v in rs.items():
@@ -112,26 +217,41 @@ def _qk_perm(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
 
 
+def _expert_name(ck, name: str) -> tuple[int, int, int] | None:
+    """(layer, expert, part: 0 gate / 1 up / 2 down) of a per-expert weight on disk, else None."""
+    from mergequant.architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(ck.config.get("model_type"))
+    if arch is None or arch.experts is None:
+        return None
+    m = re.fullmatch(rf"{re.escape(arch.layers)}\.(\d+)\.{re.escape(arch.experts.disk_block)}\.experts\.(\d+)\.(\w+)\.weight",
+                     name)
+    if not m or m.group(3) not in arch.experts.expert_linears:
+        return None
+    return int(m.group(1)), int(m.group(2)), arch.experts.expert_linears.index(m.group(3))
+
+
 def plan_tensors(ck, arch_name: str, permute: bool) -> list[Planned]:
     import gguf
 
     cfg = ck.config
+    fam = FAMILIES.get(cfg.get("model_type"), Family(arch_name, permute))
     n_layer = int(cfg["num_hidden_layers"])
     n_head = int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch_name]
     nmap = gguf.get_tensor_name_map(arch_enum, n_layer)
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    tied = _tied(cfg)
     out: list[Planned] = []
-    experts: dict[tuple[int, str], dict[int, str]] = {}
+    experts: dict[tuple[int, int], dict[int, str]] = {}
     for name, info in ck.tensors.items():
         if name.endswith(_SKIP):
             continue
-        parts = name.split(".")
-        if ".block_sparse_moe.experts." in name and parts[-2] in _EXPERT_KINDS:
-            experts.setdefault((int(parts[2]), parts[-2]), {})[int(parts[5])] = name
+        ex = _expert_name(ck, name)
+        if ex is not None:
+            experts.setdefault((ex[0], ex[2]), {})[ex[1]] = name
             continue
-        if name == "lm_head.weight" and tied:
+        if name == "lm_head.weight" and (tied or fam.output == "embd"):
             continue
         gname = nmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is None:
@@ -141,12 +261,18 @@ def plan_tensors(ck, arch_name: str, permute: bool) -> list[Planned]:
         if permute and len(shape) in (1, 2) and (name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias")
                                                  or name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias")):
             perm = _qk_perm(shape[0], n_head if ".q_proj." in name else n_kv)
-        out.append(Planned(gname, shape if len(shape) > 1 else (shape[0],), _reader(ck, name, perm, len(shape)),
+        shift = fam.norm_shift if name.endswith("norm.weight") else 0.0
+        out.append(Planned(gname, shape if len(shape) > 1 else (shape[0],), _reader(ck, name, perm, len(shape), shift),
                            imatrix_key=name[: -len(".weight")] if name.endswith(".weight") and len(shape) == 2 else None))
-    for (layer, kind), by_e in sorted(experts.items()):
+        if fam.output == "required" and tied and gname == "token_embd.weight":
+            out.append(Planned("output.weight", shape, _reader(ck, name, None, len(shape))))
+    for (layer, part), by_e in sorted(experts.items()):
         names = [by_e[e] for e in sorted(by_e)]
+        if sorted(by_e) != list(range(len(names))):
+            raise MergeQuantError(f"{ck.path}: layer {layer} has experts {sorted(by_e)}: not 0..{len(names) - 1}")
         r, c = ck.tensors[names[0]].shape
-        out.append(Planned(f"blk.{layer}.{_EXPERT_KINDS[kind]}.weight", (len(names), int(r), int(c)),
+        kind = names[0][: -len(".weight")].rsplit(".", 1)[1]
+        out.append(Planned(f"blk.{layer}.{_EXPERT_PARTS[part]}.weight", (len(names), int(r), int(c)),
                            _expert_reader(ck, names, int(r)), imatrix_key=names[0][: -len(".weight")].rsplit(".", 3)[0]
                            + f".experts.*.{kind}", experts=len(names)))
     rp = _rope(cfg)
@@ -164,17 +290,21 @@ def _llama_cpp_order(p: Planned):
     return (-1, p.name)
 
 
-def _reader(ck, name: str, perm: np.ndarray | None, ndim: int):
+def _reader(ck, name: str, perm: np.ndarray | None, ndim: int, shift: float = 0.0):
     def read(r0: int, r1: int) -> np.ndarray:
         t = ck.get(name)
         if ndim == 1:
             v = _to_f32(t).reshape(1, -1)
-            return v[:, perm] if perm is not None else v
-        if perm is not None:
+            v = v[:, perm] if perm is not None else v
+        elif perm is not None:
             import torch
 
-            return _to_f32(t[torch.from_numpy(perm[r0:r1])])
-        return _to_f32(t[r0:r1])
+            v = _to_f32(t[torch.from_numpy(perm[r0:r1])])
+        else:
+            v = _to_f32(t[r0:r1])
+        if shift:
+            v = v + np.float32(shift)  # in float32, as transformers computes (1 + w)
+        return v
     return read
 
 
@@ -195,7 +325,9 @@ def model_shape(ck, arch_name: str, has_imatrix: bool = False) -> mixes.ModelSha
     cfg = ck.config
     n_head = int(cfg["num_attention_heads"])
     n_expert = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
-    has_output = "lm_head.weight" in ck.tensors and not bool(cfg.get("tie_word_embeddings", False))
+    fam = FAMILIES.get(cfg.get("model_type"), Family(arch_name))
+    has_output = fam.output == "required" or (fam.output == "own" and "lm_head.weight" in ck.tensors
+                                              and not _tied(cfg))
     return mixes.ModelShape(arch_name, int(cfg["num_hidden_layers"]), n_head,
                             int(cfg.get("num_key_value_heads") or n_head), n_expert, has_output, has_imatrix)
 
@@ -221,6 +353,7 @@ def _add_hparams(w, ck, arch_name: str, name: str, file_type: str) -> None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(int(cfg.get("vocab_size") or 0))
+    _add_family_hparams(w, cfg, arch_name, hidden, n_head)
     kind = rp.get("rope_type")
     if kind == "linear":
         w.add_rope_scaling_type(gguf_rope("LINEAR"))
@@ -233,10 +366,51 @@ def _add_hparams(w, ck, arch_name: str, name: str, file_type: str) -> None:
         raise MergeQuantError(f"{ck.path}: rope type {kind!r} is not converted to GGUF (default, linear, yarn, llama3)")
     n_expert = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
     if n_expert:
+        if cfg.get("moe_intermediate_size"):
+            w.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
+        if cfg.get("shared_expert_intermediate_size"):
+            w.add_expert_shared_feed_forward_length(int(cfg["shared_expert_intermediate_size"]))
         w.add_expert_count(n_expert)
         w.add_expert_used_count(int(cfg.get("num_experts_per_tok") or 2))
     w.add_file_type(mixes.FTYPE[file_type])
     w.add_quantization_version(2)  # GGML_QNT_VERSION
+
+
+def _swa_layers(cfg: dict) -> list[bool] | None:
+    """Per layer: sliding-window attention (transformers' ``layer_types``), None when the config has none."""
+    kinds = cfg.get("layer_types")
+    if kinds:
+        return [k == "sliding_attention" for k in kinds]
+    return None
+
+
+def _add_family_hparams(w, cfg: dict, arch_name: str, hidden: int, n_head: int) -> None:
+    """The keys llama.cpp's converter writes for one architecture beyond the common ones."""
+    if arch_name in ("gemma2", "gemma3"):
+        swa = _swa_layers(cfg)
+        if arch_name == "gemma2":
+            w.add_attn_logit_softcapping(float(cfg.get("attn_logit_softcapping") or 0.0))
+            w.add_final_logit_softcapping(float(cfg.get("final_logit_softcapping") or 0.0))
+            w.add_sliding_window(int(cfg.get("sliding_window") or 4096))
+        else:
+            if cfg.get("final_logit_softcapping"):
+                w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+            if cfg.get("sliding_window") and (swa is None or any(swa)):
+                w.add_sliding_window(int(cfg["sliding_window"]))
+            local = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta")
+            local = local or cfg.get("rope_local_base_freq")
+            if local is not None:
+                w.add_rope_freq_base_swa(float(local))
+        if swa is not None:  # the exact pattern (llama.cpp's default: every 2nd / 6th layer global)
+            w.add_sliding_window_pattern(swa)
+    elif arch_name == "phi3":
+        rp = _rope(cfg)
+        rot = float(rp.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
+        w.add_rope_dimension_count(int(rot * hidden) // n_head)
+        orig = rp.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+        if orig:
+            w.add_rope_scaling_orig_ctx_len(int(orig))
+        w.add_sliding_window(int(cfg.get("sliding_window") or 0))
 
 
 def gguf_rope(kind: str):
@@ -279,6 +453,7 @@ def write_gguf(model_dir: str | Path, out_dir: str | Path, file_types: list[str]
     tok = tokenizer_metadata(model_dir, ck.config)
     planned = get_format("gguf").plan(ck, arch_name, permute, file_types, has_imatrix=imatrix is not None)
     name = name or Path(model_dir).resolve().name
+    check_llama_cpp_name(name, tok.tokens, f"{model_dir}: ")
     logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
     writers = {}
     paths = {}
@@ -288,6 +463,8 @@ def write_gguf(model_dir: str | Path, out_dir: str | Path, file_types: list[str]
             w = gguf.GGUFWriter(paths[ft], arch_name)
             _add_hparams(w, ck, arch_name, name, ft)
             add_to_writer(tok, w)
+            if arch_name.startswith("gemma") and tok.model == "llama":
+                w.add_add_space_prefix(False)  # as llama.cpp's converter: Gemma's SentencePiece adds no dummy prefix
             for p in planned:
                 t = p.types[ft]
                 w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.rows * row_bytes(t, p.cols),
