@@ -304,16 +304,20 @@ def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str,
 
 def gguf_card(*, source: str, files: list[tuple[str, str, int, dict[str, int]]], architecture: str,
               calib: str | None = None, calib_tokens: int = 0, samples: int = 0, license: str | None = None,
-              base_model: str | None = None) -> str:
+              base_model: str | None = None, adapter=None) -> str:
     """A model card for GGUF files (``--method gguf``): one row per file (type, name, size, the GGUF types
-    its tensors got) and how to run them in llama.cpp. ``files``: (file type, file name, bytes, type counts)."""
+    its tensors got) and how to run them in llama.cpp. ``files``: (file type, file name, bytes, type counts).
+    ``adapter``: an adapted source's AdapterInput (BASE+ADAPTER), named as :func:`quant_card` names it."""
     from mergequant.units import format_bytes
 
     if base_model is not None and not looks_like_hub_id(base_model):
         raise CardError(f"base_model {base_model!r} is not a Hub id (expected namespace/name)")
-    parents = [base_model.split("@")[0]] if base_model else hub_parents([source])
-    if license is None and Path(source).is_dir():
-        license = license_from_dir(source)
+    origin = adapter.adapter if adapter is not None else source  # as quant_card: the adapter is the one parent
+    parents = [base_model.split("@")[0]] if base_model else hub_parents([origin])
+    if license is None and Path(origin).is_dir():
+        license = license_from_dir(origin)
+    if license is None and adapter is not None:
+        license = license_from_dir(adapter.base_path)
     meta: dict = {}
     if parents:
         meta["base_model"] = parents[:1]
@@ -326,7 +330,9 @@ def gguf_card(*, source: str, files: list[tuple[str, str, int, dict[str, int]]],
              f"GGUF files for llama.cpp (architecture `{architecture}`), written from `{source}` by "
              f"[mergequant](https://github.com/mergequant/mergequant) {__version__} in one pass.\n"]
     if not parents:
-        lines += [_parents_mark("quantized", [{"ref": source, "path": _local_path(source, None)}]), ""]
+        lines += [_parents_mark("quantized", [{"ref": origin, "path": _local_path(origin, None)}]), ""]
+    if adapter is not None:
+        lines += adapter_lines([adapter])
     lines += [GGUF_TABLE_HEADER, "|---|---|---|---|---|"]
     for ft, name, size, counts in files:
         mix = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))

@@ -432,6 +432,28 @@ def output_name(model_dir: Path, file_type: str) -> str:
     return f"{Path(model_dir).resolve().name}-{file_type}.gguf"
 
 
+def model_name(model_dir: Path, ck=None) -> str:
+    """The name of the model's files (``<name>-<T>.gguf``) and its ``general.name``: the source folder's name,
+    or for an adapted model (``BASE+ADAPTER``, an adapter-only folder) the adapter's (folder name, or the last
+    part of its Hub id), as the quantize card's title names it."""
+    from mergequant.peft.adapted import adapter_of
+
+    a = adapter_of(ck) if ck is not None else None
+    if a is None:
+        return Path(model_dir).resolve().name
+    if Path(a.adapter).exists():
+        return Path(a.adapter).resolve().name
+    return a.adapter.split("@")[0].rstrip("/").rsplit("/", 1)[-1] or a.adapter_path.resolve().name
+
+
+def tokenizer_source(model_dir: Path, ck=None) -> Path:
+    """Where the tokenizer is read: ``model_dir``, or for an adapted model the adapter folder when it has
+    tokenizer files, else its base (:attr:`mergequant.peft.adapted.AdaptedCheckpoint.tokenizer_path`)."""
+    from mergequant.peft.adapted import adapter_of, tokenizer_dir
+
+    return tokenizer_dir(ck) if ck is not None and adapter_of(ck) is not None else Path(model_dir)
+
+
 def write_gguf(model_dir: str | Path, out_dir: str | Path, file_types: list[str], *, imatrix: dict | None = None,
                ck=None, name: str | None = None, progress: bool = False, fsync: bool = True) -> GGUFResult:
     """Write ``out_dir/<name>-<T>.gguf`` for each file type ``T`` (``out_dir`` must exist), one pass."""
@@ -441,18 +463,18 @@ def write_gguf(model_dir: str | Path, out_dir: str | Path, file_types: list[str]
     import gguf
 
     from mergequant.gguf.tokenizer import add_to_writer, tokenizer_metadata
-    from mergequant.io.checkpoint import Checkpoint
     from mergequant.merge.moe_layout import per_expert_view
+    from mergequant.peft.adapted import open_model
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
     file_types = mixes.check_file_types(file_types)
-    ck = ck or per_expert_view(Checkpoint.open(model_dir))
+    ck = ck or per_expert_view(open_model(model_dir, hub=False))  # a folder, BASE+ADAPTER or an adapter-only folder
     arch_name, permute = gguf_architecture(ck.config, f"{model_dir}: ")
-    tok = tokenizer_metadata(model_dir, ck.config)
+    tok = tokenizer_metadata(tokenizer_source(model_dir, ck), ck.config)
     planned = get_format("gguf").plan(ck, arch_name, permute, file_types, has_imatrix=imatrix is not None)
-    name = name or Path(model_dir).resolve().name
+    name = name or model_name(model_dir, ck)
     check_llama_cpp_name(name, tok.tokens, f"{model_dir}: ")
     logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
     writers = {}
