@@ -235,6 +235,22 @@ def merge_card(*, method: str, pretty_name: str, paper: str, models: list[str], 
     return "\n".join(lines)
 
 
+def _quantized_from(source: str, base_model: str | None, adapter, license: str | None):
+    """(origin, parents, license) of a quantized checkpoint's card, for every format: ``base_model`` (a Hub id)
+    or the source's Hub id is the one parent; an adapted source (BASE+ADAPTER, ``adapter``: its AdapterInput)
+    was quantized from the adapter's model, so the adapter is the one parent (its own card names the base) and
+    the body names both; ``license`` defaults to the origin's, then the adapter's base's."""
+    if base_model is not None and not looks_like_hub_id(base_model):
+        raise CardError(f"base_model {base_model!r} is not a Hub id (expected namespace/name)")
+    origin = adapter.adapter if adapter is not None else source
+    parents = [base_model.split("@")[0]] if base_model else hub_parents([origin])
+    if license is None and Path(origin).is_dir():
+        license = license_from_dir(origin)
+    if license is None and adapter is not None:
+        license = license_from_dir(adapter.base_path)
+    return origin, parents, license
+
+
 def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str, str]], tags: list[str],
                requirements: str, calib: str | None, calib_tokens: int, samples: int,
                fallbacks: list[str], perplexity: dict | None = None, eval_data: str | None = None,
@@ -246,16 +262,7 @@ def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str,
     (``requirements``: what transformers needs installed for this format).
 
     ``license`` defaults to the source directory's (README front matter or config.json)."""
-    if base_model is not None and not looks_like_hub_id(base_model):
-        raise CardError(f"base_model {base_model!r} is not a Hub id (expected namespace/name)")
-    # an adapted source (BASE+ADAPTER, ``adapter``: its AdapterInput) was quantized from the adapter's model: the
-    # adapter is the one parent (its own card names the base), and the body names both
-    origin = adapter.adapter if adapter is not None else source
-    parents = [base_model.split("@")[0]] if base_model else hub_parents([origin])
-    if license is None and Path(origin).is_dir():
-        license = license_from_dir(origin)
-    if license is None and adapter is not None:
-        license = license_from_dir(adapter.base_path)
+    origin, parents, license = _quantized_from(source, base_model, adapter, license)
     meta: dict = {}
     if parents:
         meta["base_model"] = parents[:1]
@@ -310,14 +317,7 @@ def gguf_card(*, source: str, files: list[tuple[str, str, int, dict[str, int]]],
     ``adapter``: an adapted source's AdapterInput (BASE+ADAPTER), named as :func:`quant_card` names it."""
     from mergequant.units import format_bytes
 
-    if base_model is not None and not looks_like_hub_id(base_model):
-        raise CardError(f"base_model {base_model!r} is not a Hub id (expected namespace/name)")
-    origin = adapter.adapter if adapter is not None else source  # as quant_card: the adapter is the one parent
-    parents = [base_model.split("@")[0]] if base_model else hub_parents([origin])
-    if license is None and Path(origin).is_dir():
-        license = license_from_dir(origin)
-    if license is None and adapter is not None:
-        license = license_from_dir(adapter.base_path)
+    origin, parents, license = _quantized_from(source, base_model, adapter, license)
     meta: dict = {}
     if parents:
         meta["base_model"] = parents[:1]
