@@ -25,7 +25,8 @@ import numba
 import numpy as np
 
 from mergequant.gguf.blocks import f16_to_f32, f32_to_f16, put_f16
-from mergequant.gguf.kquants import EPS, _nint, _pack2, _q6_k, _qkx2, _qx, _scale_min_k4
+from mergequant.gguf.kquants import (EPS, _codes_q45_k, _nint, _pack2, _put_scale_min_k4, _q6_k, _qkx2, _qx,
+                                     _scale_min_k4)
 
 
 @numba.njit(cache=True)
@@ -274,13 +275,7 @@ def _q45_k_w(x, out, nmax, bpb, qw, refine):
         for j in range(8):
             ls = Ls[j] if nmax == 15 else min(63, Ls[j])
             lm = Lm[j] if nmax == 15 else min(63, Lm[j])
-            if j < 4:
-                out[p + j] = np.uint8(ls & 0xFF)
-                out[p + j + 4] = np.uint8(lm & 0xFF)
-            else:
-                out[p + j + 4] = np.uint8(((ls & 0xF) | ((lm & 0xF) << 4)) & 0xFF)
-                out[p + j - 4] = np.uint8((out[p + j - 4] | ((ls >> 4) << 6)) & 0xFF)
-                out[p + j] = np.uint8((out[p + j] | ((lm >> 4) << 6)) & 0xFF)
+            _put_scale_min_k4(j, ls, lm, out, p)
         d = put_f16(out, b, d_block)
         dmin = put_f16(out, b + 2, m_block)
         if refine:
@@ -288,51 +283,10 @@ def _q45_k_w(x, out, nmax, bpb, qw, refine):
                 Ls[j], Lm[j] = _scale_min_k4(j, out, p)
             d, dmin = _refine_affine(x, s0, Wf, 8, 32, nmax, 63, Ls, Lm, d, dmin, L)
             for j in range(8):
-                if j < 4:
-                    out[p + j] = np.uint8(Ls[j])
-                    out[p + j + 4] = np.uint8(Lm[j])
-                else:
-                    out[p + j + 4] = np.uint8((Ls[j] & 0xF) | ((Lm[j] & 0xF) << 4))
-                    out[p + j - 4] = np.uint8((out[p + j - 4] | ((Ls[j] >> 4) << 6)) & 0xFF)
-                    out[p + j] = np.uint8((out[p + j] | ((Lm[j] >> 4) << 6)) & 0xFF)
+                _put_scale_min_k4(j, Ls[j], Lm[j], out, p)
             d = put_f16(out, b, d)
             dmin = put_f16(out, b + 2, dmin)
-        for j in range(8):
-            sc, m = _scale_min_k4(j, out, p)
-            dd = d * np.float32(sc)
-            if dd == 0:
-                continue
-            dm = dmin * np.float32(m)
-            for k in range(32):
-                q = _nint((x[s0 + 32 * j + k] + dm) / dd)
-                L[32 * j + k] = max(0, min(nmax, q))
-        if nmax == 15:
-            q = b + 16
-            for j in range(0, 256, 64):
-                for k in range(32):
-                    out[q + k] = np.uint8(L[j + k] | (L[j + k + 32] << 4))
-                q += 32
-        else:
-            qh = b + 16
-            ql = b + 48
-            for k in range(32):
-                out[qh + k] = 0
-            m1 = 1
-            m2 = 2
-            for n in range(0, 256, 64):
-                for k in range(32):
-                    l1 = L[n + k]
-                    if l1 > 15:
-                        l1 -= 16
-                        out[qh + k] = np.uint8(out[qh + k] | m1)
-                    l2 = L[n + k + 32]
-                    if l2 > 15:
-                        l2 -= 16
-                        out[qh + k] = np.uint8(out[qh + k] | m2)
-                    out[ql + k] = np.uint8(l1 | (l2 << 4))
-                m1 <<= 2
-                m2 <<= 2
-                ql += 32
+        _codes_q45_k(x, s0, out, b, p, d, dmin, nmax, L)
 
 
 @numba.njit(cache=True, parallel=True)

@@ -331,6 +331,62 @@ def _scale_min_k4(j, out, p):
     return d, m
 
 
+@numba.njit(cache=True)
+def _put_scale_min_k4(j, ls, lm, out, p):
+    """Sub-block j's 6-bit scale ``ls`` and min ``lm`` into the 12-byte field at ``out[p]`` (the inverse of
+    ``_scale_min_k4``: j < 4 in the low 6 bits of bytes j and j + 4, j >= 4 split over byte j + 4's nibbles and
+    the top 2 bits of bytes j - 4 and j)."""
+    if j < 4:
+        out[p + j] = np.uint8(ls & 0xFF)
+        out[p + j + 4] = np.uint8(lm & 0xFF)
+    else:
+        out[p + j + 4] = np.uint8(((ls & 0xF) | ((lm & 0xF) << 4)) & 0xFF)
+        out[p + j - 4] = np.uint8((out[p + j - 4] | ((ls >> 4) << 6)) & 0xFF)
+        out[p + j] = np.uint8((out[p + j] | ((lm >> 4) << 6)) & 0xFF)
+
+
+@numba.njit(cache=True)
+def _codes_q45_k(x, s0, out, b, p, d, dmin, nmax, L):
+    """A Q4_K/Q5_K super-block's codes from its stored d, dmin and 6-bit scales/mins (what a decoder will
+    use, so rounding matches it), packed after them: low nibbles, and for Q5_K (nmax 31) the fifth bits."""
+    for j in range(8):
+        sc, m = _scale_min_k4(j, out, p)
+        dd = d * np.float32(sc)
+        if dd == 0:
+            continue
+        dm = dmin * np.float32(m)
+        for k in range(32):
+            q = _nint((x[s0 + 32 * j + k] + dm) / dd)
+            L[32 * j + k] = max(0, min(nmax, q))
+    if nmax == 15:
+        q = b + 16
+        for j in range(0, 256, 64):
+            for k in range(32):
+                out[q + k] = np.uint8(L[j + k] | (L[j + k + 32] << 4))
+            q += 32
+    else:
+        qh = b + 16
+        ql = b + 48
+        for k in range(32):
+            out[qh + k] = 0
+        m1 = 1
+        m2 = 2
+        for n in range(0, 256, 64):
+            for k in range(32):
+                l1 = L[n + k]
+                if l1 > 15:
+                    l1 -= 16
+                    out[qh + k] = np.uint8(out[qh + k] | m1)
+                l2 = L[n + k + 32]
+                if l2 > 15:
+                    l2 -= 16
+                    out[qh + k] = np.uint8(out[qh + k] | m2)
+                out[ql + k] = np.uint8(l1 | (l2 << 4))
+            m1 <<= 2
+            m2 <<= 2
+            ql += 32
+
+
 @numba.njit(cache=True, parallel=True)
 def _q45_k(x, out, nmax, rmin, rdelta, nstep, bpb, qw, use_qw):
     """Q4_K (nmax 15, 144-byte blocks) and Q5_K (nmax 31, 176): d, dmin, 12 bytes of 6-bit scales/mins,
@@ -366,51 +422,10 @@ def _q45_k(x, out, nmax, rmin, rdelta, nstep, bpb, qw, use_qw):
         for j in range(8):
             ls = min(63, _nint(inv_scale * scales[j]) & 0xFF)
             lm = min(63, _nint(inv_min * mins[j]) & 0xFF)
-            if j < 4:
-                out[p + j] = np.uint8(ls)
-                out[p + j + 4] = np.uint8(lm)
-            else:
-                out[p + j + 4] = np.uint8((ls & 0xF) | ((lm & 0xF) << 4))
-                out[p + j - 4] = np.uint8(out[p + j - 4] | ((ls >> 4) << 6))
-                out[p + j] = np.uint8(out[p + j] | ((lm >> 4) << 6))
+            _put_scale_min_k4(j, ls, lm, out, p)
         d = put_f16(out, b, max_scale / np.float32(63.0))
         dmin = put_f16(out, b + 2, max_min / np.float32(63.0))
-        for j in range(8):
-            sc, m = _scale_min_k4(j, out, p)
-            dd = d * np.float32(sc)
-            if dd == 0:
-                continue
-            dm = dmin * np.float32(m)
-            for k in range(32):
-                q = _nint((x[s0 + 32 * j + k] + dm) / dd)
-                L[32 * j + k] = max(0, min(nmax, q))
-        if nmax == 15:
-            q = b + 16
-            for j in range(0, 256, 64):
-                for k in range(32):
-                    out[q + k] = np.uint8(L[j + k] | (L[j + k + 32] << 4))
-                q += 32
-        else:
-            qh = b + 16
-            ql = b + 48
-            for k in range(32):
-                out[qh + k] = 0
-            m1 = 1
-            m2 = 2
-            for n in range(0, 256, 64):
-                for k in range(32):
-                    l1 = L[n + k]
-                    if l1 > 15:
-                        l1 -= 16
-                        out[qh + k] = np.uint8(out[qh + k] | m1)
-                    l2 = L[n + k + 32]
-                    if l2 > 15:
-                        l2 -= 16
-                        out[qh + k] = np.uint8(out[qh + k] | m2)
-                    out[ql + k] = np.uint8(l1 | (l2 << 4))
-                m1 <<= 2
-                m2 <<= 2
-                ql += 32
+        _codes_q45_k(x, s0, out, b, p, d, dmin, nmax, L)
 
 
 @numba.njit(cache=True, parallel=True)
