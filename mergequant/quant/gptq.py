@@ -773,9 +773,8 @@ def _solve_rows(Wt: torch.Tensor, V: torch.Tensor, perm: torch.Tensor | None, *,
     zeros_i = zeros.round().to(torch.int32)
     Wt.copy_(Qt)
     groups = order // group_size if static and perm is not None else None
-    for b in range(Wt.shape[0]) if lead else [None]:
-        sel = (lambda t: t) if b is None else (lambda t, b=b: t[b])
-        dequantize_t_(sel(Wt), sel(scales32).to(dtype), sel(zeros_i).to(dtype), groups)
+    for wt, sc, zr in zip(Wt, scales32, zeros_i) if lead else [(Wt, scales32, zeros_i)]:
+        dequantize_t_(wt, sc.to(dtype), zr.to(dtype), groups)
     if perm is not None:
         inv = torch.argsort(perm)
         Qt = Qt[inv]
