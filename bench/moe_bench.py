@@ -20,6 +20,8 @@ Rows (w4g128, symmetric, damp 0.01, desc_act off, GPTQModel's act_group_aware of
 * mergequant GPTQ ``--moe-calibration all`` (every expert's statistics from every token, layer output
   routed) and GPTQModel GPTQ with ``moe=MoEConfig(routing=ExpertsRoutingBypass())`` (its "routing
   bypass": all calibration data forwarded to every expert), run back to back;
+* mergequant GPTQ ``--moe-calibration all --calib-dtype bfloat16`` (calibration forward in bfloat16, the
+  precision GPTQModel calibrates in; leave it out with ``--no-bf16``);
 * mergequant GPTQ ``--moe-calibration routed`` (starved experts: round-to-nearest) and GPTQModel GPTQ
   with natural routing (no ``moe`` option; its default ``fallback``: RTN for a module reached by
   < 0.5% of the calibration tokens), run back to back.
@@ -144,6 +146,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS for both tools' subprocesses (default: unset, each tool's own choice)")
     ap.add_argument("--skip-gptqmodel", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true", help="leave out the mergequant --calib-dtype bfloat16 row")
     ap.add_argument("--passive-peer", action="store_true",
                     help="also run GPTQModel with OMP_WAIT_POLICY=PASSIVE (the setting mergequant's CLI uses)")
     ap.add_argument("--model", type=Path, default=MODEL)
@@ -179,6 +182,8 @@ def main() -> None:
     # same setting as ours, so the comparison can be read both ways
     configs = [("mergequant-rtn", "mergequant", "rtn", None, {}),
                ("mergequant-gptq-all", "mergequant", "gptq", "all", {})]
+    if not args.no_bf16:  # --calib-dtype bfloat16: the calibration forward in GPTQModel's own precision
+        configs.append(("mergequant-gptq-all-bf16", "mergequant", "gptq", "all", {}))
     passive = {"OMP_WAIT_POLICY": "PASSIVE"}
     if not args.skip_gptqmodel:
         configs.append(("gptqmodel-gptq-bypass", "gptqmodel", "gptq", "bypass", {}))
@@ -204,6 +209,8 @@ def main() -> None:
                    "--batch-size", str(args.batch_size)]  # not --quiet: the per-layer routing lines are parsed
             if method == "gptq":
                 cmd += ["--calib", str(calib), "--moe-calibration", routing]
+            if base.endswith("-bf16"):
+                cmd += ["--calib-dtype", "bfloat16"]
             env = dict(env_threads)
         else:
             cmd = [sys.executable, "-c", GPTQMODEL_SCRIPT, str(args.model), str(calib), str(out), str(bits), str(gs),
@@ -250,6 +257,8 @@ def main() -> None:
     sfx = f"-w{bits}g{gs}"
     rtn = by[f"mergequant-rtn{sfx}"]
     ours = {m: by[f"mergequant-gptq-{m}{sfx}"] for m in ("all", "routed")}
+    if f"mergequant-gptq-all-bf16{sfx}" in by:
+        ours["all-bf16"] = by[f"mergequant-gptq-all-bf16{sfx}"]
     theirs = {m: by.get(f"gptqmodel-gptq-{m}{sfx}") for m in ("bypass", "natural")}
     comparisons = {"rtn_ppl": rtn["perplexity"]}
     for m, r in ours.items():
@@ -263,7 +272,7 @@ def main() -> None:
         for m, r in ours.items():
             comparisons[f"ours_{m}_over_gptqmodel_best"] = round(r["perplexity"] / best_t, 4)
             comparisons[f"ours_{m}_within_1pct_of_gptqmodel_best"] = r["perplexity"] <= best_t * 1.01
-        pairs = [("all", "bypass"), ("routed", "natural")]
+        pairs = [("all", "bypass"), ("routed", "natural")] + ([("all-bf16", "bypass")] if "all-bf16" in ours else [])
         for o, g in pairs:
             if theirs[g]:
                 comparisons[f"speedup_{o}_vs_{g}"] = round(theirs[g]["wall_s"] / ours[o]["wall_s"], 2)

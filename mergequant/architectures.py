@@ -160,6 +160,9 @@ class Architecture:
     tied_default: bool = False  # tie_word_embeddings when config.json does not say
     experts: ExpertLayout | None = None
     notes: str = ""
+    # the attention module of a layer (holds every Linear of the attention groups); GPTQ replays its
+    # output once those are quantized (mergequant.quant.replay)
+    attention: str = "self_attn"
 
     @property
     def quantized(self) -> tuple[str, ...]:

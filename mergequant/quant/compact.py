@@ -82,16 +82,21 @@ class QuantizedForward:
         return torch.cat([self.weight_t_block(n0, min(n0 + self.block, self.n)).T
                           for n0 in range(0, self.n, self.block)], dim=0)
 
-    def _block_t(self, n0: int, n1: int, buf: torch.Tensor) -> torch.Tensor:
-        """W_hat^T[:, n0:n1]: dequantized into ``buf``, or, for a small module, kept from its first call.
-        A mixture-of-experts layer calls each of its many small expert Linears once per chunk in every
-        statistics pass; re-dequantizing them each time was a third of a tiny Mixtral's GPTQ run."""
+    def _block_t(self, n0: int, n1: int, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """W_hat^T[:, n0:n1] in ``dtype``: dequantized into ``buf``, or, for a small module, kept from its
+        first call (per dtype). A mixture-of-experts layer calls each of its many small expert Linears
+        once per chunk in every statistics pass; re-dequantizing them each time was a third of a tiny
+        Mixtral's GPTQ run (and converting the float32 block for a bfloat16 input each call a tenth)."""
         if self.k * self.n * 4 <= CACHE_BYTES:
             cache = self.__dict__.setdefault("_cache", {})
-            if n0 not in cache:
-                cache[n0] = self.weight_t_block(n0, n1)
-            return cache[n0]
-        return self.weight_t_block(n0, n1, out=buf[: self.k * (n1 - n0)].view(self.k, n1 - n0))
+            if (n0, dtype) not in cache:
+                w = cache.get((n0, torch.float32))
+                if w is None:
+                    w = cache[(n0, torch.float32)] = self.weight_t_block(n0, n1)
+                cache[(n0, dtype)] = w.to(dtype)
+            return cache[(n0, dtype)]
+        w = self.weight_t_block(n0, n1, out=buf[: self.k * (n1 - n0)].view(self.k, n1 - n0))
+        return w if w.dtype == dtype else w.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.k)
@@ -100,11 +105,7 @@ class QuantizedForward:
         buf = _scratch(self.k * self.block, x.device)
         for n0 in range(0, self.n, self.block):
             n1 = min(n0 + self.block, self.n)
-            w = self._block_t(n0, n1, buf)
-            if w.dtype == x.dtype:
-                torch.mm(x2, w, out=out[:, n0:n1])  # straight into the output's columns
-            else:
-                out[:, n0:n1] = x2 @ w.to(x.dtype)
+            torch.mm(x2, self._block_t(n0, n1, buf, x.dtype), out=out[:, n0:n1])  # straight into the output's columns
         if self.bias is not None:
             out += self.bias
         return out.view(*x.shape[:-1], self.n)

@@ -49,6 +49,21 @@ def _expert_stats_dtype(inputs) -> torch.dtype | None:
     return torch.bfloat16 if hidden and hidden[0].dtype == torch.bfloat16 else None
 
 
+def _replay_attention(ctx, layer, inputs) -> object:
+    """Install an ``AttentionReplay`` on ``layer``'s attention (the rest of the layer's passes, the output
+    pass included, reuse its recorded output); False when it does not fit or the layer has none."""
+    from mergequant.architectures import resolve
+    from mergequant.quant.replay import AttentionReplay
+
+    attn = resolve(layer, ctx.arch.attention)
+    hidden = getattr(inputs, "hidden", None)
+    if attn is None or not hidden:
+        return False
+    tokens = sum(h.shape[:-1].numel() for h in hidden)
+    dtype = inputs.compute_dtype or hidden[0].dtype
+    return AttentionReplay.install(attn, len(hidden), tokens, hidden[0].shape[-1], dtype) or False
+
+
 def _top_k(ctx) -> int:
     k = ctx.source.config.get("num_experts_per_tok")
     return k if isinstance(k, int) and k > 0 else 1
@@ -115,7 +130,8 @@ class GPTQMethod(QuantMethod):
         ctx.write(lin, self.format.pack(q_kn, scales, zeros, g_idx, ctx.opts))
 
     def card_settings(self, opts) -> list[tuple[str, str]]:
-        return _card_settings(self.format, opts)
+        extra = [] if opts.calib_dtype == "float32" else [("calibration forward dtype", opts.calib_dtype)]
+        return _card_settings(self.format, opts) + extra
 
     def card_tags(self, opts) -> list[str]:
         return [self.name, f"{opts.bits}bit", "gptq"]
@@ -127,8 +143,11 @@ class GPTQMethod(QuantMethod):
 
         moe = ctx.extra.get("moe") or MoECalibration()
         starved: set[int] = set()
+        replay = None
         # each group is quantized after the previous ones, on inputs computed with them already quantized
         for group in ctx.groups(i):
+            if replay is None and not any(s.startswith(ctx.arch.attention + ".") for s in group):
+                replay = _replay_attention(ctx, layer, inputs)  # the attention is final from here on
             names = [s for s in group if s in todo and s in modules]
             experts = {s: ctx.arch.experts.parse_expert_module(s) for s in names} if ctx.arch.is_moe else {}
             experts = {s: p for s, p in experts.items() if p is not None}

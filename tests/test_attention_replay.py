@@ -1,0 +1,115 @@
+"""GPTQ replays a layer's attention output once the attention's Linears are quantized
+(``mergequant.quant.replay``): the checkpoint must be byte-identical to the one computed without the
+replay (which recomputes the attention in every pass), and the replay must really be used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mergequant.quant import replay as replay_mod
+from mergequant.quant.quantize import QuantizeOptions, run_quantize
+from mergequant.quant.replay import AttentionReplay
+
+from helpers import load_dir
+
+TEXT = "\n".join(f"Line {i}: It is a truth universally acknowledged, that a single man in possession of a good "
+                 "fortune must be in want of a wife." for i in range(400))
+MIXTRAL = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "models" / "moe-mixtral" / "base",
+                            Path("/work/shared/models/moe-mixtral/base")) if (p / "config.json").exists()), None)
+
+
+class _Attention(nn.Module):
+    """Stands in for an attention module: (output, weights) from a Linear, counting its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x, *args, **kwargs):
+        self.calls += 1
+        return self.proj(x) * 2, None
+
+
+def test_replay_records_one_pass_then_returns_the_recording():
+    torch.manual_seed(0)
+    attn = _Attention()
+    chunks = [torch.randn(2, 3, 4) for _ in range(3)]
+    rep = AttentionReplay.install(attn, len(chunks), tokens=18, width=4, dtype=torch.float32)
+    assert rep is not None and attn.forward is rep
+    first = [attn(x)[0] for x in chunks]  # the recording pass computes
+    assert attn.calls == 3
+    for _ in range(2):  # later passes: the recorded outputs, nothing computed
+        again = [attn(x)[0] for x in chunks]
+        assert all(a is b for a, b in zip(again, first))
+    assert attn.calls == 3 and rep.replayed == 6
+    # an input that is not the recorded chunk's: computed, never a wrong recording
+    other = torch.randn(2, 3, 4)
+    out = attn(other)[0]
+    assert attn.calls == 4 and rep.recomputed == 1
+    torch.testing.assert_close(out, attn.proj(other) * 2)
+
+
+def test_replay_is_not_installed_beyond_its_budget(monkeypatch):
+    attn = _Attention()
+    monkeypatch.setattr(replay_mod, "REPLAY_BYTES", 100)
+    assert AttentionReplay.install(attn, 2, tokens=10, width=4, dtype=torch.float32) is None  # 160 bytes
+    assert "forward" not in attn.__dict__
+    assert AttentionReplay.install(attn, 2, tokens=10, width=4, dtype=torch.bfloat16) is not None  # 80 bytes
+
+
+def _quantize_counting(model: Path, out: Path, calib: Path, monkeypatch, budget: int, **kw) -> list[AttentionReplay]:
+    """Run GPTQ with the replay budget ``budget``; the replays installed (one per layer if it fits)."""
+    installed = []
+    orig = AttentionReplay.install.__func__
+
+    def install(cls, *a, **k):
+        r = orig(cls, *a, **k)
+        if r is not None:
+            installed.append(r)
+        return r
+
+    monkeypatch.setattr(replay_mod, "REPLAY_BYTES", budget)
+    monkeypatch.setattr(AttentionReplay, "install", classmethod(install))
+    opts = QuantizeOptions(out=out, method="gptq", calib=str(calib), quiet=True, fsync=False, **kw)
+    run_quantize(model, opts, log=lambda m: None)
+    monkeypatch.undo()
+    return installed
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = load_dir(a), load_dir(b)
+    assert set(ta) == set(tb)
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, different[:5]
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_dense_gptq_with_replay_equals_without(tiny_models, tmp_path, monkeypatch, desc_act):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    kw = dict(bits=4, group_size=32, desc_act=desc_act, samples=8, seqlen=64, batch_size=2)  # 4 chunks
+    used = _quantize_counting(tiny_models["base"], tmp_path / "replay", calib, monkeypatch, 1 << 30, **kw)
+    none = _quantize_counting(tiny_models["base"], tmp_path / "plain", calib, monkeypatch, 0, **kw)
+    assert len(used) == 2 and not none  # one per layer
+    # per layer: recorded in the gate/up pass, replayed in the down pass and the output pass
+    assert all(len(r.outputs) == 4 and r.replayed == 8 and r.recomputed == 0 for r in used)
+    _assert_same_checkpoint(tmp_path / "replay", tmp_path / "plain")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(MIXTRAL is None, reason="shared tiny Mixtral missing")
+@pytest.mark.parametrize("mode", ["all", "routed"])
+def test_moe_gptq_with_replay_equals_without(tmp_path, monkeypatch, mode):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    kw = dict(bits=4, group_size=128, samples=8, seqlen=64, batch_size=4, moe_calibration=mode)  # 2 chunks
+    used = _quantize_counting(MIXTRAL, tmp_path / "replay", calib, monkeypatch, 1 << 30, **kw)
+    none = _quantize_counting(MIXTRAL, tmp_path / "plain", calib, monkeypatch, 0, **kw)
+    assert len(used) == 4 and not none
+    assert all(r.replayed >= 4 and r.recomputed == 0 for r in used)  # expert down pass(es) and output pass
+    _assert_same_checkpoint(tmp_path / "replay", tmp_path / "plain")
