@@ -272,7 +272,12 @@ def test_f32_file_has_llama_cpp_keys_names_shapes_and_the_source_values(f32_file
       "query_pre_attn_scalar": 128}, "query_pre_attn_scalar 128"),
     ({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ({"model_type": "phi3", "rope_scaling": {"rope_type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}},
-     "rope scaling 'longrope'"),
+     "longrope without original_max_position_embeddings"),
+    ({"model_type": "phi3", "hidden_size": 256, "num_attention_heads": 4, "original_max_position_embeddings": 512,
+      "rope_scaling": {"rope_type": "longrope", "long_factor": [1.0] * 32, "short_factor": [1.0]}},
+     "longrope short_factor of length 1 (the rotary dimensions need 32)"),
+    ({"model_type": "phi3", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope scaling 'yarn' (llama.cpp's phi3 takes default or longrope)"),
     ({"model_type": "qwen2_moe", "norm_topk_prob": True}, "norm_topk_prob=True"),
     ({"model_type": "qwen3_moe", "norm_topk_prob": False}, "norm_topk_prob=False"),
     ({"model_type": "qwen3_moe", "norm_topk_prob": True, "mlp_only_layers": [0]}, "layers without experts"),
@@ -406,3 +411,78 @@ def test_quantized_files_are_byte_identical_to_llama_quantize(family, request, t
     assert not bad, f"{family}: " + "; ".join(bad[:20])
     if family == "qwen3_moe":  # 8 experts: llama.cpp's bumps apply
         assert _tensors(res.files["Q4_K_M"])["blk.0.attn_v.weight"][0] == "Q8_0"
+
+
+# ---- long-context Phi-3 (LongRoPE) ---------------------------------------------------------------------------
+
+def _phi3_longrope(d, tok, **rope):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    half = HD // 4  # rotary dims HD / 2 (partial_rotary_factor 0.5), one factor per frequency pair
+    rng = np.random.default_rng(7)
+    params = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+              "long_factor": [float(x) for x in 1 + 7 * rng.random(half)],
+              "short_factor": [float(x) for x in 1 + 0.5 * rng.random(half)], **rope}
+    cfg = Phi3Config(**{**COMMON, "max_position_embeddings": 2048}, num_hidden_layers=2,
+                     original_max_position_embeddings=512, rope_parameters=params)
+    return _save(Phi3ForCausalLM(cfg), d, tok)
+
+
+@pytest.fixture(scope="module")
+def longrope(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(11)
+    model = _phi3_longrope(tmp_path_factory.mktemp("phi3lr") / "tiny-phi-128k", _tokenizer_source(tmp_path_factory))
+    out = tmp_path_factory.mktemp("phi3lr-gguf")
+    return model, write_gguf(model, out, ["F32", "Q4_K_M"], fsync=False).files
+
+
+@pytest.mark.slow
+def test_phi3_longrope_writes_llama_cpp_rope_factors_and_attn_factor(longrope):
+    import json
+    import math
+
+    model, files = longrope
+    cfg = json.loads((model / "config.json").read_text())
+    rp = cfg["rope_parameters"]
+    r = gguf.GGUFReader(files["F32"])
+    f = {k: v.contents() for k, v in r.fields.items() if k.startswith("phi3.")}
+    # transformers' own factor on cos/sin: sqrt(1 + ln(2048 / 512) / ln(512))
+    assert f["phi3.rope.scaling.attn_factor"] == pytest.approx(math.sqrt(1 + math.log(4) / math.log(512)), rel=1e-6)
+    assert f["phi3.rope.scaling.original_context_length"] == 512 and f["phi3.context_length"] == 2048
+    tensors = {t.name: t for t in r.tensors}
+    for kind in ("long", "short"):
+        t = tensors[f"rope_factors_{kind}.weight"]
+        assert t.tensor_type.name == "F32"
+        assert np.array_equal(np.asarray(t.data, dtype=np.float32).ravel(),
+                              np.asarray(rp[f"{kind}_factor"], dtype=np.float32))
+    q = {t.name: t.tensor_type.name for t in gguf.GGUFReader(files["Q4_K_M"]).tensors}
+    assert q["rope_factors_long.weight"] == q["rope_factors_short.weight"] == "F32"
+
+
+@pytest.mark.client
+@pytest.mark.slow
+def test_phi3_longrope_in_llama_cpp(longrope, tmp_path):
+    """Within the original context both use the short factors: llama.cpp's logits equal transformers'; and
+    our Q4_K_M equals llama-quantize of our F32 file (the factor tensors stay F32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    llama_cpp = _llama_cpp()
+    from test_gguf_llama_cpp import _tensors, llama_quantize
+
+    model, files = longrope
+    ids = np.random.default_rng(3).integers(2, V, 200).tolist()
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(files["F32"]), logits_all=True, n_ctx=512, n_batch=256, n_threads=2,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    assert float(np.abs(got - want).max()) < 1e-3 and float(np.abs(want).max()) > 0.5
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(files["F32"], ref, "Q4_K_M")
+    ours, theirs = _tensors(files["Q4_K_M"]), _tensors(ref)
+    assert set(ours) == set(theirs)
+    assert [n for n in theirs if ours[n] != theirs[n]] == []

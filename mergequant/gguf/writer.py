@@ -125,9 +125,10 @@ def _check_family(cfg: dict, where: str) -> None:
             refuse(f"rope type {local.get('rope_type')!r} on the sliding-window layers (llama.cpp: default only)")
     if mt == "phi3":
         rp = _rope(cfg)
-        if rp.get("rope_type") not in ("default", None) or rp.get("long_factor"):
-            refuse(f"rope scaling {rp.get('rope_type')!r} (long-context Phi-3: rope_factors_long/short are not "
-                   "written by this exporter yet)")
+        if rp.get("rope_type") in ("longrope", "su"):
+            _phi3_long_rope(cfg, rp, refuse)
+        elif rp.get("rope_type") not in ("default", None) or rp.get("long_factor"):
+            refuse(f"rope scaling {rp.get('rope_type')!r} (llama.cpp's phi3 takes default or longrope)")
     if mt in ("qwen2_moe", "qwen3_moe"):
         step = int(cfg.get("decoder_sparse_step") or 1)
         if step != 1 or cfg.get("mlp_only_layers"):
@@ -167,6 +168,35 @@ def _rope(config: dict) -> dict:
     rp.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     rp.setdefault("rope_type", rp.get("type") or "default")
     return rp
+
+
+def _phi3_long_rope(cfg: dict, rp: dict, refuse=None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Long-context Phi-3 (LongRoPE, rope type ``longrope`` or its old name ``su``) as llama.cpp takes it:
+    per-frequency divisors ``rope_factors_long`` / ``rope_factors_short`` (rope_dims / 2 each; transformers
+    uses the long ones for sequences past ``original_max_position_embeddings``, llama.cpp for a context
+    past it) and ``rope.scaling.attn_factor``, the factor on cos/sin. The latter as transformers computes
+    it: the config's ``attention_factor`` if given, else sqrt(1 + ln(f) / ln(original)) for the scale
+    f = ``factor`` or max / original positions (llama.cpp's converter always takes max / original; the
+    two agree on Phi-3 checkpoints, which carry neither key)."""
+    orig = rp.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+    if not orig and refuse is not None:
+        refuse("longrope without original_max_position_embeddings")
+    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    rot = float(rp.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
+    half = int(head_dim * rot) // 2
+    factors = [rp.get("long_factor"), rp.get("short_factor")]
+    if refuse is not None:
+        for kind, f in zip(("long_factor", "short_factor"), factors):
+            if not isinstance(f, (list, tuple)) or len(f) != half:
+                refuse(f"longrope {kind} of length {len(f) if isinstance(f, (list, tuple)) else 'none'} "
+                       f"(the rotary dimensions need {half})")
+    long_f, short_f = (np.asarray(f, dtype=np.float32) for f in factors)
+    attn = rp.get("attention_factor")
+    if attn is None:
+        scale = float(rp.get("factor") or int(cfg["max_position_embeddings"]) / int(orig))
+        attn = math.sqrt(1 + math.log(scale) / math.log(int(orig))) if scale > 1.0 else 1.0
+    return long_f, short_f, float(attn)
 
 
 def _llama3_rope_freqs(rp: dict, head_dim: int) -> np.ndarray:
@@ -280,6 +310,9 @@ def plan_tensors(ck, arch_name: str, permute: bool) -> list[Planned]:
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_head)
         freqs = _llama3_rope_freqs(rp, head_dim)
         out.append(Planned("rope_freqs.weight", freqs.shape, lambda a, b, f=freqs: f.reshape(1, -1)))
+    if arch_name == "phi3" and rp.get("rope_type") in ("longrope", "su"):
+        for kind, f in zip(("long", "short"), _phi3_long_rope(cfg, rp)[:2]):
+            out.append(Planned(f"rope_factors_{kind}.weight", f.shape, lambda a, b, f=f: f.reshape(1, -1)))
     return sorted(out, key=_llama_cpp_order)
 
 
@@ -362,6 +395,8 @@ def _add_hparams(w, ck, arch_name: str, name: str, file_type: str) -> None:
         w.add_rope_scaling_type(gguf_rope("YARN"))
         w.add_rope_scaling_factor(float(rp["factor"]))
         w.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
+    elif kind in ("longrope", "su") and arch_name == "phi3":
+        w.add_rope_scaling_attn_factors(_phi3_long_rope(cfg, rp)[2])
     elif kind not in ("default", "llama3", None):
         raise MergeQuantError(f"{ck.path}: rope type {kind!r} is not converted to GGUF (default, linear, yarn, llama3)")
     n_expert = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
