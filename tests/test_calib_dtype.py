@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,7 @@ def test_calib_dtype_bad_values_and_ignored(tiny_models, calib, tmp_path):
             "bfloat16", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "--calib-dtype does not apply to --method rtn; it is ignored" in r.stdout + r.stderr
+    r = cli("quantize", str(tiny_models["base"]), "-o", str(tmp_path / "z"), "--calib", str(calib), "--group-size", "32",
+            "--calib-dtype", "bfloat16", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"calibration: [0-9,]+ tokens, forward passes in bfloat16\n", r.stdout), r.stdout

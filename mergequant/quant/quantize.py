@@ -570,6 +570,7 @@ class QuantizePlan:
     calib_tokens: int
     peak_bytes: int
     notes: list[str]
+    calib_dtype: str = "float32"  # the calibration forward's precision (--calib-dtype), when the method reads it
 
 
 def _numel(shape) -> int:
@@ -645,7 +646,8 @@ def plan_quantize(model_dir: str | Path, opts: QuantizeOptions) -> QuantizePlan:
     return QuantizePlan(model_dir, ck.architecture, opts.method, opts.bits, len(linears), experts,
                         sum(t.nbytes for t in planned), len(shards),
                         opts.samples * seqlen if method.calibrated else 0,
-                        estimate_peak_bytes(ck.config, ck.tensors, linears, opts, method, arch), notes)
+                        estimate_peak_bytes(ck.config, ck.tensors, linears, opts, method, arch), notes,
+                        str(calib_dtype(opts)).removeprefix("torch."))
 
 
 def describe_quantize_plan(plan: QuantizePlan) -> str:
@@ -659,7 +661,8 @@ def describe_quantize_plan(plan: QuantizePlan) -> str:
                      f"{e['active']:,} of {e['total']:,} parameters active; calibration {e['calibration']}; "
                      f"expert names {e['names']}")
     if plan.calib_tokens:
-        lines.append(f"  calibration: {plan.calib_tokens:,} tokens")
+        lines.append(f"  calibration: {plan.calib_tokens:,} tokens"
+                     + (f", forward passes in {plan.calib_dtype}" if plan.calib_dtype != "float32" else ""))
     lines.append(f"  writes ~{format_bytes(plan.out_bytes)} in {plan.shards} shard(s); peak memory "
                  f"~{format_bytes(plan.peak_bytes)} + the interpreter (inputs memory-mapped)")
     lines += [f"  {n}" for n in plan.notes]
