@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both tools")
     ap.add_argument("--only", choices=["mergequant", "gptqmodel"], default=None)
+    ap.add_argument("--bf16", action="store_true",
+                    help="also run ours with --calib-dtype bfloat16 (calibration forwards in GPTQModel's precision)")
     ap.add_argument("--passive-peer", action="store_true",
                     help="also run GPTQModel with OMP_WAIT_POLICY=PASSIVE (the setting mergequant's CLI uses)")
     args = ap.parse_args()
@@ -100,14 +102,18 @@ def main() -> None:
     # mergequant's CLI lets idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE); GPTQModel runs with the
     # OpenMP default (as its users run it) and, with --passive-peer, also with our setting
     peer_envs = [("", {})] + ([("-passive", {"OMP_WAIT_POLICY": "PASSIVE"})] if args.passive_peer else [])
-    for ours, theirs in (("all", "bypass"), ("routed", "natural")):
+    pairs = (("all", "bypass"), ("routed", "natural")) + ((("all-bf16", "bypass"),) if args.bf16 else ())
+    for ours, theirs in pairs:
         if args.only in (None, "mergequant"):
             out = WORK / f"mergequant-{ours}"
             plans.append((f"mergequant-gptq-{ours}", out, {}, [
                 sys.executable, "-m", "mergequant", "quantize", str(model), "-o", str(out), "--method", "gptq",
                 "--bits", "4", "--group-size", "128", "--damp", "0.01", "--samples", str(args.samples),
                 "--seqlen", str(args.seqlen), "--seed", "0", "--device", "cpu", "--force", "--quiet",
-                "--batch-size", str(args.batch_size), "--calib", str(calib), "--moe-calibration", ours]))
+                "--batch-size", str(args.batch_size), "--calib", str(calib), "--moe-calibration", ours.split("-")[0]]
+                + (["--calib-dtype", "bfloat16"] if ours.endswith("-bf16") else [])))
+        if ours.endswith("-bf16"):
+            continue  # its GPTQModel counterpart already runs above
         if args.only in (None, "gptqmodel"):
             for sfx, extra in peer_envs:
                 out = WORK / f"gptqmodel-{theirs}{sfx}"
@@ -126,7 +132,7 @@ def main() -> None:
             f"(load {r['loadavg_after'][0]})")
     by = {r["name"]: r for r in rows}
     ratios = {}
-    for ours, theirs in [(o, t + sfx) for o, t in (("all", "bypass"), ("routed", "natural")) for sfx, _ in peer_envs]:
+    for ours, theirs in [(o, t + sfx) for o, t in pairs for sfx, _ in peer_envs]:
         a, b = by.get(f"mergequant-gptq-{ours}"), by.get(f"gptqmodel-gptq-{theirs}")
         if a and b:
             ratios[f"{theirs}_over_{ours}"] = {"wall": round(b["wall_s"] / a["wall_s"], 2),
