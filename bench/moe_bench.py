@@ -92,16 +92,19 @@ print("GPTQMODEL_TIMES " + json.dumps({"import_s": t_import, "quantize_s": t_qua
 """
 
 # `mergequant quantize ...` as `python -m mergequant` runs it (the same main(), the same OpenMP setting, which
-# must be in the environment before torch loads), after importing up front what a Mixtral run imports (the
-# CLI, the quantizer, transformers' tokenizer and Mixtral modeling) and reporting how long that took: the
+# must be in the environment before torch loads), after importing up front what the run imports (the CLI and
+# the quantizer; for a calibrated run also transformers' tokenizer and Mixtral modeling) and reporting how long
+# that took: the
 # fixed start-up cost, measured in the run itself as GPTQModel's script measures its own.
 OURS_SCRIPT = r"""
 import os, sys, time, json
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 t0 = time.time()
-import mergequant.cli, mergequant.quant.quantize, mergequant.quant.runner, mergequant.quant.gptq_method
-from transformers import AutoTokenizer, AutoConfig, AutoModelForCausalLM
-import transformers.models.mixtral.modeling_mixtral
+import mergequant.cli, mergequant.quant.quantize, mergequant.quant.gptq_method
+if "--calib" in sys.argv:  # a calibrated run: the layer runner, the tokenizer, transformers' Mixtral modeling
+    import mergequant.quant.runner
+    from transformers import AutoTokenizer, AutoConfig, AutoModelForCausalLM
+    import transformers.models.mixtral.modeling_mixtral
 print("MERGEQUANT_TIMES " + json.dumps({"import_s": time.time() - t0}), flush=True)
 sys.argv = ["mergequant"] + sys.argv[1:]
 mergequant.cli.main()
