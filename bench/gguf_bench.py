@@ -27,9 +27,15 @@ Quality (``--part quality``), on the shared tiny Llama ``/work/shared/models/bas
   per tensor (cosine of the vectors, ratio of their means);
 * ``ours --calib, refined``: the same with ``MERGEQUANT_GGUF_REFINE=1`` (the opt-in refinement of the
   importance-weighted search in ``mergequant/gguf/imatrix.py``; ``--no-refine`` leaves these rows out);
-* the tiny Mixtral ``/work/shared/models/moe-mixtral/base`` (if present): our files without
-  calibration (``--calib`` is refused for MoE) against llama-quantize of our F16 (with
-  ``--moe-imatrix`` also with llama-imatrix's matrix).
+* ``ours --calib --gguf-search gptq``: the same calibration with GPTQ error feedback inside the k-quant grids
+  (``mergequant/gguf/gptq_grid.py``; dense models only; ``--no-gptq`` leaves these rows out);
+* the tiny Mixtral ``/work/shared/models/moe-mixtral/base`` (if present): the same rows (without the
+  refined ones unless asked): our files without and with ``--calib`` (per-expert importance from each
+  expert's routed tokens, ``mergequant/gguf/moe_imatrix.py``) against llama-quantize of our F16 without
+  and with llama-imatrix's matrix (its routed ``MUL_MAT_ID`` statistics, same windows); the matrices are
+  compared per tensor (stacked expert tensors as E x cols vectors) and per expert (routed-token counts).
+  ``--only-moe`` runs just this model and replaces the ``moe`` entry of an existing results file, keeping
+  the dense rows.
 
 Files whose every tensor (type and bytes) equals an already measured one are not measured twice (the
 llama-quantize rows that equal ours); perplexities are cached in ``bench/work/gguf/ppl-cache.json`` by
@@ -51,6 +57,7 @@ Usage::
     bash scripts/build-llama-tools.sh
     python bench/gguf_bench.py                       # both parts (~25 min on a loaded 2-core machine)
     python bench/gguf_bench.py --part quality        # -> bench/results/gguf-quality.json
+    python bench/gguf_bench.py --part quality --only-moe --no-refine   # the Mixtral rows only (~15 min)
     python bench/gguf_bench.py --part speed          # -> bench/results/gguf-speed-1b.json
 """
 
@@ -151,18 +158,20 @@ def perplexity(model: Path, heldout: Path, ctx: int, threads: int, log: Path) ->
 def _perplexity(model: Path, heldout: Path, ctx: int, threads: int, log: Path) -> dict:
     exe = tool("llama-perplexity")
     if exe is not None:
-        for _attempt in range(3):  # llama.cpp logs from a thread: rarely the last lines are lost at exit
+        for _attempt in range(5):  # llama.cpp logs from a thread: rarely the last lines are lost at exit
             r = measured([exe, "-m", model, "-f", heldout, "-c", ctx, "-b", ctx, "-t", threads, "--no-warmup"], log)
             text = log.read_text()
             m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", text)
             if m:
                 break
-        else:  # still lost: the running estimate printed after the last chunk that made it to the log
+        else:  # still lost: the running estimate after the LAST chunk equals the final one; a partial one does not
             last = re.findall(r"\[(\d+)\]([0-9.]+)", text)
-            if not last:
-                raise SystemExit(f"no perplexity in {log}")
+            total = re.search(r"calculating perplexity over (\d+) chunks", text)
+            if not last or not total or int(last[-1][0]) != int(total.group(1)):
+                raise SystemExit(f"no complete perplexity in {log} (final line lost in 5 runs)")
             return {"ppl": float(last[-1][1]), "ppl_err": None, "chunks": int(last[-1][0]),
-                    "evaluator": "llama-perplexity (running estimate; final line lost)", "eval_wall_s": r["wall_s"]}
+                    "evaluator": "llama-perplexity (running estimate after the last chunk; final line lost)",
+                    "eval_wall_s": r["wall_s"]}
         chunks = re.search(r"calculating perplexity over (\d+) chunks", text)
         return {"ppl": float(m.group(1)), "ppl_err": float(m.group(2)), "chunks": int(chunks.group(1)) if chunks else None,
                 "evaluator": "llama-perplexity", "eval_wall_s": r["wall_s"]}
@@ -193,41 +202,60 @@ def _perplexity_llama_cpp_python(model: Path, heldout: Path, ctx: int, threads: 
     return {"ppl": float(np.exp(nll / n)), "ppl_err": None, "chunks": len(toks) // ctx, "evaluator": "llama-cpp-python"}
 
 
-def read_llama_imatrix(path: Path) -> dict[str, np.ndarray]:
-    """llama-imatrix's GGUF output: ``NAME.in_sum2`` (sum of squares per column) and ``NAME.counts``."""
+def read_llama_imatrix(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """llama-imatrix's GGUF output: ``NAME.in_sum2`` (sum of squares per column, [E, cols] for a stacked
+    expert tensor) and ``NAME.counts`` (tokens, one per expert), read as llama-quantize's loader reads it:
+    each row divided by its own count, a row of ones where the count is 0. Returns (GGUF name -> flat
+    vector, GGUF name -> counts)."""
     import gguf
 
     r = gguf.GGUFReader(path)
     t = {x.name: np.asarray(x.data, dtype=np.float64).reshape(-1) for x in r.tensors}
-    out = {}
+    out, counts = {}, {}
     for name, s in t.items():
         if name.endswith(".in_sum2"):
             base = name[: -len(".in_sum2")]
-            cnt = t.get(base + ".counts")
-            out[base] = s / (cnt[0] if cnt is not None and cnt.size == 1 and cnt[0] > 0 else 1.0)
-    return out
+            cnt = t.get(base + ".counts", np.ones(1))
+            rows = s.reshape(cnt.size, -1)
+            out[base] = np.where(cnt[:, None] > 0, rows / np.maximum(cnt[:, None], 1), 1.0).reshape(-1)
+            counts[base] = cnt
+    return out, counts
 
 
-def our_imatrix(model: Path, calib: Path, samples: int, seqlen: int, seed: int) -> dict[str, np.ndarray]:
-    """The matrix ``--calib`` uses, keyed by GGUF tensor name (blk.N.attn_q.weight, ...)."""
+def our_imatrix(model: Path, calib: Path, samples: int, seqlen: int, seed: int
+                ) -> tuple[dict[str, np.ndarray], dict[int, list[int]]]:
+    """The matrix ``--calib`` uses as llama.cpp's quantizer takes it (GGUF tensor name -> vector; a stacked
+    expert tensor's E x cols, expert-major), and for a MoE model the tokens routed to each expert per layer."""
     from types import SimpleNamespace
 
     from mergequant.gguf.driver import collect_imatrix
+    from mergequant.gguf.moe_imatrix import gguf_vectors
+    from mergequant.gguf.writer import gguf_architecture, plan_tensors
     from mergequant.io.checkpoint import Checkpoint
+    from mergequant.merge.moe_layout import per_expert_view
 
-    ck = Checkpoint.open(model)
+    ck = per_expert_view(Checkpoint.open(model))
     opts = SimpleNamespace(calib=str(calib), samples=samples, seqlen=seqlen, seed=seed, batch_size=None, device="cpu",
                            method="gguf")
-    im, _ = collect_imatrix(model, ck, opts, print)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    out = {}
-    for k, v in im.items():
-        m = re.match(r"model\.layers\.(\d+)\.(.+)$", k)
-        if m and m.group(2) in names:
-            out[f"blk.{m.group(1)}.{names[m.group(2)]}.weight"] = np.asarray(v, dtype=np.float64)
-    return out
+    routing: dict[int, list[int]] = {}
+    im, _ = collect_imatrix(model, ck, opts, print, routing=routing)
+    vectors = gguf_vectors(im, plan_tensors(ck, *gguf_architecture(ck.config)))
+    return {k: np.asarray(v, dtype=np.float64) for k, v in vectors.items()}, routing
+
+
+def compare_routing(ours: dict[int, list[int]], llama_counts: dict[str, np.ndarray]) -> dict:
+    """Tokens per expert, ours (``--calib``) against llama-imatrix's counts of ``blk.N.ffn_gate_exps``."""
+    rows = {}
+    for layer, mine in sorted(ours.items()):
+        theirs = llama_counts.get(f"blk.{layer}.ffn_gate_exps.weight")
+        if theirs is None:
+            continue
+        a, b = np.asarray(mine, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+        rows[layer] = {"ours": [int(x) for x in a], "llama_imatrix": [int(x) for x in b],
+                       "share_l1_difference": round(float(np.abs(a / a.sum() - b / b.sum()).sum()), 4),
+                       "ours_empty": [int(e) for e in np.flatnonzero(a == 0)],
+                       "llama_empty": [int(e) for e in np.flatnonzero(b == 0)]}
+    return rows
 
 
 def compare_imatrices(ours: dict, theirs: dict) -> dict:
@@ -284,12 +312,14 @@ def quality_model(model: Path, label: str, types: list[str], data: dict, args, c
                   "--seed", str(args.seed)]
     cal = ours("ours-calib", types, calib_args) if calib_ok else None
     refined = ours("ours-calib-refine", types, calib_args, {"MERGEQUANT_GGUF_REFINE": "1"}) \
-        if calib_ok and args.refine else None
+        if calib_ok and args.refine and (label != "moe-mixtral" or args.moe_refine) else None
+    gptq = ours("ours-calib-gptq", types, calib_args + ["--gguf-search", "gptq"]) \
+        if calib_ok and args.gptq and label != "moe-mixtral" else None
 
     rows = [{"model": label, "type": "F16", "variant": "reference (our F16 file)", "file": str(f16)}]
     identity, imatrix_info = {}, {}
     llama_im = None
-    if imat is not None and (calib_ok or args.moe_imatrix):
+    if imat is not None and calib_ok:
         wtxt = work / "calib-windows.txt"
         imatrix_info["windows"] = calib_windows_text(model, data["calib"], args.samples, args.seqlen, args.seed, wtxt)
         llama_im = work / "llama-imatrix.gguf"
@@ -298,10 +328,12 @@ def quality_model(model: Path, label: str, types: list[str], data: dict, args, c
         timings["llama-imatrix"] = r
         m = re.search(r"computing over (\d+) chunks", (work / "llama-imatrix.log").read_text())
         imatrix_info["llama_imatrix_chunks"] = int(m.group(1)) if m else None
-        theirs = read_llama_imatrix(llama_im)
+        theirs, their_counts = read_llama_imatrix(llama_im)
         if calib_ok:
-            imatrix_info["ours_vs_llama"] = compare_imatrices(
-                our_imatrix(model, data["calib"], args.samples, args.seqlen, args.seed), theirs)
+            mine, routing = our_imatrix(model, data["calib"], args.samples, args.seqlen, args.seed)
+            imatrix_info["ours_vs_llama"] = compare_imatrices(mine, theirs)
+            if routing:
+                imatrix_info["expert_tokens_ours_vs_llama"] = compare_routing(routing, their_counts)
             print(f"[{label}] imatrix cosine ours vs llama: mean {imatrix_info['ours_vs_llama']['mean_cosine']}, "
                   f"min {imatrix_info['ours_vs_llama']['min_cosine']}", flush=True)
 
@@ -312,6 +344,9 @@ def quality_model(model: Path, label: str, types: list[str], data: dict, args, c
             rows.append({"model": label, "type": t, "variant": "ours --calib", "file": str(cal / f"{stem}-{t}.gguf")})
         if refined is not None:
             rows.append({"model": label, "type": t, "variant": "ours --calib, refined", "file": str(refined / f"{stem}-{t}.gguf")})
+        if gptq is not None:
+            rows.append({"model": label, "type": t, "variant": "ours --calib --gguf-search gptq",
+                         "file": str(gptq / f"{stem}-{t}.gguf")})
         if quant is None:
             continue
         ref32, ref16 = work / f"llama-from-f32-{t}.gguf", work / f"llama-{t}.gguf"
@@ -366,6 +401,14 @@ def targets(res: dict, types: list[str]) -> list[dict]:
                       "refined_within_x1.005": ours_r <= ref_im * 1.005})
             if t in ("Q3_K_M", "Q2_K"):
                 c["refined_better_than_llama_imatrix"] = ours_r < ref_im
+        ours_g = by.get((t, "ours --calib --gguf-search gptq"))
+        if ours_g is not None and ref_im is not None:
+            c.update({"ours_gptq_ppl": ours_g, "ratio_gptq_over_llama_imatrix": round(ours_g / ref_im, 5),
+                      "gptq_within_x1.005": ours_g <= ref_im * 1.005})
+            if ours_c is not None:
+                c["ratio_gptq_over_ours_calib"] = round(ours_g / ours_c, 5)
+            if t in ("Q3_K_M", "Q2_K"):
+                c["gptq_better_than_llama_imatrix"] = ours_g < ref_im
         out.append(c)
     return out
 
@@ -376,10 +419,12 @@ def run_quality(args) -> dict:
     data = {"calib": WORK / "calib.txt", "heldout": WORK / "heldout.txt"}
     shutil.copyfile(calib, data["calib"])
     shutil.copyfile(heldout, data["heldout"])
-    results = {"base": quality_model(BASE, "base", args.types, data, args, calib_ok=True)}
-    results["base"]["targets"] = targets(results["base"], args.types)
+    results = {}
+    if not args.only_moe:
+        results["base"] = quality_model(BASE, "base", args.types, data, args, calib_ok=True)
+        results["base"]["targets"] = targets(results["base"], args.types)
     if MOE.is_dir() and not args.skip_moe:
-        results["moe"] = quality_model(MOE, "moe-mixtral", args.types, data, args, calib_ok=False)
+        results["moe"] = quality_model(MOE, "moe-mixtral", args.types, data, args, calib_ok=True)
         results["moe"]["targets"] = targets(results["moe"], args.types)
     results["data"] = {"calibration": f"first {args.calib_kb} KB of austen.txt + shakespeare.txt (quant_bench.build_data)",
                        "heldout": f"last {args.heldout_kb} KB of austen.txt + shakespeare.txt", "ranges": info,
@@ -510,10 +555,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22, help="speed: layers of the synthetic 1.1B Llama")
     ap.add_argument("--repeats", type=int, default=1, help="speed: runs per tool (alternating); the fastest is reported")
     ap.add_argument("--skip-moe", action="store_true")
-    ap.add_argument("--moe-imatrix", action="store_true",
-                    help="also llama-quantize --imatrix rows for the MoE model (ours cannot calibrate MoE yet)")
+    ap.add_argument("--only-moe", action="store_true",
+                    help="quality: only the MoE model; its entry replaces the 'moe' one of an existing results file")
+    ap.add_argument("--moe-refine", action="store_true", help="also the 'refined' rows for the MoE model")
     ap.add_argument("--no-refine", dest="refine", action="store_false",
                     help="leave out the 'ours --calib, refined' rows (MERGEQUANT_GGUF_REFINE=1)")
+    ap.add_argument("--no-gptq", dest="gptq", action="store_false",
+                    help="leave out the 'ours --calib --gguf-search gptq' rows (dense models only)")
     ap.add_argument("--no-assert", action="store_true", help="report, do not stop, when uncalibrated bytes differ")
     args = ap.parse_args()
     if tool("llama-quantize") is None:
@@ -524,7 +572,19 @@ def main() -> None:
         q = run_quality(args)
         print_quality(q)
         out = RESULTS / "gguf-quality.json"
-        out.write_text(json.dumps({"benchmark": "gguf-quality", **_meta(args), **q}, indent=2) + "\n")
+        if args.only_moe and out.is_file():  # keep the dense rows (and their run's metadata)
+            old = json.loads(out.read_text())
+            old["moe"], old["moe_run"] = q["moe"], {**_meta(args), "data": q["data"]}
+            out.write_text(json.dumps(old, indent=2) + "\n")
+        else:
+            new = {"benchmark": "gguf-quality", **_meta(args), **q}
+            if args.skip_moe and out.is_file():  # keep the MoE rows of the previous run (and that run's metadata)
+                old = json.loads(out.read_text())
+                if "moe" in old:
+                    new["moe"] = old["moe"]
+                    new["moe_run"] = old.get("moe_run") or {k: old[k] for k in ("date", "machine", "versions", "args",
+                                                                                 "data") if k in old}
+            out.write_text(json.dumps(new, indent=2) + "\n")
         print(f"wrote {out}")
     if args.part in ("speed", "all"):
         s = run_speed(args)

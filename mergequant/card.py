@@ -311,10 +311,13 @@ def quant_card(*, source: str, method: str, bits: int, settings: list[tuple[str,
 
 def gguf_card(*, source: str, files: list[tuple[str, str, int, dict[str, int]]], architecture: str,
               calib: str | None = None, calib_tokens: int = 0, samples: int = 0, license: str | None = None,
-              base_model: str | None = None, adapter=None) -> str:
+              base_model: str | None = None, adapter=None, expert_tokens: dict[int, list[int]] | None = None,
+              search: str = "imatrix") -> str:
     """A model card for GGUF files (``--method gguf``): one row per file (type, name, size, the GGUF types
     its tensors got) and how to run them in llama.cpp. ``files``: (file type, file name, bytes, type counts).
-    ``adapter``: an adapted source's AdapterInput (BASE+ADAPTER), named as :func:`quant_card` names it."""
+    ``adapter``: an adapted source's AdapterInput (BASE+ADAPTER), named as :func:`quant_card` names it.
+    ``expert_tokens``: a mixture-of-experts model's calibration tokens routed to each expert, per layer.
+    ``search``: with ``calib``, how the k-quants were rounded (``--gguf-search``: imatrix or gptq)."""
     from mergequant.units import format_bytes
 
     origin, parents, license = _quantized_from(source, base_model, adapter, license)
@@ -340,16 +343,40 @@ def gguf_card(*, source: str, files: list[tuple[str, str, int, dict[str, int]]],
     lines += ["", f"Perplexity: held-out, measured in llama.cpp by `mergequant run` when the release has an eval step and "
               f"llama-cpp-python is installed; \"{GGUF_NOT_MEASURED}\" otherwise (`mergequant eval` does not read GGUF)."]
     lines += ["", "Rounding: " + (f"importance-weighted k-quant search (importance matrix from `{calib}`, {samples} samples, "
-                                  f"{calib_tokens:,} tokens)" if calib else
+                                  f"{calib_tokens:,} tokens)" + (GGUF_GPTQ_NOTE if search == "gptq" else "")
+                                  if calib else
                                   "llama.cpp's reference quantizer (byte-identical to `llama-quantize` without an "
-                                  "importance matrix)") + ".", "",
-              "## Loading\n", "```bash", f"llama-cli -m {files[0][1]} -p \"Hello\"", "```", "",
+                                  "importance matrix)") + ".", ""]
+    if expert_tokens:
+        lines += _gguf_experts_section(expert_tokens)
+    lines += ["## Loading\n", "```bash", f"llama-cli -m {files[0][1]} -p \"Hello\"", "```", "",
               "```python", "from llama_cpp import Llama",
               f"llm = Llama(model_path=\"{files[0][1]}\")", "```", ""]
     return "\n".join(lines)
 
 
+def _gguf_experts_section(expert_tokens: dict[int, list[int]]) -> list[str]:
+    """How a mixture-of-experts model's importance matrix covers its experts: each expert's importance
+    comes from the tokens the router sent it (llama-imatrix's semantics), so the counts say how much
+    data each expert's rounding rests on; an expert with none is named, with what was done for it."""
+    empty = {layer: [e for e, c in enumerate(counts) if c == 0] for layer, counts in expert_tokens.items()}
+    lines = ["## Mixture of experts\n",
+             "Each expert's importance comes only from the calibration tokens the router sent it (top-k routing, "
+             "as llama.cpp's `llama-imatrix` collects it); routers stay in full precision.", "",
+             "| layer | calibration tokens routed to each expert | experts without tokens |", "|---|---|---|"]
+    lines += [f"| {layer} | {' '.join(map(str, counts))} | {', '.join(map(str, empty[layer])) or '-'} |"
+              for layer, counts in sorted(expert_tokens.items())]
+    lines.append("")
+    if any(empty.values()):
+        lines += ["Experts without tokens get importance 1 for every column (llama.cpp's rule for an expert "
+                  "without data): their weights are rounded with uniform weighting.", ""]
+    return lines
+
+
 GGUF_TABLE_HEADER = "| file | type | size | held-out perplexity | tensor types |"
+GGUF_GPTQ_NOTE = (" with GPTQ error feedback (`--gguf-search gptq`): each decoder Linear's k-quant grids searched "
+                  "super-block by super-block on weights updated by the rounding errors of the columns before, "
+                  "through the inverse Hessian of its calibration inputs")
 GGUF_NOT_MEASURED = "not measured"
 
 

@@ -203,11 +203,12 @@ def quantize(
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="awq: scales from activation and weight magnitudes (default) or activations only."),
     alpha: float = typer.Option(0.5, help="w8a8: SmoothQuant migration strength in [0, 1] (how much activation range moves into the weights)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration samples per forward pass (more is faster, uses more memory; default: as many as fit in ~64 MiB of activations inside one layer, at most 8192 tokens)."),
-    calib_dtype: str = typer.Option("float32", "--calib-dtype", help="gptq: precision of the calibration forward passes: float32 (exact, the same codes on every machine) or bfloat16 (what the model runs in; ~1.4x faster on CPUs with AVX-512 BF16 and on GPUs; Hessians and the solve stay float32)."),
+    calib_dtype: str = typer.Option("float32", "--calib-dtype", help="gptq: precision of the calibration forward passes: float32 (exact, the same codes on every machine) or bfloat16 (what the model runs in; faster forward passes on CPUs with AVX-512 BF16 and on GPUs; Hessians and the solve stay float32)."),
     moe_calibration: str = typer.Option("all", "--moe-calibration", help="Mixture of experts: all (every expert's statistics from every calibration token; the layer output still uses the real routing) or routed (only the tokens the router sends it; starved experts fall back to round-to-nearest)."),
     moe_min_share: float = typer.Option(0.05, "--moe-min-share", help="--moe-calibration routed: an expert with fewer routed tokens than this fraction of its uniform share (tokens x top-k / experts) is rounded to nearest."),
     moe_names: str = typer.Option("original", "--moe-names", help="Mixture of experts: original (the architecture's per-expert names, e.g. Mixtral block_sparse_moe.experts.E.w1; what vLLM loads) or gptqmodel (mlp.experts.E.gate_proj; what GPTQModel.load needs for Mixtral)."),
     gguf_type: list[str] = typer.Option([], "--gguf-type", help="--method gguf: a GGUF file type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K); repeat for several files written in one pass (OUT/<name>-<TYPE>.gguf)."),
+    gguf_search: str = typer.Option("imatrix", "--gguf-search", help="--method gguf with --calib: how the decoder Linears' k-quants (Q2_K..Q6_K) are rounded. imatrix: llama.cpp's importance-weighted search (the bytes llama-quantize --imatrix writes given the same matrix). gptq: the same search picks each 256-column super-block's grid on weights that GPTQ's error feedback (full Hessian of the calibration inputs, --damp) has already updated, then rounds column by column (no effect on the file format; lower output error; slower: one column loop per Linear and k-quant type; dense models)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan (modules, experts, output size, calibration tokens, peak memory); write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -219,8 +220,11 @@ def quantize(
     Example: mergequant quantize ./merged -o ./merged-gptq --bits 4 --group-size 128 --calib data.jsonl
     """
     with _reported("quantize", "no output was written"):
+        from mergequant.gguf.gptq_grid import check_search
         from mergequant.quant.quantize import QuantizeOptions, run_quantize
         from mergequant.units import parse_size
+
+        check_search(gguf_search, method, calib)  # a bad value, gptq without --calib or with another method: one line
 
         opts = QuantizeOptions(out=out, method=method, bits=bits, group_size=group_size, desc_act=desc_act,
                                static_groups=static_groups, sym=sym, damp=damp, calib=calib, samples=samples,
@@ -229,7 +233,7 @@ def quantize(
                                n_grid=n_grid, duo_scaling=duo_scaling, alpha=alpha, batch_size=batch_size,
                                moe_calibration=moe_calibration, moe_min_share=moe_min_share, moe_names=moe_names,
                                calib_dtype=calib_dtype,
-                               gguf_types=list(gguf_type))
+                               gguf_types=list(gguf_type), gguf_search=gguf_search)
         if dry_run:
             from mergequant.quant.quantize import describe_quantize_plan, plan_quantize
 

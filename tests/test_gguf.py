@@ -334,11 +334,25 @@ def test_cli_calib_writes_importance_weighted_files(dense_model, tmp_path):
     assert a["output.weight"] == b["output.weight"]  # no importance for the output: reference rounding
 
 
-def test_calib_on_a_mixture_of_experts_is_refused_in_one_line(tmp_path):
+@pytest.mark.slow
+def test_cli_calib_on_a_mixture_of_experts_logs_routing_and_weights_experts(tmp_path):
+    """--calib on a MoE model (once refused): per-layer routed-token counts in the log and the card, and the
+    expert tensors weighted by their importance (per-expert semantics: tests/test_gguf_moe_calib.py)."""
     moe = Path("/work/shared/models/moe-mixtral/base")
     if not (moe / "config.json").is_file():
         pytest.skip("the shared tiny Mixtral is not here")
     calib = tmp_path / "c.txt"
-    calib.write_text("hello world " * 100)
-    r = cli("quantize", moe, "-o", tmp_path / "o", "--method", "gguf", "--gguf-type", "Q4_K_M", "--calib", calib)
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "mixture-of-experts" in r.stderr
+    calib.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune "
+                     "must be in want of a wife. " * 200)
+    out, plain = tmp_path / "o", tmp_path / "p"
+    r = cli("quantize", moe, "-o", out, "--method", "gguf", "--gguf-type", "Q4_K_M", "--calib", calib,
+            "--samples", "4", "--seqlen", "64", "-q")
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if "routed tokens per expert (256 tokens, top-2)" in x]
+    assert [x.split(":")[0] for x in lines] == [f"layer {i}" for i in range(4)], lines
+    assert "## Mixture of experts" in (out / "README.md").read_text()
+    assert cli("quantize", moe, "-o", plain, "--method", "gguf", "--gguf-type", "Q4_K_M", "-q").returncode == 0
+    a = {t.name: bytes(t.data) for t in gguf.GGUFReader(out / "base-Q4_K_M.gguf").tensors}
+    b = {t.name: bytes(t.data) for t in gguf.GGUFReader(plain / "base-Q4_K_M.gguf").tensors}
+    assert a["blk.0.ffn_gate_exps.weight"] != b["blk.0.ffn_gate_exps.weight"]
+    assert a["blk.0.ffn_gate_inp.weight"] == b["blk.0.ffn_gate_inp.weight"]  # the router: not quantized

@@ -76,6 +76,12 @@ def put_f16(out, pos, f):
     return f16_to_f32(h)
 
 
+@numba.njit(cache=True)
+def get_f16(out, pos):
+    """The little-endian half at ``out[pos]`` as float32 (the inverse of ``put_f16``)."""
+    return f16_to_f32(np.uint16(out[pos]) | (np.uint16(out[pos + 1]) << np.uint16(8)))
+
+
 def to_f16(x: np.ndarray) -> np.ndarray:
     """float32 -> float16 (numpy's conversion is round-to-nearest-even, like ggml's)."""
     return np.asarray(x, dtype=np.float32).astype(np.float16)

@@ -25,8 +25,8 @@ import numba
 import numpy as np
 
 from mergequant.gguf.blocks import f16_to_f32, f32_to_f16, put_f16
-from mergequant.gguf.kquants import (EPS, _codes_q45_k, _nint, _pack2, _put_scale_min_k4, _q6_k, _qkx2, _qx,
-                                     _scale_min_k4)
+from mergequant.gguf.kquants import (EPS, _codes_q45_k, _nint, _pack2, _pack_q3_codes, _put_scale_min_k4, _q3_scale,
+                                     _q6_k, _qkx2, _qx, _scale_min_k4)
 
 
 @numba.njit(cache=True)
@@ -338,30 +338,13 @@ def _q3_k_w(x, out, qw, refine):
                 q >>= 4
                 out[b + 96 + 8 + j % 4] = np.uint8((out[b + 96 + 8 + j % 4] | (q << (2 * (j // 4)))) & 0xFF)
         for j in range(16):
-            if j < 8:
-                sc = np.int64(out[b + 96 + j]) & 0xF
-            else:
-                sc = np.int64(out[b + 96 + j - 8]) >> 4
-            sc = (sc | (((np.int64(out[b + 96 + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
-            dd = d * np.float32(sc)
+            dd = d * np.float32(_q3_scale(out, b, j))
             if dd == 0:
                 continue
             for k in range(16):
                 q = _nint(x[s0 + 16 * j + k] / dd)
                 L[16 * j + k] = max(-4, min(3, q)) + 4
-        for k in range(32):
-            out[b + k] = 0
-        m = 0
-        hm = 1
-        for j in range(256):
-            if L[j] > 3:
-                out[b + m] = np.uint8(out[b + m] | hm)
-                L[j] -= 4
-            m += 1
-            if m == 32:
-                m = 0
-                hm <<= 1
-        _pack2(L, out, b + 32)
+        _pack_q3_codes(L, out, b)
 
 
 @numba.njit(cache=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from mergequant.gguf.blocks import put_f16
+from mergequant.gguf.blocks import get_f16, put_f16
 
 EPS = np.float32(1e-15)  # ggml's GROUP_MAX_EPS: a sub-block below this is all zeros
 
@@ -296,30 +296,43 @@ def _q3_k(x, out, qw, use_qw):
         else:
             d = put_f16(out, b + 108, np.float32(0.0))
         for j in range(16):
-            if j < 8:
-                sc = np.int64(out[b + 96 + j]) & 0xF
-            else:
-                sc = np.int64(out[b + 96 + j - 8]) >> 4
-            sc = (sc | (((np.int64(out[b + 96 + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
-            dd = d * np.float32(sc)
+            dd = d * np.float32(_q3_scale(out, b, j))
             if dd == 0:
                 continue
             for k in range(16):
                 q = _nint(x[s0 + 16 * j + k] / dd)
                 L[16 * j + k] = max(-4, min(3, q)) + 4
-        for k in range(32):
-            out[b + k] = 0
-        m = 0
-        hm = 1
-        for j in range(256):
-            if L[j] > 3:
-                out[b + m] = np.uint8(out[b + m] | hm)
-                L[j] -= 4
-            m += 1
-            if m == 32:
-                m = 0
-                hm <<= 1
-        _pack2(L, out, b + 32)
+        _pack_q3_codes(L, out, b)
+
+
+@numba.njit(cache=True)
+def _q3_scale(out, b, j):
+    """Sub-block j's signed 6-bit scale of the Q3_K block at ``out[b]`` (low nibbles in bytes 96..103, two high
+    bits per sub-block in bytes 104..107, stored + 32)."""
+    if j < 8:
+        sc = np.int64(out[b + 96 + j]) & 0xF
+    else:
+        sc = np.int64(out[b + 96 + j - 8]) >> 4
+    return (sc | (((np.int64(out[b + 96 + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
+
+
+@numba.njit(cache=True)
+def _pack_q3_codes(L, out, b):
+    """Q3_K codes L (0..7, i.e. level + 4) into the block at ``out[b]``: the high bit of code j in bit j // 32 of
+    hmask byte j % 32, the low two bits as ``_pack2`` planes at b + 32. Leaves L holding the low bits."""
+    for k in range(32):
+        out[b + k] = 0
+    m = 0
+    hm = 1
+    for j in range(256):
+        if L[j] > 3:
+            out[b + m] = np.uint8(out[b + m] | hm)
+            L[j] -= 4
+        m += 1
+        if m == 32:
+            m = 0
+            hm <<= 1
+    _pack2(L, out, b + 32)
 
 
 @numba.njit(cache=True)
@@ -358,6 +371,14 @@ def _codes_q45_k(x, s0, out, b, p, d, dmin, nmax, L):
         for k in range(32):
             q = _nint((x[s0 + 32 * j + k] + dm) / dd)
             L[32 * j + k] = max(0, min(nmax, q))
+    _pack_q45_codes(L, out, b, nmax)
+
+
+@numba.njit(cache=True)
+def _pack_q45_codes(L, out, b, nmax):
+    """Q4_K (nmax 15) / Q5_K (nmax 31) codes L into the block at ``out[b]``: Q4_K's 128 bytes of nibbles at
+    b + 16 (byte k of each 32 holds codes j + k and j + k + 32 of a 64-run); Q5_K's fifth bits in qh (b + 16,
+    two bits per 64-run) and its low nibbles at b + 48."""
     if nmax == 15:
         q = b + 16
         for j in range(0, 256, 64):
@@ -463,20 +484,162 @@ def _q6_k(x, out, qw, use_qw):
             for k in range(16):
                 q = _nint(x[s0 + 16 * j + k] / dd)
                 L[16 * j + k] = max(-32, min(31, q)) + 32
-        ql = b
-        qh = b + 128
-        for j in range(0, 256, 128):
+        _pack_q6_codes(L, out, b)
+
+
+@numba.njit(cache=True)
+def _pack_q6_codes(L, out, b):
+    """Q6_K codes L (0..63, level + 32) into the block at ``out[b]``: low nibbles in ql (b, 64 bytes per
+    128-run: codes k and k + 64 in byte k, k + 32 and k + 96 in byte k + 32), high two bits in qh (b + 128)."""
+    ql = b
+    qh = b + 128
+    for j in range(0, 256, 128):
+        for k in range(32):
+            q1 = L[j + k] & 0xF
+            q2 = L[j + k + 32] & 0xF
+            q3 = L[j + k + 64] & 0xF
+            q4 = L[j + k + 96] & 0xF
+            out[ql + k] = np.uint8(q1 | (q3 << 4))
+            out[ql + k + 32] = np.uint8(q2 | (q4 << 4))
+            out[qh + k] = np.uint8((L[j + k] >> 4) | ((L[j + k + 32] >> 4) << 2) | ((L[j + k + 64] >> 4) << 4)
+                                   | ((L[j + k + 96] >> 4) << 6))
+        ql += 64
+        qh += 32
+
+
+# ---- a finished block's grid and codes, and codes put back (GPTQ error feedback: mergequant.gguf.gptq_grid) ----
+# Every k-quant decodes weight j of a super-block as step_j * (code_j - zero) - offset_j, with step and offset
+# constant over a sub-block. Per type: (kind id, bytes per block, zero, largest code, weights per sub-block).
+K_LAYOUT = {"Q2_K": (2, 84, 0, 3, 16), "Q3_K": (3, 110, 4, 7, 16), "Q4_K": (4, 144, 0, 15, 32),
+            "Q5_K": (5, 176, 0, 31, 32), "Q6_K": (6, 210, 32, 63, 16)}
+
+
+@numba.njit(cache=True)
+def _unpack2(out, pos, L):
+    """The inverse of ``_pack2``: four 2-bit planes at ``out[pos]`` into L[0:256]."""
+    for j in range(0, 256, 128):
+        for k in range(32):
+            v = np.int64(out[pos + j // 4 + k])
+            L[j + k] = v & 3
+            L[j + k + 32] = (v >> 2) & 3
+            L[j + k + 64] = (v >> 4) & 3
+            L[j + k + 96] = (v >> 6) & 3
+
+
+@numba.njit(cache=True)
+def _unpack_codes(out, b, kind, L):
+    """The codes of the k-quant block at ``out[b]`` into L (the inverse of the type's packer)."""
+    if kind == 2:
+        _unpack2(out, b + 16, L)
+    elif kind == 3:
+        _unpack2(out, b + 32, L)
+        for j in range(256):
+            if (np.int64(out[b + j % 32]) >> (j // 32)) & 1:
+                L[j] += 4
+    elif kind == 4:
+        for n in range(4):
             for k in range(32):
-                q1 = L[j + k] & 0xF
-                q2 = L[j + k + 32] & 0xF
-                q3 = L[j + k + 64] & 0xF
-                q4 = L[j + k + 96] & 0xF
-                out[ql + k] = np.uint8(q1 | (q3 << 4))
-                out[ql + k + 32] = np.uint8(q2 | (q4 << 4))
-                out[qh + k] = np.uint8((L[j + k] >> 4) | ((L[j + k + 32] >> 4) << 2) | ((L[j + k + 64] >> 4) << 4)
-                                       | ((L[j + k + 96] >> 4) << 6))
-            ql += 64
-            qh += 32
+                v = np.int64(out[b + 16 + 32 * n + k])
+                L[64 * n + k] = v & 0xF
+                L[64 * n + k + 32] = v >> 4
+    elif kind == 5:
+        for n in range(4):
+            for k in range(32):
+                v = np.int64(out[b + 48 + 32 * n + k])
+                h = np.int64(out[b + 16 + k]) >> (2 * n)
+                L[64 * n + k] = (v & 0xF) | ((h & 1) << 4)
+                L[64 * n + k + 32] = (v >> 4) | (((h >> 1) & 1) << 4)
+    else:
+        for t in range(2):
+            for k in range(32):
+                lo1 = np.int64(out[b + 64 * t + k])
+                lo2 = np.int64(out[b + 64 * t + k + 32])
+                h = np.int64(out[b + 128 + 32 * t + k])
+                L[128 * t + k] = (lo1 & 0xF) | ((h & 3) << 4)
+                L[128 * t + k + 32] = (lo2 & 0xF) | (((h >> 2) & 3) << 4)
+                L[128 * t + k + 64] = (lo1 >> 4) | (((h >> 4) & 3) << 4)
+                L[128 * t + k + 96] = (lo2 >> 4) | (((h >> 6) & 3) << 4)
+
+
+@numba.njit(cache=True, parallel=True)
+def _grid_k(blocks, kind, bpb, step, offset, codes):
+    """Per weight of the k-quant blocks ``blocks`` (uint8, blocks end to end): the step and offset of its
+    sub-block (value = step * (code - zero) - offset, as the decoder computes it in float32: d * scale and
+    dmin * min) and its stored code."""
+    nb = blocks.size // bpb
+    for i in numba.prange(nb):
+        b = i * bpb
+        s0 = i * 256
+        _unpack_codes(blocks, b, kind, codes[s0:s0 + 256])
+        if kind == 2:
+            d = get_f16(blocks, b + 80)
+            dmin = get_f16(blocks, b + 82)
+            for j in range(16):
+                sc = np.int64(blocks[b + j])
+                step[s0 + 16 * j:s0 + 16 * j + 16] = d * np.float32(sc & 0xF)
+                offset[s0 + 16 * j:s0 + 16 * j + 16] = dmin * np.float32(sc >> 4)
+        elif kind == 3:
+            d = get_f16(blocks, b + 108)
+            for j in range(16):
+                step[s0 + 16 * j:s0 + 16 * j + 16] = d * np.float32(_q3_scale(blocks, b, j))
+                offset[s0 + 16 * j:s0 + 16 * j + 16] = 0
+        elif kind == 4 or kind == 5:
+            d = get_f16(blocks, b)
+            dmin = get_f16(blocks, b + 2)
+            for j in range(8):
+                sc, m = _scale_min_k4(j, blocks, b + 4)
+                step[s0 + 32 * j:s0 + 32 * j + 32] = d * np.float32(sc)
+                offset[s0 + 32 * j:s0 + 32 * j + 32] = dmin * np.float32(m)
+        else:
+            d = get_f16(blocks, b + 208)
+            for j in range(16):
+                sc = np.int64(blocks[b + 192 + j])
+                if sc > 127:
+                    sc -= 256
+                step[s0 + 16 * j:s0 + 16 * j + 16] = d * np.float32(sc)
+                offset[s0 + 16 * j:s0 + 16 * j + 16] = 0
+
+
+@numba.njit(cache=True, parallel=True)
+def _put_codes_k(blocks, kind, bpb, codes):
+    """Write ``codes`` (256 per block) into the k-quant blocks, leaving their scales untouched."""
+    nb = blocks.size // bpb
+    for i in numba.prange(nb):
+        b = i * bpb
+        L = codes[i * 256:(i + 1) * 256].copy()  # the Q3_K packer consumes its codes
+        if kind == 2:
+            _pack2(L, blocks, b + 16)
+        elif kind == 3:
+            _pack_q3_codes(L, blocks, b)
+        elif kind == 4:
+            _pack_q45_codes(L, blocks, b, 15)
+        elif kind == 5:
+            _pack_q45_codes(L, blocks, b, 31)
+        else:
+            _pack_q6_codes(L, blocks, b)
+
+
+def block_grid(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(step, offset, codes) per weight of finished ``qtype`` blocks ``blocks`` (uint8 [rows, row_bytes]), each
+    [rows, row_bytes / bpb * 256]: weight = step * (code - zero) - offset with ``K_LAYOUT[qtype]``'s zero. The
+    grid a GPTQ column loop rounds on (``mergequant.gguf.gptq_grid``)."""
+    kind, bpb = K_LAYOUT[qtype][:2]
+    flat = np.ascontiguousarray(blocks).reshape(-1)
+    n = flat.size // bpb * 256
+    step, offset = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
+    codes = np.empty(n, dtype=np.int64)
+    _grid_k(flat, kind, bpb, step, offset, codes)
+    shape = (blocks.shape[0], -1)
+    return step.reshape(shape), offset.reshape(shape), codes.reshape(shape)
+
+
+def put_codes(blocks: np.ndarray, qtype: str, codes: np.ndarray) -> None:
+    """Write ``codes`` (int [rows, weights]) into the ``qtype`` blocks ``blocks`` (uint8 [rows, row_bytes], C
+    order, modified in place); their scales are kept."""
+    kind, bpb = K_LAYOUT[qtype][:2]
+    if not blocks.flags.c_contiguous:
+        raise ValueError("blocks must be C-contiguous (written in place)")
+    _put_codes_k(blocks.reshape(-1), kind, bpb, np.ascontiguousarray(codes, dtype=np.int64).reshape(-1))
 
 
 _NO_W = np.zeros(1, dtype=np.float32)

@@ -490,8 +490,12 @@ def tokenizer_source(model_dir: Path, ck=None) -> Path:
 
 
 def write_gguf(model_dir: str | Path, out_dir: str | Path, file_types: list[str], *, imatrix: dict | None = None,
-               ck=None, name: str | None = None, progress: bool = False, fsync: bool = True) -> GGUFResult:
-    """Write ``out_dir/<name>-<T>.gguf`` for each file type ``T`` (``out_dir`` must exist), one pass."""
+               ck=None, name: str | None = None, progress: bool = False, fsync: bool = True,
+               finished: dict[tuple[str, str], Path] | None = None) -> GGUFResult:
+    """Write ``out_dir/<name>-<T>.gguf`` for each file type ``T`` (``out_dir`` must exist), one pass.
+    ``finished``: (GGUF tensor name, GGUF type) -> a file holding that tensor's bytes in that type, already
+    quantized elsewhere (``--gguf-search gptq``: mergequant.gguf.gptq_grid); copied, slab by slab, instead of
+    quantizing the tensor here."""
     import logging
     import time
 
@@ -530,7 +534,7 @@ def write_gguf(model_dir: str | Path, out_dir: str | Path, file_types: list[str]
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             writers[ft] = w
-        _stream(planned, writers, imatrix, progress)
+        _stream(planned, writers, imatrix, progress, finished)
         for ft, w in writers.items():
             f = w.fout[0]
             f.flush()
@@ -550,15 +554,23 @@ def write_gguf(model_dir: str | Path, out_dir: str | Path, file_types: list[str]
 def _imatrix_for(imatrix: dict | None, p: Planned, r0: int, r1: int) -> np.ndarray | None:
     if imatrix is None or p.imatrix_key is None:
         return None
-    if p.experts:
-        rows = p.shape[1]
-        e = r0 // rows
-        key = p.imatrix_key.replace("*", str(e))
-        return imatrix.get(key)
+    if p.experts:  # each expert's slab with its own row (llama.cpp: row r0 // rows of the E x cols vector)
+        from mergequant.gguf.moe_imatrix import expert_row
+
+        return expert_row(imatrix, p.imatrix_key, r0 // p.shape[1], p.experts)
     return imatrix.get(p.imatrix_key)
 
 
-def _stream(planned: list[Planned], writers: dict, imatrix: dict | None, progress: bool) -> None:
+def _finished_rows(path: Path, r0: int, r1: int, nbytes: int) -> np.ndarray:
+    """Rows [r0, r1) of a finished tensor's bytes (``nbytes`` per row) read from ``path``, for one slab."""
+    b = np.fromfile(path, dtype=np.uint8, count=(r1 - r0) * nbytes, offset=r0 * nbytes)
+    if b.size != (r1 - r0) * nbytes:  # pragma: no cover - a planning bug
+        raise MergeQuantError(f"internal error: {path} holds fewer bytes than rows {r0}..{r1} of {nbytes}")
+    return b.reshape(r1 - r0, nbytes)
+
+
+def _stream(planned: list[Planned], writers: dict, imatrix: dict | None, progress: bool,
+            finished: dict[tuple[str, str], Path] | None = None) -> None:
     from tqdm import tqdm
 
     pack = get_format("gguf").pack
@@ -581,7 +593,9 @@ def _stream(planned: list[Planned], writers: dict, imatrix: dict | None, progres
             im = _imatrix_for(imatrix, p, r0, r1)
             for ft, f in files.items():
                 t = p.types[ft]
-                if t not in done:
+                if t not in done and finished and (p.name, t) in finished:
+                    done[t] = _finished_rows(finished[(p.name, t)], r0, r1, row_bytes(t, cols))
+                elif t not in done:
                     done[t] = pack(x.reshape(r1 - r0, cols), t, im)
                 b = done[t]
                 f.write(memoryview(np.ascontiguousarray(b)).cast("B"))

@@ -83,6 +83,7 @@ class QuantizeOptions:
     moe_min_share: float = 0.05  # routed: fewer tokens than this share of a uniform share -> round-to-nearest
     moe_names: str = "original"  # mixture of experts: expert names in the output (see EXPERT_NAMES)
     gguf_types: list[str] = field(default_factory=list)  # --method gguf: file types (Q4_K_M, Q8_0, ...), one file each
+    gguf_search: str = "imatrix"  # --method gguf --calib: k-quant rounding, imatrix or gptq (mergequant.gguf.gptq_grid)
 
 
 @dataclass
@@ -183,9 +184,9 @@ METHOD_OPTIONS = {
 # --calib-dtype: the dtype the calibration forward passes compute in (layer outputs, the activations the
 # Hessians are taken from; the Hessians themselves and the solve stay float32). float32, the default, is
 # exact and gives the same codes on every machine. bfloat16 is the precision models run in (and GPTQModel
-# calibrates in): on CPUs with AVX-512 BF16 or AMX, and on GPUs, its matrix products are 2-3.5x faster;
-# the tiny Mixtral's GPTQ took 30% less time at the same held-out perplexity (docs/benchmarks.md). Only
-# GPTQ reads it: AWQ and SmoothQuant fold scales into float weights, which wants float32.
+# calibrates in): on CPUs with AVX-512 BF16 or AMX, and on GPUs, its matrix products are 2-3.5x faster (the
+# gain is in the forward passes: 13% less CPU on the tiny Mixtral, same held-out perplexity; see
+# docs/quantize.md). Only GPTQ reads it: AWQ and SmoothQuant fold scales into float weights, which wants float32.
 CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

@@ -26,9 +26,9 @@ def file_name(source_dir: Path, file_type: str) -> str:
 
 
 def check_gguf(stand_in, opts) -> dict[str, int]:
-    """Check a gguf quantization against the source's config and shapes (architecture, types, calibration of a
-    MoE model); {file type: estimated bytes} (tensor data, llama.cpp's per-tensor mix, as the driver plans it)."""
-    from mergequant.architectures import architecture_for
+    """Check a gguf quantization against the source's config and shapes (architecture, types; calibration works
+    for dense and mixture-of-experts models alike); {file type: estimated bytes} (tensor data, llama.cpp's
+    per-tensor mix, as the driver plans it)."""
     from mergequant.gguf import mixes
     from mergequant.gguf.blocks import row_bytes
     from mergequant.checkpoint_formats import get_format
@@ -38,9 +38,6 @@ def check_gguf(stand_in, opts) -> dict[str, int]:
     if opts.bits is not None:
         raise MergeQuantError(f"bits {opts.bits}: method gguf takes its bit widths from gguf_types (e.g. Q4_K_M)")
     arch_name, permute = gguf_architecture(stand_in.config, f"{stand_in.path}: ")
-    if opts.calib and architecture_for(stand_in.config).is_moe:
-        raise MergeQuantError("calib with method gguf: importance matrices for mixture-of-experts models are not "
-                              "collected yet (leave calib out for llama.cpp's reference rounding)")
     planned = get_format("gguf").plan(stand_in, arch_name, permute, types, has_imatrix=bool(opts.calib))
     sizes = {}
     for ft in types:
