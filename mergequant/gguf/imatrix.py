@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 from mergequant.gguf.blocks import f16_to_f32, f32_to_f16, put_f16
-from mergequant.gguf.kquants import (EPS, _codes_q45_k, _nint, _pack2, _pack_q3_codes, _put_scale_min_k4, _q3_scale,
+from mergequant.gguf.kquants import (EPS, _codes_q3_k, _codes_q45_k, _nint, _pack2, _put_q3_scales, _put_scale_min_k4,
                                      _q6_k, _qkx2, _qx, _scale_min_k4)
 
 
@@ -311,40 +311,17 @@ def _q3_k_w(x, out, qw, refine):
             sw[j] = sumw
             # weights for this sub-block live at the same offsets as its values in a 256-scratch copy
             scales[j] = _qx_local(x, s0 + 16 * j, W, 16 * j, 4, L)
-        for k in range(12):
-            out[b + 96 + k] = 0
         d_block = _qx(scales, 0, 16, 32, Ls, 0, sw, True)
-        for j in range(16):
-            q = Ls[j]
-            if j < 8:
-                out[b + 96 + j] = np.uint8(q & 0xF)
-            else:
-                out[b + 96 + j - 8] = np.uint8(out[b + 96 + j - 8] | ((q & 0xF) << 4))
-            q >>= 4
-            out[b + 96 + 8 + j % 4] = np.uint8((out[b + 96 + 8 + j % 4] | (q << (2 * (j // 4)))) & 0xFF)
+        _put_q3_scales(Ls, out, b)  # _qx stores levels + 32, as the block does
         d = put_f16(out, b + 108, d_block)
         if refine:
             for j in range(16):
-                Ls[j] = max(-32, min(31, Ls[j] - 32))  # _qx stores levels + 32
+                Ls[j] = max(-32, min(31, Ls[j] - 32))
             d = put_f16(out, b + 108, _refine_sym(x, s0, W, Ls, d, L))
-            for k in range(12):
-                out[b + 96 + k] = 0
             for j in range(16):
-                q = Ls[j] + 32
-                if j < 8:
-                    out[b + 96 + j] = np.uint8(q & 0xF)
-                else:
-                    out[b + 96 + j - 8] = np.uint8(out[b + 96 + j - 8] | ((q & 0xF) << 4))
-                q >>= 4
-                out[b + 96 + 8 + j % 4] = np.uint8((out[b + 96 + 8 + j % 4] | (q << (2 * (j // 4)))) & 0xFF)
-        for j in range(16):
-            dd = d * np.float32(_q3_scale(out, b, j))
-            if dd == 0:
-                continue
-            for k in range(16):
-                q = _nint(x[s0 + 16 * j + k] / dd)
-                L[16 * j + k] = max(-4, min(3, q)) + 4
-        _pack_q3_codes(L, out, b)
+                Ls[j] += 32
+            _put_q3_scales(Ls, out, b)
+        _codes_q3_k(x, s0, out, b, d, L)
 
 
 @numba.njit(cache=True)

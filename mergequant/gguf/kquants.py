@@ -278,31 +278,48 @@ def _q3_k(x, out, qw, use_qw):
             if np.abs(sc) > amax:
                 amax = np.abs(sc)
                 max_scale = sc
-        for k in range(12):
-            out[b + 96 + k] = 0
+        Ls = np.zeros(16, dtype=np.int64)  # stored scales (+ 32); an all-zero block keeps zero bytes, as llama.cpp
         if max_scale != 0:
             iscale = np.float32(-32.0) / max_scale
             for j in range(16):
                 q = _nint(iscale * scales[j])
                 q = ((q + 128) & 0xFF) - 128  # int8_t
-                q = max(-32, min(31, q)) + 32
-                if j < 8:
-                    out[b + 96 + j] = np.uint8(q & 0xF)
-                else:
-                    out[b + 96 + j - 8] = np.uint8(out[b + 96 + j - 8] | ((q & 0xF) << 4))
-                q >>= 4
-                out[b + 96 + 8 + j % 4] = np.uint8(out[b + 96 + 8 + j % 4] | (q << (2 * (j // 4))))
+                Ls[j] = max(-32, min(31, q)) + 32
             d = put_f16(out, b + 108, np.float32(1.0) / iscale)
         else:
             d = put_f16(out, b + 108, np.float32(0.0))
-        for j in range(16):
-            dd = d * np.float32(_q3_scale(out, b, j))
-            if dd == 0:
-                continue
-            for k in range(16):
-                q = _nint(x[s0 + 16 * j + k] / dd)
-                L[16 * j + k] = max(-4, min(3, q)) + 4
-        _pack_q3_codes(L, out, b)
+        _put_q3_scales(Ls, out, b)
+        _codes_q3_k(x, s0, out, b, d, L)
+
+
+@numba.njit(cache=True)
+def _put_q3_scales(Ls, out, b):
+    """The 16 stored sub-block scales ``Ls`` (6-bit, signed scale + 32) into the Q3_K block at ``out[b]``:
+    low nibbles in bytes 96..103, two high bits per sub-block in bytes 104..107 (``_q3_scale`` reads them)."""
+    for k in range(12):
+        out[b + 96 + k] = 0
+    for j in range(16):
+        q = Ls[j]
+        if j < 8:
+            out[b + 96 + j] = np.uint8(q & 0xF)
+        else:
+            out[b + 96 + j - 8] = np.uint8(out[b + 96 + j - 8] | ((q & 0xF) << 4))
+        q >>= 4
+        out[b + 96 + 8 + j % 4] = np.uint8(out[b + 96 + 8 + j % 4] | (q << (2 * (j // 4))))
+
+
+@numba.njit(cache=True)
+def _codes_q3_k(x, s0, out, b, d, L):
+    """Round x[s0:s0+256] to nearest on the Q3_K grid already stored at ``out[b]`` (super-block scale ``d``,
+    the sub-block scales) and pack the codes; ``L`` is a 256-long scratch."""
+    for j in range(16):
+        dd = d * np.float32(_q3_scale(out, b, j))
+        if dd == 0:
+            continue
+        for k in range(16):
+            q = _nint(x[s0 + 16 * j + k] / dd)
+            L[16 * j + k] = max(-4, min(3, q)) + 4
+    _pack_q3_codes(L, out, b)
 
 
 @numba.njit(cache=True)
