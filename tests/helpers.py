@@ -188,3 +188,25 @@ def tiny_family(root: Path, dtype: torch.dtype = torch.float32, *, layers: int =
     """base (seed 0) + two fine-tunes (seeds 1 and 2) of a tiny Llama under ``root``."""
     base = build_tiny_llama(root / "base", seed=0, dtype=dtype, layers=layers, **{**TINY, **cfg})
     return {"base": base, "a": finetune_of(base, root / "a", seed=1), "b": finetune_of(base, root / "b", seed=2)}
+
+
+def random_lora(base: Path, out: Path, *, seed: int) -> Path:
+    """A random LoRA adapter (r=4 on q_proj, v_proj and down_proj) of ``base`` saved with peft's
+    ``save_pretrained`` at ``out``: every factor randomised (peft initialises B to zero, so the adapter
+    would be a no-op)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        pm.save_pretrained(out)
+    return out

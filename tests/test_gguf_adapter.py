@@ -24,30 +24,11 @@ import torch
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("peft")
 
-from helpers import TINY, cli  # noqa: E402
+from helpers import TINY, cli, random_lora  # noqa: E402
 
 TYPES = ("--gguf-type", "F32", "--gguf-type", "Q8_0", "-q")
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune must be " \
        "in want of a wife. " * 200
-
-
-def _make_adapter(base: Path, out: Path, *, seed: int) -> Path:
-    """A random LoRA adapter (r=4) of ``base`` saved with peft's ``save_pretrained`` (every factor randomised, or
-    the adapter would be a no-op), on the rotary-permuted q_proj, v_proj and down_proj."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-        pm.save_pretrained(out)
-    return out
 
 
 def _merged_by_peft(base: Path, adapter: Path, out: Path) -> Path:
@@ -72,7 +53,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("ggad")
     base = build_tiny_llama(root / "base", seed=0, dtype=torch.float32, layers=2, **TINY)
-    lora = _make_adapter(base, root / "lora", seed=3)
+    lora = random_lora(base, root / "lora", seed=3)
     return {"root": root, "base": base, "lora": lora, "merged": _merged_by_peft(base, lora, root / "merged")}
 
 

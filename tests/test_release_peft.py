@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import cli, load_dir
+from helpers import cli, load_dir, random_lora
 from mergequant.release import MANIFEST, ReleaseError, RunOptions, run_release
 
 pytest.importorskip("peft")
@@ -27,24 +26,6 @@ pytest.importorskip("peft")
 RTN = "{name: rtn4, method: rtn, bits: 4, group_size: 32}"
 QUANT_ARGS = ("--method", "rtn", "--bits", "4", "--group-size", "32", "-q")
 TEXT = " ".join(f"word{i % 37} and sentence {i} goes on." for i in range(400))
-
-
-def make_adapter(base: Path, out: Path, *, seed: int) -> Path:
-    """A random LoRA adapter (r=4) of ``base`` saved with peft's ``save_pretrained`` at ``out``."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-        pm.save_pretrained(out)
-    return out
 
 
 def reseed_adapter(folder: Path, seed: int) -> None:
@@ -58,7 +39,7 @@ def reseed_adapter(folder: Path, seed: int) -> None:
 @pytest.fixture(scope="module")
 def lora(tiny_models, tmp_path_factory) -> Path:
     """A LoRA adapter of the shared tiny base (read-only: tests that change it copy it first)."""
-    return make_adapter(tiny_models["base"], tmp_path_factory.mktemp("rp") / "lora", seed=3)
+    return random_lora(tiny_models["base"], tmp_path_factory.mktemp("rp") / "lora", seed=3)
 
 
 def run(release: Path, **kw):
