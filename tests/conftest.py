@@ -63,6 +63,19 @@ def bf16_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def dense_model(tmp_path_factory) -> Path:
+    """For the GGUF tests: the shared tiny base when present, else a random Llama with k-quant friendly shapes
+    (every row a multiple of 256)."""
+    base = Path("/work/shared/models/base")
+    if (base / "config.json").is_file():
+        return base
+    from mergequant.demo import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("gg") / "base", seed=0, dtype=torch.bfloat16, hidden=256,
+                            intermediate=768, layers=4, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """The one small float32 family for the quantization, push and release-refusal tests: base (seed 0) + fine-tunes
     "a" (seed 1) and "b" (seed 2); 2 layers, hidden 64, intermediate 160 (group size 32 divides both), vocab 2048."""

@@ -165,21 +165,6 @@ def test_unknown_gguf_type_is_one_line():
 
 # ---- whole files ----------------------------------------------------------------------------------
 
-BASE = Path("/work/shared/models/base")
-
-
-@pytest.fixture(scope="module")
-def dense_model(tmp_path_factory) -> Path:
-    """The shared tiny base when present, else a random Llama with k-quant friendly shapes."""
-    if (BASE / "config.json").is_file():
-        return BASE
-    import torch
-
-    from mergequant.demo import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("gg") / "base", seed=0, dtype=torch.bfloat16, hidden=256,
-                            intermediate=768, layers=4, heads=4, kv_heads=2)
-
 
 ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
              "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]

@@ -34,7 +34,6 @@ from mergequant.gguf.kquants import K_LAYOUT, block_grid, put_codes  # noqa: E40
 from helpers import cli  # noqa: E402
 
 KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-BASE = Path("/work/shared/models/base")
 MOE = Path("/work/shared/models/moe-mixtral/base")
 
 
@@ -138,16 +137,6 @@ def test_rows_are_independent():
 
 
 # ---- whole files ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def dense_model(tmp_path_factory) -> Path:
-    """The shared tiny base when present, else a random Llama with k-quant friendly shapes."""
-    if (BASE / "config.json").is_file():
-        return BASE
-    from mergequant.demo import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("gg") / "base", seed=0, dtype=torch.bfloat16, hidden=256,
-                            intermediate=768, layers=4, heads=4, kv_heads=2)
 
 
 @pytest.fixture(scope="module")

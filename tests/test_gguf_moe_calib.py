@@ -16,7 +16,6 @@ semantics (``mergequant/gguf/moe_imatrix.py``).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import subprocess
@@ -101,6 +100,16 @@ def _opts(tmp: Path, samples: int = 4, seqlen: int = 64):
     calib = tmp / "calib.txt"
     calib.write_text(_text(), encoding="utf-8")
     return QuantizeOptions(out=tmp / "out", method="gguf", calib=str(calib), samples=samples, seqlen=seqlen)
+
+
+def _run_gguf(model: Path, tmp: Path):
+    """``run_gguf`` with --calib (8 x 128 tokens) writing F32 and Q4_K_M into ``tmp/out``: (result, options, log)."""
+    from mergequant.gguf.driver import run_gguf
+
+    opts = _opts(tmp, samples=8, seqlen=128)
+    opts.gguf_types, opts.quiet, opts.fsync = ["F32", "Q4_K_M"], True, False
+    logs: list[str] = []
+    return run_gguf(model, opts, log=logs.append), opts, logs
 
 
 def _collect(model: Path, opts):
@@ -201,25 +210,12 @@ def _llama_cpp():
 
 
 def _llama_quantize(src: Path, dst: Path, file_type: str, vectors: dict[str, np.ndarray]) -> None:
-    """llama.cpp's ``llama_model_quantize`` with an importance matrix (GGUF name -> float32 vector)."""
-    llama_cpp = _llama_cpp()
-    from mergequant.gguf.mixes import FTYPE
+    """llama.cpp's ``llama_model_quantize`` with an importance matrix (GGUF name -> float32 vector): the driver
+    of tests/test_gguf_llama_cpp.py, imported once llama.cpp is known to be installed."""
+    _llama_cpp()
+    from test_gguf_llama_cpp import llama_quantize
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPE[file_type]
-    params.nthread = 2
-    arr = (llama_cpp.llama_model_imatrix_data * (len(vectors) + 1))()
-    keep = []
-    for i, (name, vec) in enumerate(sorted(vectors.items())):
-        vec = np.ascontiguousarray(vec, dtype=np.float32)
-        keep.append(vec)
-        arr[i].name = name.encode()
-        arr[i].data = vec.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        arr[i].size = vec.size
-    arr[len(vectors)].name = None
-    params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
-    del keep
+    llama_quantize(src, dst, file_type, vectors)
 
 
 def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
@@ -308,14 +304,7 @@ def test_calibrated_moe_file_loads_in_llama_cpp_with_finite_perplexity(shared_mi
     _llama_cpp()
     from transformers import AutoTokenizer
 
-    from mergequant.gguf.driver import run_gguf
-
-    opts = _opts(tmp_path, samples=8, seqlen=128)
-    opts.gguf_types = ["F32", "Q4_K_M"]
-    opts.quiet = True
-    opts.fsync = False
-    logs: list[str] = []
-    res = run_gguf(shared_mixtral, opts, log=logs.append)
+    res, opts, logs = _run_gguf(shared_mixtral, tmp_path)
     files = {p.name.rsplit("-", 1)[1][:-5]: p for p in res.files}
     heldout = (CORPUS / "austen.txt").read_text(encoding="utf-8")[-30000:] if CORPUS.is_dir() else _text()[-30000:]
     ids = AutoTokenizer.from_pretrained(shared_mixtral)(heldout).input_ids[:1024]
@@ -360,8 +349,6 @@ def _imatrix_file(path: Path, ck, imatrix: dict, routing: dict[int, list[int]]) 
 
 @pytest.mark.slow
 def test_expert_without_tokens_gets_llama_cpp_row_of_ones_and_is_reported(tmp_path):
-    from mergequant.gguf.driver import run_gguf
-
     model = _mixtral(tmp_path / "m")
     ck, imatrix, routing, logs = _collect(model, _opts(tmp_path, samples=8, seqlen=128))
     assert routing[0][STARVED] == 0 and all(c > 0 for e, c in enumerate(routing[0]) if e != STARVED)
@@ -373,12 +360,7 @@ def test_expert_without_tokens_gets_llama_cpp_row_of_ones_and_is_reported(tmp_pa
     assert f"expert(s) {STARVED} got no tokens" in line and "importance 1" in line
     assert "got no tokens" not in next(x for x in logs if x.startswith("layer 1:"))
 
-    opts = _opts(tmp_path, samples=8, seqlen=128)
-    opts.gguf_types = ["F32", "Q4_K_M"]
-    opts.quiet = True
-    opts.fsync = False
-    logs2: list[str] = []
-    res = run_gguf(model, opts, log=logs2.append)
+    res, opts, logs2 = _run_gguf(model, tmp_path)
     assert any(f"expert(s) {STARVED} got no tokens" in x for x in logs2)
     card = (opts.out / "README.md").read_text()
     assert f"| 0 | {' '.join(map(str, routing[0]))} | {STARVED} |" in card
