@@ -381,6 +381,14 @@ def quality_model(model: Path, label: str, types: list[str], data: dict, args, c
     return {"model": str(model), "rows": rows, "identity": identity, "imatrix": imatrix_info, "timings": timings}
 
 
+def _vs_llama_imatrix(c: dict, t: str, ppl: float, ref: float, ppl_key: str, ratio_key: str, flag: str) -> None:
+    """One of our calibrated rows against llama-quantize with llama-imatrix's matrix, into ``c``: its
+    perplexity, the ratio, within x1.005, and (Q3_K_M, Q2_K) whether it is better (the issue's targets)."""
+    c.update({ppl_key: ppl, ratio_key: round(ppl / ref, 5), f"{flag}within_x1.005": ppl <= ref * 1.005})
+    if t in ("Q3_K_M", "Q2_K"):
+        c[f"{flag}better_than_llama_imatrix"] = ppl < ref
+
+
 def targets(res: dict, types: list[str]) -> list[dict]:
     out = []
     by = {(r["type"], r["variant"]): r["ppl"] for r in res["rows"]}
@@ -389,26 +397,20 @@ def targets(res: dict, types: list[str]) -> list[dict]:
         ident = res["identity"].get(t, {}).get("vs_llama_quantize_of_f32", {})
         c["no_calib_identical_bytes"] = ident.get("all_identical")
         ours_c, ref_im = by.get((t, "ours --calib")), by.get((t, "llama-quantize --imatrix"))
-        if ours_c is not None and ref_im is not None:
-            c.update({"ours_calib_ppl": ours_c, "llama_imatrix_ppl": ref_im,
-                      "ratio_ours_over_llama_imatrix": round(ours_c / ref_im, 5),
-                      "within_x1.005": ours_c <= ref_im * 1.005})
-            if t in ("Q3_K_M", "Q2_K"):
-                c["better_than_llama_imatrix"] = ours_c < ref_im
+        if ref_im is None:
+            out.append(c)
+            continue
+        if ours_c is not None:
+            c["llama_imatrix_ppl"] = ref_im
+            _vs_llama_imatrix(c, t, ours_c, ref_im, "ours_calib_ppl", "ratio_ours_over_llama_imatrix", "")
         ours_r = by.get((t, "ours --calib, refined"))
-        if ours_r is not None and ref_im is not None:
-            c.update({"ours_refined_ppl": ours_r, "ratio_refined_over_llama_imatrix": round(ours_r / ref_im, 5),
-                      "refined_within_x1.005": ours_r <= ref_im * 1.005})
-            if t in ("Q3_K_M", "Q2_K"):
-                c["refined_better_than_llama_imatrix"] = ours_r < ref_im
+        if ours_r is not None:
+            _vs_llama_imatrix(c, t, ours_r, ref_im, "ours_refined_ppl", "ratio_refined_over_llama_imatrix", "refined_")
         ours_g = by.get((t, "ours --calib --gguf-search gptq"))
-        if ours_g is not None and ref_im is not None:
-            c.update({"ours_gptq_ppl": ours_g, "ratio_gptq_over_llama_imatrix": round(ours_g / ref_im, 5),
-                      "gptq_within_x1.005": ours_g <= ref_im * 1.005})
+        if ours_g is not None:
+            _vs_llama_imatrix(c, t, ours_g, ref_im, "ours_gptq_ppl", "ratio_gptq_over_llama_imatrix", "gptq_")
             if ours_c is not None:
                 c["ratio_gptq_over_ours_calib"] = round(ours_g / ours_c, 5)
-            if t in ("Q3_K_M", "Q2_K"):
-                c["gptq_better_than_llama_imatrix"] = ours_g < ref_im
         out.append(c)
     return out
 
