@@ -27,9 +27,11 @@ Rows (w4g128, symmetric, damp 0.01, desc_act off, GPTQModel's act_group_aware of
   < 0.5% of the calibration tokens), run back to back.
 
 Besides the whole-process wall time (the headline), each row reports the time "beyond imports": wall time
-minus the run's fixed start-up (interpreter start and imports of torch + transformers, which both tools pay:
-each run measures its own imports: GPTQModel's driver script, and ``OURS_SCRIPT``, which imports what our run
-imports, prints the time and then runs mergequant's CLI ``main()`` in the same process).
+minus the run's fixed start-up (interpreter start and imports: each run measures its own imports:
+GPTQModel's driver script (torch, transformers, gptqmodel), and ``OURS_SCRIPT``, which imports what our run
+imports (torch, tokenizers and mergequant's modules: our runner builds the Llama-shaped families in plain
+torch, ``mergequant.quant.native``, so it never imports transformers' modeling code), prints the time and
+then runs mergequant's CLI ``main()`` in the same process).
 
 Writes ``bench/results/moe-tiny.json``. Usage: python bench/moe_bench.py [--samples 128] [--seqlen 256]
 """
@@ -93,7 +95,7 @@ print("GPTQMODEL_TIMES " + json.dumps({"import_s": t_import, "quantize_s": t_qua
 
 # `mergequant quantize ...` as `python -m mergequant` runs it (the same main(), the same OpenMP setting, which
 # must be in the environment before torch loads), after importing up front what the run imports (the CLI and
-# the quantizer; for a calibrated run also transformers' tokenizer and Mixtral modeling) and reporting how long
+# the quantizer; for a calibrated run also the runner, its native Mixtral and the tokenizer) and reporting how long
 # that took: the
 # fixed start-up cost, measured in the run itself as GPTQModel's script measures its own.
 OURS_SCRIPT = r"""
@@ -101,10 +103,8 @@ import os, sys, time, json
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 t0 = time.time()
 import mergequant.cli, mergequant.quant.quantize, mergequant.quant.gptq_method
-if "--calib" in sys.argv:  # a calibrated run: the layer runner, the tokenizer, transformers' Mixtral modeling
-    import mergequant.quant.runner
-    from transformers import AutoTokenizer, AutoConfig, AutoModelForCausalLM
-    import transformers.models.mixtral.modeling_mixtral
+if "--calib" in sys.argv:  # a calibrated run: the layer runner, its plain-torch Mixtral, the tokenizer
+    import mergequant.quant.runner, mergequant.quant.native, mergequant.quant.fast_tokenizer, tokenizers
 print("MERGEQUANT_TIMES " + json.dumps({"import_s": time.time() - t0}), flush=True)
 sys.argv = ["mergequant"] + sys.argv[1:]
 mergequant.cli.main()

@@ -54,6 +54,27 @@ def test_replay_records_one_pass_then_returns_the_recording():
     torch.testing.assert_close(out, attn.proj(other) * 2)
 
 
+def test_replay_installed_with_a_recording_never_computes_it():
+    from mergequant.quant.replay import checksum
+
+    torch.manual_seed(1)
+    attn = _Attention()
+    chunks = [torch.randn(2, 3, 4) for _ in range(2)]
+    made = [(torch.randn(2, 3, 4), None) for _ in chunks]
+    rep = AttentionReplay.install_recorded(attn, [checksum(x) for x in chunks], made)
+    assert rep is not None and attn.forward is rep
+    for _ in range(2):
+        assert all(attn(x)[0] is m[0] for x, m in zip(chunks, made))
+    assert attn.calls == 0 and rep.replayed == 4
+    # a chunk that differs from the recorded one in a single element is computed, not replayed
+    changed = chunks[0].clone()
+    changed[1, 2, 3] += 1
+    attn(changed)
+    attn(chunks[1])
+    assert attn.calls == 1 and rep.recomputed == 1
+    assert AttentionReplay.install_recorded(attn, [], []) is None  # already installed / nothing recorded
+
+
 def test_replay_is_not_installed_beyond_its_budget(monkeypatch):
     attn = _Attention()
     monkeypatch.setattr(replay_mod, "REPLAY_BYTES", 100)
@@ -65,16 +86,21 @@ def test_replay_is_not_installed_beyond_its_budget(monkeypatch):
 def _quantize_counting(model: Path, out: Path, calib: Path, monkeypatch, budget: int, **kw) -> list[AttentionReplay]:
     """Run GPTQ with the replay budget ``budget``; the replays installed (one per layer if it fits)."""
     installed = []
-    orig = AttentionReplay.install.__func__
 
-    def install(cls, *a, **k):
-        r = orig(cls, *a, **k)
-        if r is not None:
-            installed.append(r)
-        return r
+    def counting(name):
+        orig = getattr(AttentionReplay, name).__func__
+
+        def install(cls, *a, **k):
+            r = orig(cls, *a, **k)
+            if r is not None:
+                r.kind = name
+                installed.append(r)
+            return r
+        return classmethod(install)
 
     monkeypatch.setattr(replay_mod, "REPLAY_BYTES", budget)
-    monkeypatch.setattr(AttentionReplay, "install", classmethod(install))
+    monkeypatch.setattr(AttentionReplay, "install", counting("install"))
+    monkeypatch.setattr(AttentionReplay, "install_recorded", counting("install_recorded"))
     opts = QuantizeOptions(out=out, method="gptq", calib=str(calib), quiet=True, fsync=False, **kw)
     run_quantize(model, opts, log=lambda m: None)
     monkeypatch.undo()
@@ -96,8 +122,10 @@ def test_dense_gptq_with_replay_equals_without(tiny_models, tmp_path, monkeypatc
     used = _quantize_counting(tiny_models["base"], tmp_path / "replay", calib, monkeypatch, 1 << 30, **kw)
     none = _quantize_counting(tiny_models["base"], tmp_path / "plain", calib, monkeypatch, 0, **kw)
     assert len(used) == 2 and not none  # one per layer
-    # per layer: recorded in the gate/up pass, replayed in the down pass and the output pass
-    assert all(len(r.outputs) == 4 and r.replayed == 8 and r.recomputed == 0 for r in used)
+    # per layer: built from the o_proj pass (the attention is computed once per chunk, there), then
+    # replayed in the gate/up pass, the down pass and the output pass
+    assert all(r.kind == "install_recorded" for r in used)
+    assert all(len(r.outputs) == 4 and r.replayed == 12 and r.recomputed == 0 for r in used)
     _assert_same_checkpoint(tmp_path / "replay", tmp_path / "plain")
 
 

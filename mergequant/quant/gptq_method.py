@@ -49,13 +49,16 @@ def _expert_stats_dtype(inputs) -> torch.dtype | None:
     return torch.bfloat16 if hidden and hidden[0].dtype == torch.bfloat16 else None
 
 
-def _replay_attention(ctx, layer, inputs) -> object:
+def _replay_attention(ctx, layer, inputs, kept=None) -> object:
     """Install an ``AttentionReplay`` on ``layer``'s attention (the rest of the layer's passes, the output
-    pass included, reuse its recorded output); False when it does not fit or the layer has none."""
+    pass included, reuse its recorded output); False when it does not fit or the layer has none.
+    ``kept``: (attention-input checksums, outputs) per chunk from the o_proj pass, when it kept them."""
     from mergequant.architectures import resolve
     from mergequant.quant.replay import AttentionReplay
 
     attn = resolve(layer, ctx.arch.attention)
+    if attn is not None and kept:
+        return AttentionReplay.install_recorded(attn, *kept) or False
     hidden = getattr(inputs, "hidden", None)
     if attn is None or not hidden:
         return False
@@ -144,10 +147,12 @@ class GPTQMethod(QuantMethod):
         moe = ctx.extra.get("moe") or MoECalibration()
         starved: set[int] = set()
         replay = None
+        kept = None  # the attention's outputs, built from the o_proj pass (see _keeps_attention_output)
         # each group is quantized after the previous ones, on inputs computed with them already quantized
         for group in ctx.groups(i):
             if replay is None and not any(s.startswith(ctx.arch.attention + ".") for s in group):
-                replay = _replay_attention(ctx, layer, inputs)  # the attention is final from here on
+                replay = _replay_attention(ctx, layer, inputs, kept)  # the attention is final from here on
+                kept = None
             names = [s for s in group if s in todo and s in modules]
             experts = {s: ctx.arch.experts.parse_expert_module(s) for s in names} if ctx.arch.is_moe else {}
             experts = {s: p for s, p in experts.items() if p is not None}
@@ -165,9 +170,18 @@ class GPTQMethod(QuantMethod):
                 self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules, dev)
                 names = [s for s in names if experts[s][0] not in starved]
             for batch in self._capture_batches(names, modules, experts):
-                accs = (self._expert_down_stats(layer, inputs, batch, experts, moe, modules) if experts
-                        else self._capture(layer, inputs, batch, modules, widest))
+                if experts:
+                    accs = self._expert_down_stats(layer, inputs, batch, experts, moe, modules)
+                    self._solve_shared(ctx, accs, batch, todo, modules)
+                    continue
+                attn = self._keeps_attention_output(ctx, layer, inputs, batch, modules)
+                record = ([], []) if attn is not None else None
+                accs = self._capture(layer, inputs, batch, modules, widest, record=record, attention=attn)
                 self._solve_shared(ctx, accs, batch, todo, modules)
+                if record is not None and len(record[0]) == len(record[1]) == len(inputs):
+                    o_proj = modules[batch[0]]  # now computing from its codes: the attention's final output
+                    kept = (record[0], [(o_proj(x), None) for x in record[1]])
+                del record
 
     # ---- routed experts: statistics straight from the experts' input ---------------------------------------
     # A hook-driven capture would run every expert through the layer's forward once per group (all-token
@@ -251,9 +265,31 @@ class GPTQMethod(QuantMethod):
         return [names[j:j + per] for j in range(0, len(names), per)]
 
     @staticmethod
-    def _capture(layer, inputs, names, modules, widest) -> dict[str, HessianAccumulator]:
+    def _keeps_attention_output(ctx, layer, inputs, batch, modules):
+        """The attention module when this capture is the o_proj pass and its inputs should be kept, else None.
+
+        The attention's output is ``o_proj(o_proj's input)``; once o_proj is quantized it no longer
+        changes for the rest of the layer. Keeping o_proj's inputs from its own pass (and the checksum
+        of each chunk's attention input) lets every later pass replay the attention without computing
+        it even once more. Kept only when they fit ``replay.REPLAY_BYTES``."""
+        from mergequant.architectures import resolve
+        from mergequant.quant import replay
+
+        attn = resolve(layer, ctx.arch.attention)
+        if attn is None or batch != [f"{ctx.arch.attention}.o_proj"] or not getattr(inputs, "hidden", None):
+            return None
+        tokens = sum(h.shape[:-1].numel() for h in inputs.hidden)
+        dtype = inputs.compute_dtype or inputs.hidden[0].dtype
+        width = max(modules[batch[0]].in_features, modules[batch[0]].out_features)
+        return attn if tokens * width * torch.empty((), dtype=dtype).element_size() <= replay.REPLAY_BYTES else None
+
+    @staticmethod
+    def _capture(layer, inputs, names, modules, widest, *, record=None, attention=None) -> dict[str, HessianAccumulator]:
         """One Hessian accumulator per module of ``names``, shared by modules that receive the very
-        same input tensor: q/k/v, gate/up, and with all-token calibration every expert's gate/up."""
+        same input tensor: q/k/v, gate/up, and with all-token calibration every expert's gate/up.
+        ``record``: two lists that receive, per chunk, the checksum of ``attention``'s input and the
+        (single) captured input."""
+        from mergequant.quant.replay import checksum
         from mergequant.quant.runner import capture_module_inputs
 
         accs: dict[str, HessianAccumulator] = {}
@@ -263,13 +299,25 @@ class GPTQMethod(QuantMethod):
             acc.add(x)
             for s in shared:
                 accs[s] = acc
+            if record is not None:
+                record[1].append(x)
+
+        hook = None
+        if record is not None:
+            def pre(mod, args, kwargs):
+                record[0].append(checksum(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]))
+            hook = attention.register_forward_pre_hook(pre, with_kwargs=True)
 
         release_free_memory()  # the previous solve's and recompute's temporaries, before H is built
         # the group with the widest input holds the layer's largest Hessian while its capture runs
         # the most activations (the MLP): that is a peak of the whole run, so its chunks' freed
         # activations go back to the OS one by one (the other groups skip the re-faulting cost)
-        capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add,
-                              release_between_chunks=max(modules[s].in_features for s in names) == widest)
+        try:
+            capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add,
+                                  release_between_chunks=max(modules[s].in_features for s in names) == widest)
+        finally:
+            if hook is not None:
+                hook.remove()
         return accs
 
     def _solve_shared(self, ctx, accs, names, todo, modules) -> None:

@@ -33,6 +33,7 @@ from torch import nn
 
 from mergequant.architectures import Architecture, resolve
 from mergequant.errors import MergeQuantError
+from mergequant.quant.meta import meta_linear
 
 __all__ = ["CALIBRATION_MODES", "MoECalibration", "UnfusedExperts", "calibrating", "counted", "experts_of",
            "unfuse_experts"]
@@ -77,9 +78,11 @@ class _Expert(nn.Module):
 
     def __init__(self, hidden: int, inter: int, device):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False, device=device)
-        self.up_proj = nn.Linear(hidden, inter, bias=False, device=device)
-        self.down_proj = nn.Linear(inter, hidden, bias=False, device=device)
+        make = meta_linear if torch.device(device).type == "meta" else (
+            lambda n_in, n_out: nn.Linear(n_in, n_out, bias=False, device=device))
+        self.gate_proj = make(hidden, inter)
+        self.up_proj = make(hidden, inter)
+        self.down_proj = make(inter, hidden)
 
 
 class UnfusedExperts(nn.ModuleList):

@@ -378,7 +378,7 @@ def _calibration_ids(model_dir: Path, ck: Checkpoint, opts: QuantizeOptions) -> 
     vocabulary's tokenizer holds tens of MB that the layer loop does not need)."""
     from mergequant.quant.calib import calibration_batch, check_token_ids, load_tokenizer
 
-    tok = load_tokenizer(tokenizer_dir(ck), f"--method {opts.method}")
+    tok = load_tokenizer(tokenizer_dir(ck), f"--method {opts.method}", fast=True)
     limit = ck.config.get("max_position_embeddings")
     seqlen = min(opts.seqlen, limit) if isinstance(limit, int) else opts.seqlen
     ids = calibration_batch(opts.calib, tok, samples=opts.samples, seqlen=seqlen, seed=opts.seed)

@@ -248,11 +248,11 @@ class LayerRunner:
         self.dtype = dtype
         self.batch_size = batch_size
         self.calib_ids = calib_ids.long()
-        self.model = self._build_skeleton()
+        self.moe = moe or MoECalibration()
+        self.model = self._build_skeleton(arch)
         self.arch = type(self.model).__name__
         self.description = arch or architecture_for(self.ckpt.config, f"{self.ckpt.path}: ")
-        self.moe = moe or MoECalibration()
-        if self.description.is_moe:  # experts as one Linear per projection (see quant.moe)
+        if self.description.is_moe and not self.native:  # experts as one Linear per projection (see quant.moe)
             unfuse_experts(self.model, self.description, self.ckpt.config, self.moe)
         self.layers: nn.ModuleList = self._find_layers()
         self.num_layers = len(self.layers)
@@ -275,7 +275,18 @@ class LayerRunner:
         return self.dtype
 
     # ---- skeleton ------------------------------------------------------------------------------------
-    def _build_skeleton(self) -> nn.Module:
+    def _build_skeleton(self, arch: Architecture | None = None) -> nn.Module:
+        """The model on meta: plain-torch modules (``quant.native``) for a family and config they compute
+        exactly like transformers, else transformers' own model class (``native`` says which)."""
+        from mergequant.quant.native import build_native, native_refusal
+
+        self.native = native_refusal(self.ckpt.config, self.calib_ids.shape[1]) is None
+        if self.native:
+            arch = arch or architecture_for(self.ckpt.config, f"{self.ckpt.path}: ")
+            return build_native(self.ckpt.config, arch, self.moe, self.device)
+        return self._transformers_skeleton()
+
+    def _transformers_skeleton(self) -> nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = dict(self.ckpt.config)
