@@ -27,7 +27,7 @@ import yaml
 
 from mergequant import __version__
 from mergequant.errors import MergeQuantError
-from mergequant.recipe import looks_like_hub_id
+from mergequant.io.resolve import looks_like_hub_id
 
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
 # What the "Loading" snippet of a quant card says until the card is pushed (then: the repo id).

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ TOKEN_SOURCE_KEYS = {"kind", "model", "token", "token_id"}
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 # Entries in one gradient or filter list. The merge evaluates a setting for every tensor of every
 # model by walking its list, so the list's length multiplies the whole merge's parameter work;
 # real recipes use a handful of entries.
@@ -517,5 +515,3 @@ def _static(scopes: list, name: str, default):
     return default
 
 
-def looks_like_hub_id(ref: str) -> bool:
-    return bool(HUB_ID_RE.match(ref)) and not ref.startswith((".", "/", "~"))

@@ -149,8 +149,8 @@ def test_qwen3_moe_with_num_experts_key(families, tmp_path):
 
 
 def test_gptq_run_imports_no_transformers_modeling(families, tmp_path):
-    """A GPTQ run of a native family in a fresh interpreter never imports transformers' modeling code
-    or torch._dynamo (their import is seconds of a small machine's start-up)."""
+    """A GPTQ run of a native family in a fresh interpreter never imports transformers' modeling code,
+    torch._dynamo or the merge kernels' numba (their import is seconds of a small machine's start-up)."""
     _, d = families["mixtral"]
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(300)))
@@ -159,7 +159,7 @@ def test_gptq_run_imports_no_transformers_modeling(families, tmp_path):
             f" '--calib', {str(calib)!r}, '--samples', '4', '--seqlen', '16', '--group-size', '32', '--quiet']\n"
             "try:\n    mergequant.cli.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(sorted(m for m in sys.modules if m.startswith(('transformers.models', 'transformers.modeling',"
-            " 'torch._dynamo'))))\n")
+            " 'torch._dynamo', 'numba'))))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "q" / "config.json").is_file()

@@ -31,6 +31,11 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
+def natural_key(name: str):
+    """Sort key for tensor names with numbers compared as numbers: ``layers.2`` before ``layers.10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def split_layer_name(name: str) -> tuple[str, int, str] | None:
     """Split a per-layer tensor name into (prefix, layer index, suffix); None for other tensors."""
     m = LAYER_RE.match(name)

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from mergequant.errors import CheckpointError
 
 # adapter_model.bin: PEFT adapters saved as pickles, read only with torch.load(weights_only=True) (mergequant/peft)
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py", "adapter_model.bin"]
+
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """``namespace/name[@revision]`` that is not a relative or absolute path."""
+    return bool(HUB_ID_RE.match(ref)) and not ref.startswith((".", "/", "~"))
 
 
 def resolve_model(ref: str, *, base_dir: Path | None = None, where: str = "") -> Path:
@@ -19,8 +28,6 @@ def resolve_model(ref: str, *, base_dir: Path | None = None, where: str = "") ->
     fetched with ``huggingface_hub.snapshot_download`` (weights as safetensors only); offline,
     a cached snapshot is used if present, else a clear error.
     """
-    from mergequant.recipe import looks_like_hub_id
-
     p = Path(ref).expanduser()
     if p.exists():
         return p

@@ -8,14 +8,13 @@ fails here, before any tensor data is read and before any output is created.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mergequant.errors import CheckpointError, RecipeError
-from mergequant.io.checkpoint import Checkpoint, split_layer_name
+from mergequant.io.checkpoint import Checkpoint, natural_key, split_layer_name
 from mergequant.peft.adapted import model_dirs, open_model
 from mergequant.merge.methods import REQUIRED, MethodSpec
 from mergequant.merge.moe_layout import check_same_experts, filter_name, moe_architecture, per_expert_view
@@ -83,10 +82,6 @@ class MergePlan:
     @property
     def input_dirs(self) -> list[Path]:
         return [d for c in self.checkpoints.values() for d in model_dirs(c)]  # an adapted model: base and adapter
-
-
-def natural_key(name: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 def _is_pre_layer(name: str) -> bool:

@@ -124,7 +124,7 @@ def plan_modules(ft: Checkpoint, base: Checkpoint, embeddings: str) -> tuple[lis
     """Classify every tensor of the fine-tune into module jobs; refuse mismatches naming the tensor.
 
     Returns (jobs, every 2-D module of the base, notes)."""
-    from mergequant.merge.plan import natural_key
+    from mergequant.io.checkpoint import natural_key
 
     missing = sorted(set(base.tensors) - set(ft.tensors))
     extra = sorted(set(ft.tensors) - set(base.tensors))

@@ -24,13 +24,12 @@ from tqdm import tqdm
 
 from mergequant.architectures import Architecture, architecture_for, model_name
 from mergequant.errors import MergeQuantError
-from mergequant.io.checkpoint import Checkpoint
+from mergequant.io.checkpoint import Checkpoint, natural_key
 from mergequant.io.model_files import copy_tokenizer_files, pick_device
 from mergequant.io.output_dir import atomic_output_dir, check_output_location, local_files
 from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, write_json
 from mergequant.memory import release_free_memory
 from mergequant.merge.moe_layout import per_expert_view
-from mergequant.merge.plan import natural_key
 from mergequant.peft.adapted import adapter_notes, adapter_of, model_dirs, open_model, source_name, tokenizer_dir
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod, get_method
 

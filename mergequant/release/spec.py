@@ -176,7 +176,7 @@ def _model_source(path: Path, value: str) -> Path | str:
     itself is opened (and refused in one line if it does not fit) by the runner before anything is written."""
     from mergequant.peft.config import ADAPTER_CONFIG
     from mergequant.peft.reference import parse_reference
-    from mergequant.recipe import looks_like_hub_id
+    from mergequant.io.resolve import looks_like_hub_id
 
     where = "merge.model"
     local = _local(path.parent, value)
@@ -218,7 +218,7 @@ def parse_release(text: str, path: Path = Path("<release>")) -> Release:
     it names exist, nothing else (no model is opened)."""
     from mergequant.hub import repo_id_problem
     from mergequant.quant.method import METHODS
-    from mergequant.recipe import looks_like_hub_id
+    from mergequant.io.resolve import looks_like_hub_id
     from mergequant.yaml_file import parse_yaml
 
     path = Path(path).absolute()
