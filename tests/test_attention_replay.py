@@ -141,3 +141,60 @@ def test_moe_gptq_with_replay_equals_without(tmp_path, monkeypatch, mode):
     assert len(used) == 4 and not none
     assert all(r.replayed >= 4 and r.recomputed == 0 for r in used)  # expert down pass(es) and output pass
     _assert_same_checkpoint(tmp_path / "replay", tmp_path / "plain")
+
+
+# ---- the experts' gate/up products, kept for the output pass (moe.ExpertActivationReplay) --------------------
+
+def test_routed_from_kept_activations_equals_the_routed_forward():
+    from mergequant.quant.moe import MoECalibration, UnfusedExperts
+
+    torch.manual_seed(3)
+    mod = UnfusedExperts(4, 8, 12, nn.SiLU(), 0, MoECalibration("routed"), device="cpu")
+    x = torch.randn(40, 8)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(40)])
+    idx[idx == 3] = 0  # expert 3 gets no token
+    w = torch.rand(40, 2)
+    ref = mod(x, idx, w)
+    acts = {e: mod.routed_activations(x, idx, e) for e in (0, 1, 3)}  # expert 2 left to compute
+    assert acts[3].shape[0] == 0
+    assert torch.equal(mod.routed_from(acts, x, idx, w), ref)
+
+
+def _fp32_mixtral(tmp_path: Path) -> Path:
+    from test_architectures import _model, _save
+
+    return _save(_model("mixtral", seed=7), tmp_path / "mixtral")
+
+
+@pytest.mark.slow
+def test_routed_gptq_with_kept_expert_activations_equals_without(tmp_path, monkeypatch):
+    """Float32 model, routed calibration: keeping the experts' routed gate/up products for the output pass
+    gives the very checkpoint computed without keeping them, and the kept products are really used."""
+    from mergequant.quant import gptq_method
+    from mergequant.quant.moe import ExpertActivationReplay
+
+    model = _fp32_mixtral(tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    kw = dict(bits=4, group_size=32, samples=8, seqlen=32, batch_size=4, moe_calibration="routed", moe_min_share=0.0)
+    installed = []
+    orig = ExpertActivationReplay.install.__func__
+
+    def install(cls, *a, **k):
+        r = orig(cls, *a, **k)
+        installed.append(r)
+        return r
+
+    def run(out: Path, budget: int):
+        monkeypatch.setattr(gptq_method, "EXPERT_REPLAY_BYTES", budget)
+        monkeypatch.setattr(ExpertActivationReplay, "install", classmethod(install))
+        run_quantize(model, QuantizeOptions(out=out, method="gptq", calib=str(calib), quiet=True, fsync=False, **kw),
+                     log=lambda m: None)
+        monkeypatch.undo()
+
+    run(tmp_path / "kept", 1 << 30)
+    assert len(installed) == 2 and all(r is not None and r.replayed == 2 and r.recomputed == 0 for r in installed)
+    installed.clear()
+    run(tmp_path / "plain", 0)
+    assert not installed
+    _assert_same_checkpoint(tmp_path / "kept", tmp_path / "plain")

@@ -100,6 +100,23 @@ def test_batched_solves_equal_separate_solves(gs):
         gptq_quantize_batch([probs[0][0], probs[0][0][:, :128]], [probs[0][1], probs[0][1]], bits=4)
 
 
+def test_batched_stacked_solves_equal_separate_solves():
+    """Batch entries given as row blocks sharing their H (an expert's gate and up under routed
+    calibration) equal separate stacked solves, and a mismatched stack is refused."""
+    probs = []
+    for seed in range(3):
+        X, W = _data(seed=40 + seed)
+        probs.append(([W[:24], W[24:]], _hessian(X)))
+    ref = [gptq_quantize(parts, H, bits=4, group_size=32) for parts, H in probs]
+    got = gptq_quantize_batch([parts for parts, _ in probs], [H.clone() for _, H in probs], bits=4, group_size=32)
+    for r, b in zip(ref, got):
+        assert torch.equal(r.codes, b.codes) and torch.equal(r.scales, b.scales) and torch.equal(r.zeros, b.zeros)
+        assert r.error == pytest.approx(b.error, rel=1e-12)
+    W0 = probs[0][0]
+    with pytest.raises(ValueError, match="one shape"):
+        gptq_quantize_batch([W0, [W0[0][:, :64], W0[1][:, :64]]], [probs[0][1], probs[1][1]], bits=4)
+
+
 def test_rtn_conventions():
     W = torch.tensor([[-1.0, 0.5, 0.25, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
     q, s, z = quantize_rtn(W, 4, -1, sym=True)

@@ -72,10 +72,10 @@ def _run_recording(model: Path, opts: QuantizeOptions, monkeypatch) -> tuple[lis
 
     orig_batch = GPTQMethod._solve_batch
 
-    def spy_batch(self, ctx, accs, mods, lins):  # experts' down projections: one batch, one Hessian each
-        for lin, acc in zip(lins, accs):
-            solves.append((lin.layer, [lin.suffix], acc.hessian.clone()))
-        batches.append([lin.suffix for lin in lins])
+    def spy_batch(self, ctx, accs, mods, lins):  # experts' down projections (routed: also gate/up), one H each
+        for group, acc in zip(lins, accs):
+            solves.append((group[0].layer, [lin.suffix for lin in group], acc.hessian.clone()))
+        batches.append([lin.suffix for group in lins for lin in group])
         return orig_batch(self, ctx, accs, mods, lins)
 
     batches: list = []

@@ -579,7 +579,7 @@ def gptq_quantize(
 
 
 def gptq_quantize_batch(
-    Ws: Sequence[torch.Tensor],
+    Ws: Sequence[torch.Tensor | Sequence[torch.Tensor]],
     Hs: list[torch.Tensor],
     *,
     bits: int,
@@ -591,8 +591,9 @@ def gptq_quantize_batch(
     row_block_bytes: int = ROW_BLOCK_BYTES,
 ) -> list[GPTQResult]:
     """``gptq_quantize`` of several independent weights of one shape [N, K], each with its own H
-    (a mixture of experts' down projections), natural column order, float32: the same results as
-    separate calls, with the column loops run as one batch (see ``_solve_rows``).
+    (a mixture of experts' down projections; with routed calibration also each expert's gate and up,
+    given as a list of row blocks sharing that expert's H), natural column order, float32: the same
+    results as separate calls, with the column loops run as one batch (see ``_solve_rows``).
 
     ``Hs`` are consumed: each is copied into one [B, K, K] factor stack and released (the caller's
     list is emptied), so the peak is the stack plus one H, not two of everything. Memory: that stack,
@@ -601,12 +602,15 @@ def gptq_quantize_batch(
     """
     if len(Ws) != len(Hs) or not Ws:
         raise ValueError(f"need one H per weight, got {len(Ws)} weights and {len(Hs)} Hessians")
-    n, k = Ws[0].shape
-    if any(tuple(w.shape) != (n, k) for w in Ws) or any(tuple(h.shape) != (k, k) for h in Hs):
+    parts = [_rows(w) for w in Ws]
+    shapes = [(sum(p.shape[0] for p in ps), ps[0].shape[1]) for ps in parts]
+    n, k = shapes[0]
+    if (any(p.dim() != 2 or p.shape[1] != k for ps in parts for p in ps) or any(sh != (n, k) for sh in shapes)
+            or any(tuple(h.shape) != (k, k) for h in Hs)):
         raise ValueError(f"batched weights must share one shape [N, K] and Hessians [K, K]; got "
-                         f"{sorted({tuple(w.shape) for w in Ws})} and {sorted({tuple(h.shape) for h in Hs})}")
+                         f"{sorted(set(shapes))} and {sorted({tuple(h.shape) for h in Hs})}")
     _check_args(k, bits, group_size)
-    device = Ws[0].device
+    device = parts[0][0].device
     B = len(Ws)
     V = torch.empty(B, k, k, dtype=torch.float32, device=device)
     dead, damp_used, mean_diag, failed = [], [], [], {}
@@ -640,7 +644,7 @@ def gptq_quantize_batch(
         r1 = min(r0 + rows, n)
         Wt = torch.empty(B, k, r1 - r0, dtype=torch.float32, device=device)
         for b in range(B):
-            Wt[b].copy_(Ws[b][r0:r1].T)
+            Wt[b].copy_(_row_block_t(parts[b], r0, r1, k, torch.float32, device))
             if dead[b] is not None:
                 Wt[b][dead[b]] = 0
         blk = _solve_rows(Wt, V, None, bits=bits, group_size=group_size, static_groups=False, sym=sym,
@@ -650,7 +654,7 @@ def gptq_quantize_batch(
         zeros[:, :, r0:r1] = blk.zeros
         obs_loss += blk.obs_loss
         for b in range(B):
-            sq_diff[b] += _sq_diff([Ws[b]], Wt[b].T, dead[b], row_range=(r0, r1))
+            sq_diff[b] += _sq_diff(parts[b], Wt[b].T, dead[b], row_range=(r0, r1))
         del Wt, blk
     del V
 

@@ -32,6 +32,9 @@ from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod
 # accumulated a batch at a time, at most this many bytes of them (one at a time for Mixtral-8x7B, whose
 # down Hessian is 14336^2 float32 = 822 MB; all at once for small models, in one pass over the layer).
 EXPERT_HESSIAN_BYTES = 512 * 2**20
+# The experts' gate/up products on their routed tokens, kept from the down projections' statistics pass
+# for the layer's output pass when they fit (tiny Mixtral: 96 MiB; Mixtral-8x7B, 4k tokens: 448 MiB)
+EXPERT_REPLAY_BYTES = 1 << 30
 GPU_ROW_BLOCK_BYTES = 512 * 2**20  # GPTQ's working copy of W's rows on a GPU (CPU: gptq.ROW_BLOCK_BYTES)
 
 
@@ -169,9 +172,10 @@ class GPTQMethod(QuantMethod):
             if experts and starved:
                 self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules, dev)
                 names = [s for s in names if experts[s][0] not in starved]
+            acts = ([], []) if experts and self._keeps_expert_activations(ctx, inputs, modules, names) else None
             for batch in self._capture_batches(names, modules, experts):
                 if experts:
-                    accs = self._expert_down_stats(layer, inputs, batch, experts, moe, modules)
+                    accs = self._expert_down_stats(layer, inputs, batch, experts, moe, modules, acts)
                     self._solve_shared(ctx, accs, batch, todo, modules)
                     continue
                 attn = self._keeps_attention_output(ctx, layer, inputs, batch, modules)
@@ -182,6 +186,11 @@ class GPTQMethod(QuantMethod):
                     o_proj = modules[batch[0]]  # now computing from its codes: the attention's final output
                     kept = (record[0], [(o_proj(x), None) for x in record[1]])
                 del record
+            if acts is not None:  # the downs are solved: the output pass reuses the gate/up products
+                from mergequant.quant.moe import ExpertActivationReplay, experts_of
+
+                (experts_mod,) = experts_of(layer)
+                ExpertActivationReplay.install(experts_mod, *acts)
 
     # ---- routed experts: statistics straight from the experts' input ---------------------------------------
     # A hook-driven capture would run every expert through the layer's forward once per group (all-token
@@ -239,13 +248,35 @@ class GPTQMethod(QuantMethod):
         moe.tokens[i] = counts.tolist()
         return accs
 
-    def _expert_down_stats(self, layer, inputs, batch, experts, moe, modules) -> dict[str, HessianAccumulator]:
+    def _expert_down_stats(self, layer, inputs, batch, experts, moe, modules, kept=None) -> dict[str, HessianAccumulator]:
         """Hessians of a batch of experts' down projections: each from ``act(gate(x)) * up(x)`` with the
-        expert's (already quantized) gate and up, over every token or the expert's routed tokens."""
+        expert's (already quantized) gate and up, over every token or the expert's routed tokens.
+
+        ``kept``: (chunk keys, per-chunk dicts) that receive each expert's products on its *routed* tokens,
+        computed in the layer's compute dtype exactly as the routed forward computes them, for the layer's
+        output pass to reuse (``moe.ExpertActivationReplay``); with all-token calibration the other tokens'
+        products are computed apart (in ``_expert_stats_dtype``). Without ``kept``, every product is in
+        the statistics dtype."""
+        from mergequant.quant.replay import checksum
+
         accs = {s: HessianAccumulator(modules[s].in_features) for s in batch}
         stats_dtype = _expert_stats_dtype(inputs)
         with torch.no_grad():
-            for x, idx, mod in self._expert_inputs(layer, inputs):
+            for j, (x, idx, mod) in enumerate(self._expert_inputs(layer, inputs)):
+                if kept is not None:
+                    if j == len(kept[0]):
+                        kept[0].append(checksum(x))
+                        kept[1].append({})
+                    for s in batch:
+                        e = experts[s][0]
+                        act = mod.routed_activations(x, idx, e)
+                        kept[1][j][e] = act
+                        accs[s].add(act)
+                        if moe.mode == "all":  # the tokens the router did not send to e
+                            rest = x[~(idx == e).any(dim=-1)]
+                            rest = rest.to(stats_dtype) if stats_dtype is not None else rest
+                            accs[s].add(mod._act[0](mod[e].gate_proj(rest)) * mod[e].up_proj(rest))
+                    continue
                 if stats_dtype is not None:
                     x = x.to(stats_dtype)
                 for s in batch:
@@ -253,6 +284,18 @@ class GPTQMethod(QuantMethod):
                     xe = x if moe.mode == "all" else x[(idx == e).any(dim=-1)]
                     accs[s].add(mod._act[0](mod[e].gate_proj(xe)) * mod[e].up_proj(xe))
         return accs
+
+    @staticmethod
+    def _keeps_expert_activations(ctx, inputs, modules, downs: list[str]) -> bool:
+        """Whether the experts' routed gate/up products (what the output pass would compute again) fit
+        ``EXPERT_REPLAY_BYTES``: about tokens x top_k x intermediate size in the compute dtype."""
+        hidden = getattr(inputs, "hidden", None)
+        if not hidden or not downs:
+            return False
+        tokens = sum(h.shape[:-1].numel() for h in hidden)
+        dtype = inputs.compute_dtype or hidden[0].dtype
+        inter = max(modules[s].in_features for s in downs)
+        return tokens * _top_k(ctx) * inter * torch.empty((), dtype=dtype).element_size() <= EXPERT_REPLAY_BYTES
 
     @staticmethod
     def _capture_batches(names: list[str], modules, experts: dict) -> list[list[str]]:
@@ -328,8 +371,8 @@ class GPTQMethod(QuantMethod):
             by_acc.setdefault(id(accs[s]), []).append(s)
         groups = list(by_acc.values())
         if self._batchable(ctx, groups, modules):
-            self._solve_batch(ctx, [accs[g[0]] for g in groups], [modules[g[0]] for g in groups],
-                              [todo[g[0]] for g in groups])
+            self._solve_batch(ctx, [accs[g[0]] for g in groups], [[modules[s] for s in g] for g in groups],
+                              [[todo[s] for s in g] for g in groups])
             accs.clear()
             return
         for shared in groups:
@@ -341,29 +384,31 @@ class GPTQMethod(QuantMethod):
 
     @staticmethod
     def _batchable(ctx, groups: list[list[str]], modules) -> bool:
-        """Whether ``groups`` (one module per Hessian, all of one shape: a batch of experts' down
-        projections) can be solved as one batch: natural column order only (no act order, whose
-        permutation differs per expert; no static groups)."""
+        """Whether ``groups`` (the modules sharing each Hessian, every group made of the same shapes: a
+        batch of experts' down projections, or with routed calibration every expert's gate and up) can
+        be solved as one batch: natural column order only (no act order, whose permutation differs per
+        expert; no static groups)."""
         o = ctx.opts
-        if len(groups) < 2 or o.desc_act or o.static_groups or any(len(g) != 1 for g in groups):
+        if len(groups) < 2 or o.desc_act or o.static_groups:
             return False
-        shapes = {(modules[g[0]].out_features, modules[g[0]].in_features) for g in groups}
+        shapes = {tuple((modules[s].out_features, modules[s].in_features) for s in g) for g in groups}
         return len(shapes) == 1
 
     def _solve_batch(self, ctx, accs, mods, lins) -> None:
-        """Independent solves of one shape, their column loops run as one batch (``gptq_quantize_batch``:
-        bit-identical to solving each on its own, several times fewer small operations)."""
+        """Independent solves of one shape (``mods[b]`` / ``lins[b]``: the modules sharing Hessian b, stacked),
+        their column loops run as one batch (``gptq_quantize_batch``: bit-identical to solving each on its
+        own, several times fewer small operations)."""
         o = ctx.opts
         release_free_memory()
         Hs = [acc.take() for acc in accs]
         dev = Hs[0].device
-        parts = [ctx.source_weight(lin).to(dev) for lin in lins]
+        parts = [[ctx.source_weight(lin).to(dev) for lin in group] for group in lins]
         with mapped_allocations():
             results = gptq_quantize_batch(parts, Hs, bits=o.bits, group_size=o.group_size, sym=o.sym, damp=o.damp,
                                           row_block_bytes=ROW_BLOCK_BYTES if dev.type == "cpu" else GPU_ROW_BLOCK_BYTES)
         del Hs, parts
-        for mod, lin, res in zip(mods, lins, results):
-            self._install(ctx, [mod], [lin], res)
+        for group_mods, group_lins, res in zip(mods, lins, results):
+            self._install(ctx, group_mods, group_lins, res)
 
     def _round_starved(self, ctx, i: int, names: list[str], todo, modules, dev: torch.device) -> None:
         """Round-to-nearest for the Linears of experts the router starved (routed calibration): a

@@ -35,8 +35,8 @@ from mergequant.architectures import Architecture, resolve
 from mergequant.errors import MergeQuantError
 from mergequant.quant.meta import meta_linear
 
-__all__ = ["CALIBRATION_MODES", "MoECalibration", "UnfusedExperts", "calibrating", "counted", "experts_of",
-           "unfuse_experts"]
+__all__ = ["CALIBRATION_MODES", "ExpertActivationReplay", "MoECalibration", "UnfusedExperts", "calibrating",
+           "counted", "experts_of", "unfuse_experts"]
 
 CALIBRATION_MODES = ("all", "routed")
 # GPTQModel falls back below 0.5% of the calibration tokens; ours is a share of the tokens an expert
@@ -124,12 +124,69 @@ class UnfusedExperts(nn.ModuleList):
                 continue
             # routed: only this expert's tokens (possibly none: its Linears are still called, so a
             # statistics hook waiting for them is not left hanging)
-            token_idx, slot = torch.where(top_k_index == e)
-            x = hidden_states[token_idx]
-            y = expert.down_proj(self._act[0](expert.gate_proj(x)) * expert.up_proj(x))
-            if token_idx.numel():
-                out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
+            self._add_routed(out, e, hidden_states, top_k_index, top_k_weights)
         return out
+
+    def routed_activations(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, e: int) -> torch.Tensor:
+        """``act(gate(x)) * up(x)`` of expert ``e`` on the tokens the router sent it (in token order):
+        exactly what the routed forward computes before expert ``e``'s down projection."""
+        token_idx = torch.where(top_k_index == e)[0]
+        x = hidden_states[token_idx]
+        return self._act[0](self[e].gate_proj(x)) * self[e].up_proj(x)
+
+    def _add_routed(self, out, e, hidden_states, top_k_index, top_k_weights, act=None) -> None:
+        """Add expert ``e``'s weighted output on its routed tokens to ``out``; ``act``: its
+        ``routed_activations``, when already computed."""
+        token_idx, slot = torch.where(top_k_index == e)
+        if act is None or act.shape[0] != token_idx.numel():
+            x = hidden_states[token_idx]
+            act = self._act[0](self[e].gate_proj(x)) * self[e].up_proj(x)
+        y = self[e].down_proj(act)
+        if token_idx.numel():
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
+
+    def routed_from(self, acts: dict, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """The routed forward with ``acts[e]`` (``routed_activations``) standing in for the gate/up
+        products of the experts it has; the others are computed."""
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.num_experts):
+            self._add_routed(out, e, hidden_states, top_k_index, top_k_weights, acts.get(e))
+        return out
+
+
+class ExpertActivationReplay:
+    """Instance ``forward`` of an ``UnfusedExperts`` for the rest of a layer's passes once its gate and up
+    are final: per calibration chunk (identified by ``replay.checksum`` of the experts' input) the
+    experts' ``routed_activations``, kept by the pass that took the down projections' statistics, which
+    computed them anyway. The routed forward then only runs the down projections (bit-identical: the
+    same modules on the same rows). Statistics passes (``calibrating``/``counting``) and an input not
+    recorded compute as usual."""
+
+    def __init__(self, module: UnfusedExperts, keys: list[tuple], acts: list[dict]):
+        self.module = module
+        self.compute = type(module).forward.__get__(module)
+        self.kept = dict(zip(keys, acts))
+        self.replayed = 0
+        self.recomputed = 0
+
+    @classmethod
+    def install(cls, module: UnfusedExperts, keys: list[tuple], acts: list[dict]) -> "ExpertActivationReplay | None":
+        if not keys or "forward" in module.__dict__:
+            return None
+        replay = cls(module, keys, acts)
+        module.forward = replay
+        return replay
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights):
+        from mergequant.quant.replay import checksum
+
+        m = self.module
+        acts = None if m.calibrating or m.counting else self.kept.get(checksum(hidden_states))
+        if acts is None:
+            self.recomputed += 1
+            return self.compute(hidden_states, top_k_index, top_k_weights)
+        self.replayed += 1
+        return m.routed_from(acts, hidden_states, top_k_index, top_k_weights)
 
 
 def experts_of(layer: nn.Module) -> list[UnfusedExperts]:
