@@ -172,7 +172,7 @@ class GPTQMethod(QuantMethod):
             if experts and starved:
                 self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules, dev)
                 names = [s for s in names if experts[s][0] not in starved]
-            acts = ([], []) if experts and self._keeps_expert_activations(ctx, inputs, modules, names) else None
+            acts = ([], []) if experts and self._keeps_expert_activations(ctx, inputs, modules, names, moe) else None
             for batch in self._capture_batches(names, modules, experts):
                 if experts:
                     accs = self._expert_down_stats(layer, inputs, batch, experts, moe, modules, acts)
@@ -252,11 +252,10 @@ class GPTQMethod(QuantMethod):
         """Hessians of a batch of experts' down projections: each from ``act(gate(x)) * up(x)`` with the
         expert's (already quantized) gate and up, over every token or the expert's routed tokens.
 
-        ``kept``: (chunk keys, per-chunk dicts) that receive each expert's products on its *routed* tokens,
-        computed in the layer's compute dtype exactly as the routed forward computes them, for the layer's
-        output pass to reuse (``moe.ExpertActivationReplay``); with all-token calibration the other tokens'
-        products are computed apart (in ``_expert_stats_dtype``). Without ``kept``, every product is in
-        the statistics dtype."""
+        ``kept`` (routed calibration only): (chunk keys, per-chunk dicts) that receive each expert's products
+        on its routed tokens, computed in the layer's compute dtype exactly as the routed forward computes
+        them, for the layer's output pass to reuse (``moe.ExpertActivationReplay``). Without ``kept``,
+        every product is in the statistics dtype (``_expert_stats_dtype``)."""
         from mergequant.quant.replay import checksum
 
         accs = {s: HessianAccumulator(modules[s].in_features) for s in batch}
@@ -267,15 +266,10 @@ class GPTQMethod(QuantMethod):
                     if j == len(kept[0]):
                         kept[0].append(checksum(x))
                         kept[1].append({})
-                    for s in batch:
+                    for s in batch:  # (routed calibration: these products are the statistics too)
                         e = experts[s][0]
-                        act = mod.routed_activations(x, idx, e)
-                        kept[1][j][e] = act
+                        kept[1][j][e] = act = mod.routed_activations(x, idx, e)
                         accs[s].add(act)
-                        if moe.mode == "all":  # the tokens the router did not send to e
-                            rest = x[~(idx == e).any(dim=-1)]
-                            rest = rest.to(stats_dtype) if stats_dtype is not None else rest
-                            accs[s].add(mod._act[0](mod[e].gate_proj(rest)) * mod[e].up_proj(rest))
                     continue
                 if stats_dtype is not None:
                     x = x.to(stats_dtype)
@@ -286,11 +280,14 @@ class GPTQMethod(QuantMethod):
         return accs
 
     @staticmethod
-    def _keeps_expert_activations(ctx, inputs, modules, downs: list[str]) -> bool:
-        """Whether the experts' routed gate/up products (what the output pass would compute again) fit
-        ``EXPERT_REPLAY_BYTES``: about tokens x top_k x intermediate size in the compute dtype."""
+    def _keeps_expert_activations(ctx, inputs, modules, downs: list[str], moe) -> bool:
+        """Whether to keep the experts' routed gate/up products (what the output pass would compute
+        again): with routed calibration, when they fit ``EXPERT_REPLAY_BYTES`` (about tokens x top_k x
+        intermediate size in the compute dtype). Not with all-token calibration: there the statistics
+        pass would have to compute the routed rows apart, in the compute dtype instead of bfloat16,
+        which costs what the output pass saves (measured on the tiny Mixtral: the same time, 96 MiB more)."""
         hidden = getattr(inputs, "hidden", None)
-        if not hidden or not downs:
+        if moe.mode != "routed" or not hidden or not downs:
             return False
         tokens = sum(h.shape[:-1].numel() for h in hidden)
         dtype = inputs.compute_dtype or hidden[0].dtype
