@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, TokenizersBackend
 
 from mergequant.errors import MergeQuantError
 from mergequant.quant import calib
-from mergequant.quant.fast_tokenizer import MODEL_TYPES, FastTokenizer, fast_tokenizer
+from mergequant.quant.fast_tokenizer import MODEL_TYPES, FastTokenizer, _transformers_version_ok, fast_tokenizer
 
 SHARED = Path("/work/shared/models")
 CORPUS = Path("/work/shared/corpus")
@@ -72,8 +72,17 @@ def _ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+# the rules were read from one transformers version; under another the fast path is off by design, and
+# the tests that need it on have nothing to compare
+VERIFIED_VERSION = _transformers_version_ok()
+needs_verified_version = pytest.mark.skipif(
+    not VERIFIED_VERSION, reason="fast_tokenizer's rules were read from transformers 5.24; it stays off under this version")
+
+
 def assert_equivalent(folder: Path, texts=TEXTS) -> FastTokenizer:
     """``fast_tokenizer(folder)`` exists and matches AutoTokenizer (a plain TokenizersBackend) on every text."""
+    if not VERIFIED_VERSION:
+        pytest.skip("fast_tokenizer's rules were read from transformers 5.24; it stays off under this version")
     fast = fast_tokenizer(folder)
     assert fast is not None, f"{folder}: expected the fast path"
     auto = AutoTokenizer.from_pretrained(str(folder))
@@ -427,6 +436,7 @@ def test_truncation_or_padding_in_tokenizer_json(byte_level, tmp_path):
         assert fast_tokenizer(d) is None
 
 
+@needs_verified_version
 def test_other_transformers_version(byte_level, monkeypatch):
     """The rule was read from transformers 5.24: under another version the fast path stays off."""
     import mergequant.quant.fast_tokenizer as ft
@@ -461,11 +471,13 @@ def test_errors_unchanged(byte_level, tmp_path, damage):
     assert messages[0] == messages[1] and "\n" not in messages[0] and str(d) in messages[0]
 
 
+@needs_verified_version
 def test_load_tokenizer_fast_flag(byte_level):
     assert isinstance(calib.load_tokenizer(byte_level, "x", fast=True), FastTokenizer)
     assert type(calib.load_tokenizer(byte_level, "x")) is TokenizersBackend
 
 
+@needs_verified_version
 def test_calibration_batch_identical(tmp_path):
     folder = MIXTRAL if (MIXTRAL / "tokenizer.json").is_file() else None
     if folder is None:
@@ -489,6 +501,7 @@ def test_calibration_batch_identical(tmp_path):
     assert errors[0] == errors[1]
 
 
+@needs_verified_version
 def test_fast_path_does_not_import_transformers(byte_level, tmp_path):
     """The point of the fast path: calibration ids in a fresh interpreter without importing transformers."""
     src = tmp_path / "calib.txt"

@@ -151,7 +151,11 @@ def test_qwen3_moe_with_num_experts_key(families, tmp_path):
 def test_gptq_run_imports_no_transformers_modeling(families, tmp_path):
     """A GPTQ run of a native family in a fresh interpreter never imports transformers' modeling code,
     torch._dynamo or the merge kernels' numba (their import is seconds of a small machine's start-up)."""
+    from mergequant.quant.fast_tokenizer import fast_tokenizer
+
     _, d = families["mixtral"]
+    if fast_tokenizer(d) is None:  # (the tokenizer rules are for transformers 5.24; else AutoTokenizer runs)
+        pytest.skip("the calibration tokenizer needs transformers under this transformers version")
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(300)))
     code = ("import sys, mergequant.cli\n"
