@@ -173,3 +173,26 @@ def test_gptq_run_imports_no_transformers_modeling(families, tmp_path):
 def test_extra_configs_stay_covered():
     # the MoE families' tiny configs exercise a shared expert and a dense layer inside an MoE model
     assert "shared_expert_intermediate_size" in EXTRA["qwen2_moe"] and EXTRA["qwen3_moe"]["mlp_only_layers"] == [1]
+
+
+def test_llama_biases_and_tied_head(tmp_path):
+    """Llama's optional attention and MLP biases, and a head tied to the embedding (no lm_head tensor)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=V,
+                               max_position_embeddings=64, attention_bias=True, mlp_bias=True,
+                               tie_word_embeddings=True)
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    d = _save(model, tmp_path / "llama-bias")
+    ids = _ids(4)
+    runner = LayerRunner(d, ids, batch_size=2)
+    assert runner.native
+    assert runner.layers[0].self_attn.o_proj.bias is not None and runner.layers[0].mlp.down_proj.bias is not None
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert torch.equal(runner.run(finish=True), ref)
