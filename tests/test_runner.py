@@ -264,3 +264,36 @@ def test_hidden_states_are_stored_in_a_16_bit_checkpoints_dtype(tiny_models, tmp
     err = float((logits - full).abs().max())
     assert 0 < err < 0.05 * float(full.abs().max()), err  # only the stored activations were rounded
     assert LayerRunner(tiny_models["llama"][1], ids).activation_dtype == torch.float32
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_parallel_capture_never_computes_the_groups_modules(tiny_models, model_type):
+    """``parallel=True`` (a true-sequential group): the modules of the group that run before the last
+    one's input is seen are not computed (their weights may not even be loaded), the inputs are the same
+    as without it, and every module computes again afterwards."""
+    from mergequant.quant.runner import capture_module_inputs
+
+    _, d, ids = tiny_models[model_type]
+    group = ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"]
+
+    def check(i, layer, inputs):
+        lin = linear_modules(layer)
+        seen = {True: [], False: []}
+        for parallel in (False, True):
+            computed = []
+            hooks = [lin[n].register_forward_hook(lambda m, a, o, n=n: computed.append((n, float(o.abs().sum()))))
+                     for n in group]
+            try:
+                capture_module_inputs(layer, inputs, {n: lin[n] for n in group},
+                                      lambda names, x: seen[parallel].append(x.clone()), parallel=parallel)
+            finally:
+                for h in hooks:
+                    h.remove()
+            # the module(s) run before the last pre-hook: real outputs without, zeros with parallel=True
+            assert computed and all((s == 0) == parallel for _, s in computed), computed
+        assert len(seen[True]) == len(seen[False]) == len(inputs)
+        assert all(torch.equal(a, b) for a, b in zip(seen[True], seen[False]))
+        assert all("forward" not in lin[n].__dict__ for n in group)  # the Linears compute again
+        assert float(lin[group[0]](inputs.hidden[0].float()).abs().sum()) > 0
+
+    LayerRunner(d, ids, batch_size=2).run(check)

@@ -353,7 +353,7 @@ class GPTQMethod(QuantMethod):
         # the most activations (the MLP): that is a peak of the whole run, so its chunks' freed
         # activations go back to the OS one by one (the other groups skip the re-faulting cost)
         try:
-            capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add,
+            capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add, parallel=True,
                                   release_between_chunks=max(modules[s].in_features for s in names) == widest)
         finally:
             if hook is not None:

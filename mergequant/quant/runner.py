@@ -144,7 +144,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, *, in_place: bool = False) 
 @torch.no_grad()
 def capture_module_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[str, nn.Module],
                           sink: Callable[[list[str], torch.Tensor], None], *, release_between_chunks: bool = False,
-                          ) -> None:
+                          parallel: bool = False) -> None:
     """Feed every calibration chunk through ``layer`` only as far as needed to see the input of each
     module in ``modules`` (by name), then stop the forward.
 
@@ -155,6 +155,10 @@ def capture_module_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[s
     almost all of it), which is where most of the time of a layer-by-layer quantizer goes.
     ``release_between_chunks``: hand each chunk's freed activations back to the OS before the next
     (lower peak while something large, like a big Hessian, is held; costs re-faulting those pages).
+    ``parallel``: no module of ``modules`` feeds another (a true-sequential group: q/k/v, gate/up), so
+    the outputs of those that run before the last one's input is seen are never used: they return
+    zeros instead of computing (a module not quantized yet would otherwise read its weight from the
+    checkpoint and multiply, only for the result to be dropped when the pass stops).
     """
     pending: dict[str, torch.Tensor] = {}
 
@@ -175,6 +179,12 @@ def capture_module_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[s
         return hook
 
     hooks = [m.register_forward_pre_hook(pre_hook(n)) for n, m in modules.items()]
+    saved = {}
+    if parallel:
+        for m in modules.values():
+            if isinstance(m, nn.Linear):
+                saved[m] = m.__dict__.get("forward")
+                m.forward = _zeros_like_output(m.out_features)
     try:
         for h, kw in inputs:
             try:
@@ -189,6 +199,18 @@ def capture_module_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[s
     finally:
         for hk in hooks:
             hk.remove()
+        for m, fwd in saved.items():
+            if fwd is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = fwd
+
+
+def _zeros_like_output(width: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A Linear forward that returns zeros of the output's shape (see ``capture_module_inputs``)."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], width)
+    return forward
 
 
 class _Recorder(nn.Module):
