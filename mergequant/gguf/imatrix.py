@@ -26,7 +26,7 @@ import numpy as np
 
 from mergequant.gguf.blocks import f16_to_f32, f32_to_f16, put_f16
 from mergequant.gguf.kquants import (EPS, _codes_q3_k, _codes_q45_k, _nint, _pack2, _put_q3_scales, _put_scale_min_k4,
-                                     _q6_k, _qkx2, _qx, _scale_min_k4)
+                                     _q6_k, _qkx2, _qx, _round_codes, _scale_min_k4)
 
 
 @numba.njit(cache=True)
@@ -381,10 +381,7 @@ def _q2_k_w(x, out, qw, refine):
             dd = dm * np.float32(sc & 0xF)
             if dd == 0:
                 continue
-            mmj = mm * np.float32(sc >> 4)
-            for k in range(16):
-                q = _nint((x[s0 + 16 * j + k] + mmj) / dd)
-                L[16 * j + k] = max(0, min(3, q))
+            _round_codes(x, s0 + 16 * j, 16, dd, mm * np.float32(sc >> 4), 0, 3, L, 16 * j)
         _pack2(L, out, b + 16)
 
 

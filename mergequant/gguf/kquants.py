@@ -31,6 +31,15 @@ def _nint(v):
 
 
 @numba.njit(cache=True)
+def _round_codes(x, start, n, dd, shift, lo, hi, L, l0):
+    """Codes of ``n`` values ``x[start:]`` on a sub-block grid: ``L[l0 + k] = clamp(nint((x + shift) / dd),
+    lo, hi) - lo`` (``shift`` the sub-block's min for the asymmetric types, 0 for the symmetric ones)."""
+    for k in range(n):
+        q = _nint((x[start + k] + shift) / dd)
+        L[l0 + k] = max(lo, min(hi, q)) - lo
+
+
+@numba.njit(cache=True)
 def _qx(x, s, n, nmax, L, lo, qw, use_qw):
     """Symmetric levels in [-nmax, nmax-1] for x[s:s+n] (stored + nmax in L[lo:lo+n]); returns the scale.
     Weights: ``qw`` when ``use_qw``, else x^2 (rmse_type 1)."""
@@ -255,10 +264,7 @@ def _q2_k(x, out, qw, use_qw):
             dd = d * np.float32(sc & 0xF)
             if dd == 0:
                 continue
-            dm = dmin * np.float32(sc >> 4)
-            for k in range(16):
-                q = _nint((x[s0 + 16 * j + k] + dm) / dd)
-                L[16 * j + k] = max(0, min(3, q))
+            _round_codes(x, s0 + 16 * j, 16, dd, dmin * np.float32(sc >> 4), 0, 3, L, 16 * j)
         _pack2(L, out, b + 16)
 
 
@@ -316,9 +322,7 @@ def _codes_q3_k(x, s0, out, b, d, L):
         dd = d * np.float32(_q3_scale(out, b, j))
         if dd == 0:
             continue
-        for k in range(16):
-            q = _nint(x[s0 + 16 * j + k] / dd)
-            L[16 * j + k] = max(-4, min(3, q)) + 4
+        _round_codes(x, s0 + 16 * j, 16, dd, np.float32(0.0), -4, 3, L, 16 * j)
     _pack_q3_codes(L, out, b)
 
 
@@ -384,10 +388,7 @@ def _codes_q45_k(x, s0, out, b, p, d, dmin, nmax, L):
         dd = d * np.float32(sc)
         if dd == 0:
             continue
-        dm = dmin * np.float32(m)
-        for k in range(32):
-            q = _nint((x[s0 + 32 * j + k] + dm) / dd)
-            L[32 * j + k] = max(0, min(nmax, q))
+        _round_codes(x, s0 + 32 * j, 32, dd, dmin * np.float32(m), 0, nmax, L, 32 * j)
     _pack_q45_codes(L, out, b, nmax)
 
 
@@ -498,9 +499,7 @@ def _q6_k(x, out, qw, use_qw):
             dd = d * np.float32(sc)
             if dd == 0:
                 continue
-            for k in range(16):
-                q = _nint(x[s0 + 16 * j + k] / dd)
-                L[16 * j + k] = max(-32, min(31, q)) + 32
+            _round_codes(x, s0 + 16 * j, 16, dd, np.float32(0.0), -32, 31, L, 16 * j)
         _pack_q6_codes(L, out, b)
 
 
