@@ -52,6 +52,21 @@ def _expert_stats_dtype(inputs) -> torch.dtype | None:
     return torch.bfloat16 if hidden and hidden[0].dtype == torch.bfloat16 else None
 
 
+def _calibration_tokens(inputs) -> tuple[int, torch.dtype] | None:
+    """(calibration tokens, compute dtype) of a layer's inputs, for sizing what a pass keeps per token;
+    None when the inputs hold no hidden states."""
+    hidden = getattr(inputs, "hidden", None)
+    if not hidden:
+        return None
+    return sum(h.shape[:-1].numel() for h in hidden), inputs.compute_dtype or hidden[0].dtype
+
+
+def _fits(inputs, per_token: int, budget: int) -> bool:
+    """Whether ``per_token`` values per calibration token, in the compute dtype, fit ``budget`` bytes."""
+    sized = _calibration_tokens(inputs)
+    return sized is not None and sized[0] * per_token * torch.empty((), dtype=sized[1]).element_size() <= budget
+
+
 def _replay_attention(ctx, layer, inputs, kept=None) -> object:
     """Install an ``AttentionReplay`` on ``layer``'s attention (the rest of the layer's passes, the output
     pass included, reuse its recorded output); False when it does not fit or the layer has none.
@@ -62,12 +77,10 @@ def _replay_attention(ctx, layer, inputs, kept=None) -> object:
     attn = resolve(layer, ctx.arch.attention)
     if attn is not None and kept:
         return AttentionReplay.install_recorded(attn, *kept) or False
-    hidden = getattr(inputs, "hidden", None)
-    if attn is None or not hidden:
+    sized = _calibration_tokens(inputs)
+    if attn is None or sized is None:
         return False
-    tokens = sum(h.shape[:-1].numel() for h in hidden)
-    dtype = inputs.compute_dtype or hidden[0].dtype
-    return AttentionReplay.install(attn, len(hidden), tokens, hidden[0].shape[-1], dtype) or False
+    return AttentionReplay.install(attn, len(inputs.hidden), sized[0], inputs.hidden[0].shape[-1], sized[1]) or False
 
 
 def _top_k(ctx) -> int:
@@ -276,7 +289,7 @@ class GPTQMethod(QuantMethod):
                 for s in batch:
                     e = experts[s][0]
                     xe = x if moe.mode == "all" else x[(idx == e).any(dim=-1)]
-                    accs[s].add(mod._act[0](mod[e].gate_proj(xe)) * mod[e].up_proj(xe))
+                    accs[s].add(mod.gate_up(e, xe))
         return accs
 
     @staticmethod
@@ -286,13 +299,9 @@ class GPTQMethod(QuantMethod):
         intermediate size in the compute dtype). Not with all-token calibration: there the statistics
         pass would have to compute the routed rows apart, in the compute dtype instead of bfloat16,
         which costs what the output pass saves (measured on the tiny Mixtral: the same time, 96 MiB more)."""
-        hidden = getattr(inputs, "hidden", None)
-        if moe.mode != "routed" or not hidden or not downs:
+        if moe.mode != "routed" or not downs:
             return False
-        tokens = sum(h.shape[:-1].numel() for h in hidden)
-        dtype = inputs.compute_dtype or hidden[0].dtype
-        inter = max(modules[s].in_features for s in downs)
-        return tokens * _top_k(ctx) * inter * torch.empty((), dtype=dtype).element_size() <= EXPERT_REPLAY_BYTES
+        return _fits(inputs, _top_k(ctx) * max(modules[s].in_features for s in downs), EXPERT_REPLAY_BYTES)
 
     @staticmethod
     def _capture_batches(names: list[str], modules, experts: dict) -> list[list[str]]:
@@ -316,12 +325,10 @@ class GPTQMethod(QuantMethod):
         from mergequant.quant import replay
 
         attn = resolve(layer, ctx.arch.attention)
-        if attn is None or batch != [f"{ctx.arch.attention}.o_proj"] or not getattr(inputs, "hidden", None):
+        if attn is None or batch != [f"{ctx.arch.attention}.o_proj"]:
             return None
-        tokens = sum(h.shape[:-1].numel() for h in inputs.hidden)
-        dtype = inputs.compute_dtype or inputs.hidden[0].dtype
         width = max(modules[batch[0]].in_features, modules[batch[0]].out_features)
-        return attn if tokens * width * torch.empty((), dtype=dtype).element_size() <= replay.REPLAY_BYTES else None
+        return attn if _fits(inputs, width, replay.REPLAY_BYTES) else None
 
     @staticmethod
     def _capture(layer, inputs, names, modules, widest, *, record=None, attention=None) -> dict[str, HessianAccumulator]:

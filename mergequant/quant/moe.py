@@ -111,36 +111,35 @@ class UnfusedExperts(nn.ModuleList):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.counting:
             self._count(top_k_index)
+        if not (self.calibrating and self.calib.mode == "all"):
+            # routed: each expert on its own tokens only (possibly none: its Linears are still called, so
+            # a statistics hook waiting for them is not left hanging)
+            return self.routed_from({}, hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
-        all_tokens = self.calibrating and self.calib.mode == "all"
         for e, expert in enumerate(self):
-            if all_tokens:
-                # the same tensor for every expert, so hooks see one input for every gate/up; the
-                # output still mixes only routed tokens: a dense weight per token, 0 where not routed
-                # (adds exact zeros elsewhere; a scatter over [N, H] was a tenth of the run)
-                w = (top_k_weights * (top_k_index == e)).sum(dim=-1, keepdim=True)
-                y = expert.down_proj(self._act[0](expert.gate_proj(hidden_states)) * expert.up_proj(hidden_states))
-                out.addcmul_(y, w.to(y.dtype))
-                continue
-            # routed: only this expert's tokens (possibly none: its Linears are still called, so a
-            # statistics hook waiting for them is not left hanging)
-            self._add_routed(out, e, hidden_states, top_k_index, top_k_weights)
+            # the same tensor for every expert, so hooks see one input for every gate/up; the output still
+            # mixes only routed tokens: a dense weight per token, 0 where not routed (adds exact zeros
+            # elsewhere; a scatter over [N, H] was a tenth of the run)
+            w = (top_k_weights * (top_k_index == e)).sum(dim=-1, keepdim=True)
+            y = expert.down_proj(self.gate_up(e, hidden_states))
+            out.addcmul_(y, w.to(y.dtype))
         return out
 
-    def routed_activations(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, e: int) -> torch.Tensor:
-        """``act(gate(x)) * up(x)`` of expert ``e`` on the tokens the router sent it (in token order):
-        exactly what the routed forward computes before expert ``e``'s down projection."""
-        token_idx = torch.where(top_k_index == e)[0]
-        x = hidden_states[token_idx]
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """``act(gate(x)) * up(x)`` of expert ``e``: the input of its down projection."""
         return self._act[0](self[e].gate_proj(x)) * self[e].up_proj(x)
+
+    def routed_activations(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, e: int) -> torch.Tensor:
+        """``gate_up`` of expert ``e`` on the tokens the router sent it (in token order): exactly what the
+        routed forward computes before expert ``e``'s down projection."""
+        return self.gate_up(e, hidden_states[torch.where(top_k_index == e)[0]])
 
     def _add_routed(self, out, e, hidden_states, top_k_index, top_k_weights, act=None) -> None:
         """Add expert ``e``'s weighted output on its routed tokens to ``out``; ``act``: its
         ``routed_activations``, when already computed."""
         token_idx, slot = torch.where(top_k_index == e)
         if act is None or act.shape[0] != token_idx.numel():
-            x = hidden_states[token_idx]
-            act = self._act[0](self[e].gate_proj(x)) * self[e].up_proj(x)
+            act = self.gate_up(e, hidden_states[token_idx])
         y = self[e].down_proj(act)
         if token_idx.numel():
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
