@@ -94,6 +94,15 @@ class ExpertLayout:
     memory_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     sparse_step_key: str | None = None  # qwen MoE: layers (i + 1) % step != 0, or in mlp_only_layers, are dense
 
+    def expert_count(self, config: Mapping[str, Any]) -> int | None:
+        """The number of routed experts config.json declares (``num_experts_key``, else transformers 5's
+        ``num_local_experts``, under which it saves Qwen MoE configs); None when neither is a positive int."""
+        for key in dict.fromkeys((self.num_experts_key, "num_local_experts")):
+            n = _get(config, key)
+            if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+                return n
+        return None
+
     def expert_module(self, e: int, which: int) -> str:
         """Name (relative to the layer) of expert ``e``'s gate (0), up (1) or down (2) Linear once the
         quantizer has un-fused the experts (``mergequant.quant.moe``): ``mlp.experts.3.gate_proj``.
@@ -187,9 +196,7 @@ class Architecture:
         ex = self.experts
         if not ex.is_sparse_layer(config, i):
             return self.sequential[:2] + _MLP
-        n = num_experts if num_experts is not None else _get(config, ex.num_experts_key)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            n = _get(config, "num_local_experts") if ex.num_experts_key != "num_local_experts" else None
+        n = num_experts if num_experts is not None else ex.expert_count(config)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise MergeQuantError(f"{model_name(config)}: config.json has no usable expert count "
                                   f"({ex.num_experts_key})")

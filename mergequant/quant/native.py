@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergequant.architectures import Architecture
+from mergequant.architectures import ARCHITECTURES, Architecture
 from mergequant.quant.meta import meta_embedding, meta_linear
 from mergequant.quant.moe import MoECalibration, UnfusedExperts
 
@@ -46,7 +46,7 @@ _QK_NORM = ("qwen3", "qwen3_moe")
 # the runner builds through transformers (which knows its defaults) instead of guessing
 _REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
              "rms_norm_eps")
-_MOE_REQUIRED = {"mixtral": ("num_local_experts", "num_experts_per_tok"),
+_MOE_REQUIRED = {"mixtral": ("num_experts_per_tok",),
                  "qwen2_moe": ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
                                "norm_topk_prob"),
                  "qwen3_moe": ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")}
@@ -82,8 +82,9 @@ def native_refusal(config: Mapping[str, Any], seqlen: int) -> str | None:
     missing = [k for k in _REQUIRED + _MOE_REQUIRED.get(mt, ()) if k not in config]
     if missing:
         return f"config.json does not set {', '.join(missing)}"
-    if mt in ("qwen2_moe", "qwen3_moe") and not _int(config, "num_experts") and not _int(config, "num_local_experts"):
-        return "config.json does not set num_experts"  # (transformers 5 saves Qwen MoE's as num_local_experts)
+    arch = ARCHITECTURES[mt]
+    if arch.is_moe and arch.experts.expert_count(config) is None:
+        return f"config.json does not set {arch.experts.num_experts_key}"
     if not all(_int(config, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                          "num_hidden_layers", "vocab_size")):
         return "a size in config.json is not a positive integer"
@@ -315,10 +316,7 @@ def _layer_class(name: str) -> type:
 def _settings(config: Mapping[str, Any], arch: Architecture) -> SimpleNamespace:
     mt = config["model_type"]
     heads = config["num_attention_heads"]
-    experts = None
-    if arch.is_moe:
-        experts = config.get("num_local_experts") if mt == "mixtral" else (config.get("num_experts")
-                                                                          or config.get("num_local_experts"))
+    experts = arch.experts.expert_count(config) if arch.is_moe else None
     c = SimpleNamespace(
         model_type=mt, hidden=config["hidden_size"], inter=config["intermediate_size"], heads=heads,
         kv_heads=config.get("num_key_value_heads") or heads,

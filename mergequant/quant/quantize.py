@@ -520,7 +520,7 @@ def moe_card_info(ck: Checkpoint, opts: QuantizeOptions, method: QuantMethod, re
     if not arch.is_moe:
         return None
     total, active = arch.parameter_counts(ck.config, {n: t.shape for n, t in ck.tensors.items()})
-    info = {"experts": ck.config.get(arch.experts.num_experts_key) or ck.config.get("num_local_experts"),
+    info = {"experts": arch.experts.expert_count(ck.config),
             "top_k": ck.config.get("num_experts_per_tok"), "total": total, "active": active,
             "calibration": opts.moe_calibration if method.calibrated else "none (no calibration data)",
             "tokens": result.expert_tokens, "fallbacks": result.expert_fallbacks}
@@ -638,7 +638,7 @@ def plan_quantize(model_dir: str | Path, opts: QuantizeOptions) -> QuantizePlan:
     experts = None
     if arch.is_moe:
         total, active = arch.parameter_counts(ck.config, {n: t.shape for n, t in ck.tensors.items()})
-        experts = {"experts": ck.config.get(arch.experts.num_experts_key) or ck.config.get("num_local_experts"),
+        experts = {"experts": arch.experts.expert_count(ck.config),
                    "top_k": ck.config.get("num_experts_per_tok"), "total": total, "active": active,
                    "calibration": opts.moe_calibration if method.calibrated else "none", "names": opts.moe_names}
     seqlen = min(opts.seqlen, ck.config.get("max_position_embeddings") or opts.seqlen)
