@@ -53,7 +53,6 @@ same lookup. tests/test_fast_tokenizer.py checks ids and EOS against AutoTokeniz
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 __all__ = ["INERT_KEYS", "MODEL_TYPES", "TOKENIZER_CLASSES", "FastTokenizer", "fast_tokenizer"]
@@ -131,8 +130,10 @@ def _transformers_version_ok() -> bool:
 
 
 def _json_object(path: Path) -> dict | None:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    """A JSON object file's contents; None for another JSON value (a bad file raises, see fast_tokenizer)."""
+    from mergequant.io.model_files import load_json_file
+
+    data = load_json_file(path)
     return data if isinstance(data, dict) else None
 
 
