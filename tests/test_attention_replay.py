@@ -198,3 +198,61 @@ def test_routed_gptq_with_kept_expert_activations_equals_without(tmp_path, monke
     run(tmp_path / "plain", 0)
     assert not installed
     _assert_same_checkpoint(tmp_path / "kept", tmp_path / "plain")
+
+
+# ---- the experts' input, kept from the gate/up pass for the down projections' pass ---------------------------
+
+def test_gate_up_into_a_float32_buffer_rounds_like_converting_afterwards():
+    from mergequant.quant.moe import MoECalibration, UnfusedExperts
+
+    torch.manual_seed(4)
+    mod = UnfusedExperts(2, 16, 24, nn.SiLU(), 0, MoECalibration(), device="cpu").to(torch.bfloat16)
+    x = torch.randn(50, 16).to(torch.bfloat16)
+    buf = torch.full((50, 24), float("nan"))
+    with torch.no_grad():  # (as every statistics pass runs)
+        got = mod.gate_up(1, x, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and got.dtype == torch.float32
+        assert torch.equal(got, mod.gate_up(1, x).float())
+
+
+def _count_expert_passes(monkeypatch) -> list[str]:
+    """Spy on GPTQ's runs of a layer up to its experts: one entry per pass that ran the layer."""
+    from mergequant.quant.gptq_method import GPTQMethod
+
+    passes = []
+    orig = GPTQMethod._expert_inputs
+
+    def spy(layer, inputs):
+        passes.append("run")
+        yield from orig(layer, inputs)
+
+    monkeypatch.setattr(GPTQMethod, "_expert_inputs", staticmethod(spy))
+    return passes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["all", "routed"])
+def test_moe_gptq_with_kept_expert_inputs_equals_without(tmp_path, monkeypatch, mode):
+    """The down projections' statistics read the experts' input kept by the gate/up pass (all-token: in
+    bfloat16, the statistics dtype, for the shared bfloat16 Mixtral) instead of running the layer again;
+    the checkpoint is the one computed with the layer run again."""
+    from mergequant.quant import gptq_method
+
+    model = MIXTRAL if mode == "all" else _fp32_mixtral(tmp_path)
+    if model is None:
+        pytest.skip("shared tiny Mixtral missing")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    kw = dict(bits=4, group_size=32, samples=8, seqlen=32, batch_size=4, moe_calibration=mode, moe_min_share=0.0)
+    layers = 0
+    for name, budget in (("kept", 1 << 30), ("plain", 0)):
+        passes = _count_expert_passes(monkeypatch)
+        monkeypatch.setattr(gptq_method, "EXPERT_INPUT_BYTES", budget)
+        run_quantize(model, QuantizeOptions(out=tmp_path / name, method="gptq", calib=str(calib), quiet=True,
+                                            fsync=False, **kw), log=lambda m: None)
+        monkeypatch.undo()
+        if name == "kept":
+            layers = len(passes)  # only the gate/up pass of each layer ran it
+        else:
+            assert len(passes) == 2 * layers > 0  # and the down pass too
+    _assert_same_checkpoint(tmp_path / "kept", tmp_path / "plain")

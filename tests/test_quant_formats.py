@@ -83,6 +83,23 @@ def test_8bit_hand_word():
     assert pack_cols(q.t(), 8).item() == s32(0xFE452301)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_whole_word_packing_matches_python_ints_across_blocks(bits, monkeypatch):
+    """The 2/4/8-bit path (no value straddles a word), with blocks of 3 words so several blocks and a
+    short last one are packed, against words built from Python ints."""
+    import mergequant.quant.formats as fm
+
+    per = 32 // bits
+    K, N = per * 7, 5
+    q = torch.randint(0, 1 << bits, (K, N), generator=gen(bits))
+    monkeypatch.setattr(fm, "PACK_BLOCK_BYTES", 3 * per * N * 8)
+    packed = pack_rows(q, bits)
+    expected = [[s32(sum(int(q[w * per + j, n]) << (bits * j) for j in range(per))) for n in range(N)]
+                for w in range(K // per)]
+    assert packed.tolist() == expected
+    assert torch.equal(unpack_rows(packed, bits, K), q)
+
+
 def test_3bit_is_a_little_endian_96bit_stream():
     vals = [(5 * j + 3) % 8 for j in range(32)]
     vals[10], vals[21] = 5, 3

@@ -35,6 +35,10 @@ EXPERT_HESSIAN_BYTES = 512 * 2**20
 # The experts' gate/up products on their routed tokens, kept from the down projections' statistics pass
 # for the layer's output pass when they fit (tiny Mixtral: 96 MiB; Mixtral-8x7B, 4k tokens: 448 MiB)
 EXPERT_REPLAY_BYTES = 1 << 30
+# The experts' input (and the router's choices) per calibration token, kept from the gate/up statistics pass
+# for the down projections' passes when it fits: those passes then skip the layer up to the experts (norms,
+# attention replay, router). Tiny Mixtral: 16 MiB; Mixtral-8x7B, 128 x 2048 tokens in bfloat16: 2 GiB (not kept)
+EXPERT_INPUT_BYTES = 1 << 30
 GPU_ROW_BLOCK_BYTES = 512 * 2**20  # GPTQ's working copy of W's rows on a GPU (CPU: gptq.ROW_BLOCK_BYTES)
 
 
@@ -162,6 +166,7 @@ class GPTQMethod(QuantMethod):
 
         moe = ctx.extra.get("moe") or MoECalibration()
         starved: set[int] = set()
+        expert_inputs = None  # per chunk (x, router's choices), kept by the gate/up pass for the downs' passes
         replay = None
         kept = None  # the attention's outputs, built from the o_proj pass (see _keeps_attention_output)
         # each group is quantized after the previous ones, on inputs computed with them already quantized
@@ -175,7 +180,9 @@ class GPTQMethod(QuantMethod):
             if experts and all(p[1] != 2 for p in experts.values()):
                 # the experts' gate/up pass is the first to reach the experts: it counts the router's
                 # choices, which decide (routed calibration) which experts are too starved to solve
-                accs = self._expert_gate_up_stats(layer, inputs, names, experts, moe, i)
+                width = max(modules[s].in_features for s in names) + _top_k(ctx)  # x and the router's choices
+                expert_inputs = [] if _fits(inputs, width, EXPERT_INPUT_BYTES) else None
+                accs = self._expert_gate_up_stats(layer, inputs, names, experts, moe, i, expert_inputs)
                 starved = set(moe.starved(i, ctx.result.calib_tokens, _top_k(ctx)))
                 if starved:
                     self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules, dev)
@@ -188,7 +195,7 @@ class GPTQMethod(QuantMethod):
             acts = ([], []) if experts and self._keeps_expert_activations(ctx, inputs, modules, names, moe) else None
             for batch in self._capture_batches(names, modules, experts):
                 if experts:
-                    accs = self._expert_down_stats(layer, inputs, batch, experts, moe, modules, acts)
+                    accs = self._expert_down_stats(layer, inputs, batch, experts, moe, modules, acts, expert_inputs)
                     self._solve_shared(ctx, accs, batch, todo, modules)
                     continue
                 attn = self._keeps_attention_output(ctx, layer, inputs, batch, modules)
@@ -237,13 +244,19 @@ class GPTQMethod(QuantMethod):
         finally:
             hook.remove()
 
-    def _expert_gate_up_stats(self, layer, inputs, names, experts, moe, i) -> dict[str, HessianAccumulator]:
+    def _expert_gate_up_stats(self, layer, inputs, names, experts, moe, i, kept=None) -> dict[str, HessianAccumulator]:
         """Hessians of every expert's gate/up: one shared from every token (all-token calibration) or
-        one per expert from its routed tokens; counts the router's choices into ``moe.tokens[i]``."""
+        one per expert from its routed tokens; counts the router's choices into ``moe.tokens[i]``.
+        ``kept``: a list that receives each chunk's (experts' input, router's choices, experts module) for
+        the down projections' passes (``_expert_down_stats``); with all-token calibration the input is kept
+        in the statistics dtype (``_expert_stats_dtype``), the only one those passes read it in."""
         accs: dict[str, HessianAccumulator] = {}
         counts = None
+        stats_dtype = _expert_stats_dtype(inputs) if moe.mode == "all" else None
         with torch.no_grad():
             for x, idx, mod in self._expert_inputs(layer, inputs):
+                if kept is not None:
+                    kept.append((x if stats_dtype is None else x.to(stats_dtype), idx, mod))
                 c = torch.bincount(idx.reshape(-1).long(), minlength=mod.num_experts)[: mod.num_experts]
                 counts = c if counts is None else counts + c
                 if moe.mode == "all":
@@ -261,20 +274,26 @@ class GPTQMethod(QuantMethod):
         moe.tokens[i] = counts.tolist()
         return accs
 
-    def _expert_down_stats(self, layer, inputs, batch, experts, moe, modules, kept=None) -> dict[str, HessianAccumulator]:
+    def _expert_down_stats(self, layer, inputs, batch, experts, moe, modules, kept=None,
+                           expert_inputs=None) -> dict[str, HessianAccumulator]:
         """Hessians of a batch of experts' down projections: each from ``act(gate(x)) * up(x)`` with the
         expert's (already quantized) gate and up, over every token or the expert's routed tokens.
 
         ``kept`` (routed calibration only): (chunk keys, per-chunk dicts) that receive each expert's products
         on its routed tokens, computed in the layer's compute dtype exactly as the routed forward computes
         them, for the layer's output pass to reuse (``moe.ExpertActivationReplay``). Without ``kept``,
-        every product is in the statistics dtype (``_expert_stats_dtype``)."""
+        every product is in the statistics dtype (``_expert_stats_dtype``); a 16-bit one is written
+        straight into a float32 buffer for the Hessian (the same values as converting it afterwards).
+        ``expert_inputs``: what ``_expert_gate_up_stats`` kept, read instead of running the layer up to
+        its experts again."""
         from mergequant.quant.replay import checksum
 
         accs = {s: HessianAccumulator(modules[s].in_features) for s in batch}
         stats_dtype = _expert_stats_dtype(inputs)
+        buf = None
+        chunks = expert_inputs if expert_inputs is not None else self._expert_inputs(layer, inputs)
         with torch.no_grad():
-            for j, (x, idx, mod) in enumerate(self._expert_inputs(layer, inputs)):
+            for j, (x, idx, mod) in enumerate(chunks):
                 if kept is not None:
                     if j == len(kept[0]):
                         kept[0].append(checksum(x))
@@ -285,11 +304,17 @@ class GPTQMethod(QuantMethod):
                         accs[s].add(act)
                     continue
                 if stats_dtype is not None:
-                    x = x.to(stats_dtype)
+                    x = x.to(stats_dtype)  # (a no-op for inputs kept in it)
                 for s in batch:
                     e = experts[s][0]
                     xe = x if moe.mode == "all" else x[(idx == e).any(dim=-1)]
-                    accs[s].add(mod.gate_up(e, xe))
+                    if xe.dtype == torch.float32:
+                        accs[s].add(mod.gate_up(e, xe))
+                        continue
+                    n = xe.shape[:-1].numel()
+                    if buf is None or buf.shape[0] < n:
+                        buf = torch.empty(n, modules[s].in_features, dtype=torch.float32, device=xe.device)
+                    accs[s].add(mod.gate_up(e, xe, out=buf[:n]))
         return accs
 
     @staticmethod

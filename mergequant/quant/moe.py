@@ -125,9 +125,13 @@ class UnfusedExperts(nn.ModuleList):
             out.addcmul_(y, w.to(y.dtype))
         return out
 
-    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """``act(gate(x)) * up(x)`` of expert ``e``: the input of its down projection."""
-        return self._act[0](self[e].gate_proj(x)) * self[e].up_proj(x)
+    def gate_up(self, e: int, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(gate(x)) * up(x)`` of expert ``e``: the input of its down projection. ``out``: a buffer
+        (any float dtype, e.g. float32 for a Hessian of bfloat16 products) that receives the product,
+        rounded as ``(act(gate(x)) * up(x)).to(out.dtype)`` would be, without that extra pass."""
+        if out is None:
+            return self._act[0](self[e].gate_proj(x)) * self[e].up_proj(x)
+        return torch.mul(self._act[0](self[e].gate_proj(x)), self[e].up_proj(x), out=out)
 
     def routed_activations(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, e: int) -> torch.Tensor:
         """``gate_up`` of expert ``e`` on the tokens the router sent it (in token order): exactly what the
