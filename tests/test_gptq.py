@@ -372,3 +372,51 @@ def test_solving_in_row_blocks_changes_nothing(desc_act, static_groups, gs):
     assert torch.equal(many.g_idx, one.g_idx)
     assert many.error == pytest.approx(one.error, rel=1e-5)
     assert (many.W_hat[:, 17] == 0).all()
+
+
+def _thread_log(monkeypatch) -> list[tuple[str, int]]:
+    """Record the intra-op thread count seen by each column loop and each factorization."""
+    import mergequant.quant.gptq as g
+
+    seen = []
+    for name in ("_solve_rows", "_inverse_cholesky_upper_"):
+        orig = getattr(g, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            seen.append((_name, torch.get_num_threads()))
+            return _orig(*a, **k)
+        monkeypatch.setattr(g, name, spy)
+    return seen
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 intra-op threads to tell one from many")
+def test_small_solves_run_on_one_thread_large_ones_on_all(monkeypatch):
+    """A small solve (K^2 (N + K) <= SMALL_SOLVE_WORK) runs wholly on one thread and gives exactly what a
+    run on one thread gives; a large one factorizes on every thread; the count is restored either way."""
+    import mergequant.quant.gptq as g
+
+    n_threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    X = torch.randn(256, 64)
+    H = X.T @ X
+    W = torch.randn(48, 64)
+    seen = _thread_log(monkeypatch)
+    small = gptq_quantize(W, H, bits=4, group_size=32)
+    assert seen and all(t == 1 for _, t in seen) and torch.get_num_threads() == n_threads
+    torch.set_num_threads(1)
+    try:
+        ref = gptq_quantize(W, H, bits=4, group_size=32)
+    finally:
+        torch.set_num_threads(n_threads)
+    assert torch.equal(small.codes, ref.codes) and torch.equal(small.scales, ref.scales)
+
+    seen.clear()
+    monkeypatch.setattr(g, "SMALL_SOLVE_WORK", 0)  # everything is large now
+    gptq_quantize(W, H, bits=4, group_size=32)
+    gptq_quantize_batch([W, W], [H.clone(), H.clone()], bits=4, group_size=32)
+    assert ("_inverse_cholesky_upper_", n_threads) in seen
+    assert torch.get_num_threads() == n_threads
+    seen.clear()
+    monkeypatch.setattr(g, "SMALL_SOLVE_WORK", 2e9)
+    gptq_quantize_batch([W, W], [H.clone(), H.clone()], bits=4, group_size=32)
+    assert seen and all(t == 1 for _, t in seen)

@@ -28,7 +28,9 @@ Conventions (the GPTQ checkpoint ones, so results drop straight into the usual f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -454,6 +456,58 @@ def _sq_diff(parts: list[torch.Tensor], W_hat: torch.Tensor, mask: torch.Tensor 
     return total
 
 
+# A solve whose work K^2 (N + K) is at most this runs on one thread (see ``_intra_op_threads``): measured on
+# 2 cores, one thread was 15-30% faster below 1e9 (tiny Mixtral: all the solves) and even at 2.7e9 (K 1024,
+# 1536 rows); two threads were 20% faster at 1.5e10 (K 2048, 1536 rows)
+SMALL_SOLVE_WORK = 2e9
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None):
+    """Run the block with ``n`` intra-op CPU threads (None: unchanged).
+
+    Why: a GPTQ solve is a long sequence of small operations (the column loop: a few on one column of
+    every row per step; a small solve's factorization too), each too small to share between threads. A
+    thread that must be woken for it costs more than the operation, and waking is what mergequant's CLI
+    asks of idle OpenMP threads (they sleep rather than spin, ``cli.idle_threads_sleep``): on a 2-core
+    VM each wake-up cost ~0.4 ms, more than the operation itself. Large products (the column loop's
+    per-block update, a large solve's factorization) still use every thread."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _small_solves_on_one_thread(work_of: Callable[..., float]):
+    """Decorate a solver so that a call whose ``work_of(*args, **kwargs)`` is at most ``SMALL_SOLVE_WORK``
+    runs on one intra-op thread (see ``_intra_op_threads``)."""
+    def decorate(solve):
+        @functools.wraps(solve)
+        def run(*args, **kwargs):
+            with _intra_op_threads(1 if work_of(*args, **kwargs) <= SMALL_SOLVE_WORK else None):
+                return solve(*args, **kwargs)
+        return run
+    return decorate
+
+
+def _solve_work(W, H, *_, **__) -> float:
+    """K^2 (N + K) of ``gptq_quantize(W, H, ...)`` (the factorization and the column loop)."""
+    parts = _rows(W)
+    k, n = H.shape[-1], sum(p.shape[0] for p in parts)
+    return float(k) * k * (n + k)
+
+
+def _batch_work(Ws, Hs, *_, **__) -> float:
+    """The summed ``_solve_work`` of ``gptq_quantize_batch(Ws, Hs, ...)``."""
+    return sum(_solve_work(w, h) for w, h in zip(Ws, Hs) if h is not None)
+
+
+@_small_solves_on_one_thread(_solve_work)
 def gptq_quantize(
     W: torch.Tensor | Sequence[torch.Tensor],
     H: torch.Tensor,
@@ -578,6 +632,7 @@ def gptq_quantize(
     )
 
 
+@_small_solves_on_one_thread(_batch_work)
 def gptq_quantize_batch(
     Ws: Sequence[torch.Tensor | Sequence[torch.Tensor]],
     Hs: list[torch.Tensor],
@@ -746,26 +801,27 @@ def _solve_rows(Wt: torch.Tensor, V: torch.Tensor, perm: torch.Tensor | None, *,
         W1 = Wt[..., i1:i2, :].clone()  # this block's columns, updated eagerly one by one
         U1 = _u_block(V, i1, i2, i1, i2).triu()
         Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if group_size == -1:
-                g = 0
-            elif static:
-                g = int(order[j]) // group_size
-            else:
-                g = j // group_size
-                if j % group_size == 0:  # new group: min/max of the error-updated weights
-                    grp = torch.cat([W1[..., i:, :], Wt[..., i2:j + group_size, :]], dim=-2)[..., :group_size, :]
-                    scales[..., g, :], zeros[..., g, :] = _find_params_t(grp, bits, sym)
-            w = W1[..., i, :]
-            s, z = scales[..., g, :], zeros[..., g, :]
-            q = _quantize(w, s, z, maxq)
-            Qt[..., j, :] = q
-            # OBS update: err / U_jj times row j of U moves the remaining columns to compensate.
-            err = (w - _dequantize(q, s, z)) / U1[..., i, i, None]
-            # rank-1 update as a GEMM: fastest on CPU
-            _sub_product_(W1[..., i:, :], U1[..., i, i:, None], err[..., None, :])
-            Err1[..., i, :] = err
+        with _intra_op_threads(1):  # (see _intra_op_threads)
+          for i in range(i2 - i1):
+              j = i1 + i
+              if group_size == -1:
+                  g = 0
+              elif static:
+                  g = int(order[j]) // group_size
+              else:
+                  g = j // group_size
+                  if j % group_size == 0:  # new group: min/max of the error-updated weights
+                      grp = torch.cat([W1[..., i:, :], Wt[..., i2:j + group_size, :]], dim=-2)[..., :group_size, :]
+                      scales[..., g, :], zeros[..., g, :] = _find_params_t(grp, bits, sym)
+              w = W1[..., i, :]
+              s, z = scales[..., g, :], zeros[..., g, :]
+              q = _quantize(w, s, z, maxq)
+              Qt[..., j, :] = q
+              # OBS update: err / U_jj times row j of U moves the remaining columns to compensate.
+              err = (w - _dequantize(q, s, z)) / U1[..., i, i, None]
+              # rank-1 update as a GEMM: fastest on CPU
+              _sub_product_(W1[..., i:, :], U1[..., i, i:, None], err[..., None, :])
+              Err1[..., i, :] = err
         obs_loss += (Err1 * Err1).sum(dim=(-2, -1)).double().cpu()
         # Lazy batch update: apply the whole block's errors to all later columns in one matmul.
         if i2 < k:
