@@ -24,7 +24,8 @@ import ctypes
 import ctypes.util
 import functools
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
+M_MMAP_THRESHOLD = -3
 # glibc's own upper bound for its dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), i.e.
 # where the dynamic threshold ends up after the first large free: restored after a scoped change
 MMAP_THRESHOLD_DYNAMIC_MAX = 32 * 2**20
@@ -59,6 +60,23 @@ def mapped_allocations(threshold: int = 2**20):
         yield
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_DYNAMIC_MAX)
+
+
+def steady_heap() -> None:
+    """Fix glibc's mmap threshold at its dynamic maximum (32 MiB) and the top-of-heap trim threshold at
+    twice that, where a long-running process's thresholds end up anyway (a no-op elsewhere).
+
+    Why: the dynamic thresholds start at 128 KiB / 256 KiB and follow the sizes of freed mmapped
+    blocks, and the first ``mapped_allocations`` freezes them wherever they were. A quantizer's
+    passes over a small model free activation-sized blocks at the top of the heap after every pass;
+    with a trim threshold frozen at a few MiB, glibc handed each of them back and the next pass
+    faulted them in again: on the tiny Mixtral's GPTQ run 0.6-1.2 million minor page faults, 2-4 s of
+    system time in a 15 s run. Explicit ``release_free_memory`` calls still return everything."""
+    libc = _glibc()
+    if libc is None:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_DYNAMIC_MAX)
+    libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_DYNAMIC_MAX)
 
 
 def release_free_memory() -> None:

@@ -64,3 +64,51 @@ print(heap_freed, mapped_freed)
     heap_freed, mapped_freed = map(float, out[-2:])
     assert heap_freed < 50, heap_freed  # the premise: on the heap, freed blocks stay resident
     assert mapped_freed > 150, mapped_freed
+
+
+_TOP_OF_HEAP = """
+import sys
+import torch
+from mergequant.memory import mapped_allocations, steady_heap
+
+def anon():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon:')).split()[1]) / 1024
+
+with mapped_allocations(2**20):  # freezes glibc's dynamic thresholds where a young process has them
+    pass
+if sys.argv[1] == "steady":
+    steady_heap()
+blocks = [torch.ones(2 * 2**20 // 4) for _ in range(24)]  # 48 MiB at the top of the heap
+before = anon()
+del blocks  # free chunks at the top: handed back only above the trim threshold
+print(before - anon())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc_malloc_trim() is None, reason="glibc only")
+def test_steady_heap_keeps_freed_top_of_heap_for_the_next_pass():
+    """After ``steady_heap`` a pass's freed blocks at the top of the heap (here 48 MiB) stay for the next
+    pass to reuse; with the thresholds frozen young, glibc hands them back and the next pass faults them in."""
+    def freed(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _TOP_OF_HEAP, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
+
+    assert freed("young") > 20  # the premise: without it the top of the heap goes back to the OS
+    assert freed("steady") < 8
+
+
+def test_trims_inside_a_layer_only_ahead_of_large_hessians(monkeypatch):
+    """GPTQ returns freed memory before a capture or solve only when its Hessian is at least
+    TRIM_BEFORE_HESSIAN_BYTES (large mapped solve temporaries would stack on resident free memory);
+    small ones skip the trim whose memory the next pass would fault in again."""
+    from mergequant.quant import gptq_method
+
+    calls = []
+    monkeypatch.setattr(gptq_method, "release_free_memory", lambda: calls.append(1))
+    k_min = next(k for k in range(1, 1 << 16) if 4 * k * k >= gptq_method.TRIM_BEFORE_HESSIAN_BYTES)
+    gptq_method._release_before(k_min - 1)
+    gptq_method._release_before(384)
+    assert calls == []
+    gptq_method._release_before(k_min)
+    gptq_method._release_before(5632)
+    assert calls == [1, 1]

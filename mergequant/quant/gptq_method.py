@@ -39,6 +39,8 @@ EXPERT_REPLAY_BYTES = 1 << 30
 # for the down projections' passes when it fits: those passes then skip the layer up to the experts (norms,
 # attention replay, router). Tiny Mixtral: 16 MiB; Mixtral-8x7B, 128 x 2048 tokens in bfloat16: 2 GiB (not kept)
 EXPERT_INPUT_BYTES = 1 << 30
+# Trims inside a layer only ahead of Hessians at least this big (K >= 1449); see _release_before
+TRIM_BEFORE_HESSIAN_BYTES = 8 * 2**20
 GPU_ROW_BLOCK_BYTES = 512 * 2**20  # GPTQ's working copy of W's rows on a GPU (CPU: gptq.ROW_BLOCK_BYTES)
 
 
@@ -69,6 +71,16 @@ def _fits(inputs, per_token: int, budget: int) -> bool:
     """Whether ``per_token`` values per calibration token, in the compute dtype, fit ``budget`` bytes."""
     sized = _calibration_tokens(inputs)
     return sized is not None and sized[0] * per_token * torch.empty((), dtype=sized[1]).element_size() <= budget
+
+
+def _release_before(k: int) -> None:
+    """Return the freed heap to the OS before a capture or solve whose Hessian (K x K float32) is at least
+    ``TRIM_BEFORE_HESSIAN_BYTES``: its solve's large temporaries are mapped (``mapped_allocations``), so
+    freed activations still resident would add to the peak. Below that the matrices are too small to
+    move the peak, and the next pass would only fault the same memory in again (the tiny Mixtral's 24
+    trims inside layers cost 5-10% of its run). The runner still trims between layers."""
+    if 4 * k * k >= TRIM_BEFORE_HESSIAN_BYTES:
+        release_free_memory()
 
 
 def _replay_attention(ctx, layer, inputs, kept=None) -> object:
@@ -380,7 +392,7 @@ class GPTQMethod(QuantMethod):
                 record[0].append(checksum(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]))
             hook = attention.register_forward_pre_hook(pre, with_kwargs=True)
 
-        release_free_memory()  # the previous solve's and recompute's temporaries, before H is built
+        _release_before(max(modules[s].in_features for s in names))  # the previous pass's temporaries
         # the group with the widest input holds the layer's largest Hessian while its capture runs
         # the most activations (the MLP): that is a peak of the whole run, so its chunks' freed
         # activations go back to the OS one by one (the other groups skip the re-faulting cost)
@@ -428,7 +440,7 @@ class GPTQMethod(QuantMethod):
         their column loops run as one batch (``gptq_quantize_batch``: bit-identical to solving each on its
         own, several times fewer small operations)."""
         o = ctx.opts
-        release_free_memory()
+        _release_before(accs[0].in_features)
         Hs = [acc.take() for acc in accs]
         dev = Hs[0].device
         parts = [[ctx.source_weight(lin).to(dev) for lin in group] for group in lins]
@@ -458,7 +470,7 @@ class GPTQMethod(QuantMethod):
 
     def _solve(self, ctx, mods, lins, acc: HessianAccumulator) -> None:
         o = ctx.opts
-        release_free_memory()  # the capture's activation temporaries, before the solver's big matrices
+        _release_before(acc.in_features)  # the capture's activation temporaries, before the solver's matrices
         # acc.take() hands H over without another reference: the solver overwrites it with the inverse
         # factor and frees it on return, before the codes are packed. Its large temporaries are mapped
         # so they leave no freed-but-resident heap behind (see mergequant.memory).

@@ -28,7 +28,7 @@ from mergequant.io.checkpoint import Checkpoint, natural_key
 from mergequant.io.model_files import copy_tokenizer_files, pick_device
 from mergequant.io.output_dir import atomic_output_dir, check_output_location, local_files
 from mergequant.io.writer import PlannedTensor, ShardedWriter, plan_shards, write_json
-from mergequant.memory import release_free_memory
+from mergequant.memory import release_free_memory, steady_heap
 from mergequant.merge.moe_layout import per_expert_view
 from mergequant.peft.adapted import adapter_notes, adapter_of, model_dirs, open_model, source_name, tokenizer_dir
 from mergequant.quant.method import QuantContext, QuantLinear, QuantMethod, get_method
@@ -310,6 +310,7 @@ def run_quantize(model_dir: str | Path, opts: QuantizeOptions, log=print) -> Qua
     device = pick_device(opts.device)
     calib_ids = _calibration_ids(model_dir, ck, opts) if method.calibrated else None
     release_free_memory()  # the tokenizer's
+    steady_heap()  # from here on, pass after pass frees and reallocates the same blocks
 
     result = QuantizeResult(opts.out, len(linears), calib_tokens=0 if calib_ids is None else calib_ids.numel())
     shards = plan_shards(planned_tensors(ck, linears, method, opts), opts.shard_size)
