@@ -802,26 +802,26 @@ def _solve_rows(Wt: torch.Tensor, V: torch.Tensor, perm: torch.Tensor | None, *,
         U1 = _u_block(V, i1, i2, i1, i2).triu()
         Err1 = torch.zeros_like(W1)
         with _intra_op_threads(1):  # (see _intra_op_threads)
-          for i in range(i2 - i1):
-              j = i1 + i
-              if group_size == -1:
-                  g = 0
-              elif static:
-                  g = int(order[j]) // group_size
-              else:
-                  g = j // group_size
-                  if j % group_size == 0:  # new group: min/max of the error-updated weights
-                      grp = torch.cat([W1[..., i:, :], Wt[..., i2:j + group_size, :]], dim=-2)[..., :group_size, :]
-                      scales[..., g, :], zeros[..., g, :] = _find_params_t(grp, bits, sym)
-              w = W1[..., i, :]
-              s, z = scales[..., g, :], zeros[..., g, :]
-              q = _quantize(w, s, z, maxq)
-              Qt[..., j, :] = q
-              # OBS update: err / U_jj times row j of U moves the remaining columns to compensate.
-              err = (w - _dequantize(q, s, z)) / U1[..., i, i, None]
-              # rank-1 update as a GEMM: fastest on CPU
-              _sub_product_(W1[..., i:, :], U1[..., i, i:, None], err[..., None, :])
-              Err1[..., i, :] = err
+            for i in range(i2 - i1):
+                j = i1 + i
+                if group_size == -1:
+                    g = 0
+                elif static:
+                    g = int(order[j]) // group_size
+                else:
+                    g = j // group_size
+                    if j % group_size == 0:  # new group: min/max of the error-updated weights
+                        grp = torch.cat([W1[..., i:, :], Wt[..., i2:j + group_size, :]], dim=-2)[..., :group_size, :]
+                        scales[..., g, :], zeros[..., g, :] = _find_params_t(grp, bits, sym)
+                w = W1[..., i, :]
+                s, z = scales[..., g, :], zeros[..., g, :]
+                q = _quantize(w, s, z, maxq)
+                Qt[..., j, :] = q
+                # OBS update: err / U_jj times row j of U moves the remaining columns to compensate.
+                err = (w - _dequantize(q, s, z)) / U1[..., i, i, None]
+                # rank-1 update as a GEMM: fastest on CPU
+                _sub_product_(W1[..., i:, :], U1[..., i, i:, None], err[..., None, :])
+                Err1[..., i, :] = err
         obs_loss += (Err1 * Err1).sum(dim=(-2, -1)).double().cpu()
         # Lazy batch update: apply the whole block's errors to all later columns in one matmul.
         if i2 < k:

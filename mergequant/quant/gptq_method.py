@@ -392,13 +392,14 @@ class GPTQMethod(QuantMethod):
                 record[0].append(checksum(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]))
             hook = attention.register_forward_pre_hook(pre, with_kwargs=True)
 
-        _release_before(max(modules[s].in_features for s in names))  # the previous pass's temporaries
+        k = max(modules[s].in_features for s in names)
+        _release_before(k)  # the previous pass's temporaries
         # the group with the widest input holds the layer's largest Hessian while its capture runs
         # the most activations (the MLP): that is a peak of the whole run, so its chunks' freed
         # activations go back to the OS one by one (the other groups skip the re-faulting cost)
         try:
             capture_module_inputs(layer, inputs, {s: modules[s] for s in names}, add, parallel=True,
-                                  release_between_chunks=max(modules[s].in_features for s in names) == widest)
+                                  release_between_chunks=k == widest)
         finally:
             if hook is not None:
                 hook.remove()
