@@ -410,7 +410,9 @@ def _experts_section(experts: dict) -> list[str]:
     lines = ["## Mixture of experts\n",
              f"{experts.get('experts', '?')} experts per layer, {experts.get('top_k', '?')} active per token; "
              f"{experts.get('active', 0):,} of {experts.get('total', 0):,} parameters active per token. "
-             f"Routers stay in full precision. Calibration: `{mode}`" + (f" ({how})." if how else "."), ""]
+             f"Routers stay in full precision. Calibration: `{mode}`" + (f" ({how})." if how else ".")
+             + (f" The experts' down-projection statistics come from {experts['stats_dtype']} products "
+                "(accumulated in float32)." if experts.get("stats_dtype") else ""), ""]
     tokens, fell = experts.get("tokens") or {}, experts.get("fallbacks") or {}
     if tokens:
         lines += ["| layer | calibration tokens routed to each expert | round-to-nearest experts |", "|---|---|---|"]

@@ -207,19 +207,43 @@ def _load_model(ck, model_dir, dev, backend: str, log):
         return _load_quantized(ck, model_dir, dev, backend, log)
     from mergequant.peft.adapted import adapter_of
 
+    compute = _compute_dtype(ck, dev, log)
     if adapter_of(ck) is not None:
-        return load_from_tensors(ck).to(dev).eval(), "transformers"
+        return load_from_tensors(ck, dtype=compute).to(dev).eval(), "transformers"
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report is checked below, as one line, instead of a table
     try:
-        model, report = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", output_loading_info=True)
+        model, report = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute or "auto", output_loading_info=True)
     finally:
         hf_logging.set_verbosity(level)
     check_load_report(model_dir, report)
     return model.to(dev).eval(), "transformers"
+
+
+def _stored_dtype(ck) -> torch.dtype | None:
+    """The checkpoint's float dtype when all its float tensors share one, else None."""
+    dtypes = {t.dtype for t in ck.tensors.values() if t.dtype.is_floating_point}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _compute_dtype(ck, dev, log) -> torch.dtype | None:
+    """float32 for a 16-bit full-precision checkpoint on a device that computes its dtype slowly (a CPU
+    without bfloat16 / float16 instructions, where the products are emulated: 4x slower end to end on
+    the tiny Mixtral here), else None (the checkpoint's own dtype). Every 16-bit value is exact in
+    float32, so the model is the same; only activations are no longer rounded to 16 bits (perplexity
+    moves by ~0.02%), which is also how the dequantized quantized checkpoints are evaluated."""
+    from mergequant.hardware import fast_16bit
+
+    stored = _stored_dtype(ck)
+    if stored not in (torch.bfloat16, torch.float16) or fast_16bit(stored, dev):
+        return None
+    if log:
+        log(f"note: {ck.path}: evaluated in float32, not {str(stored).removeprefix('torch.')}: this "
+            f"{torch.device(dev).type.upper()} computes {str(stored).removeprefix('torch.')} products slowly (no instructions for them)")
+    return torch.float32
 
 
 def check_load_report(model_dir, report: dict) -> None:
@@ -312,10 +336,10 @@ def _load_quantized(ck, model_dir, dev, backend: str, log):
     return model.eval(), "transformers"
 
 
-def load_from_tensors(ck) -> "torch.nn.Module":
+def load_from_tensors(ck, dtype: torch.dtype | None = None) -> "torch.nn.Module":
     """A full-precision transformers model built from ``ck``'s config and filled from ``ck.get`` tensor by
     tensor: how an adapted (BASE+ADAPTER) model is loaded without a merged copy on disk. Each parameter is
-    allocated once in the checkpoint's dtype and copied into; transformers' load report rules apply (a
+    allocated once in ``dtype`` (default: the checkpoint's) and copied into; transformers' load report rules apply (a
     missing or mis-shaped weight is refused, see :func:`check_load_report`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -325,8 +349,7 @@ def load_from_tensors(ck) -> "torch.nn.Module":
     cfg_dict = dict(ck.config)
     model_type = cfg_dict.pop("model_type", None)
     cfg = AutoConfig.for_model(model_type, **cfg_dict)
-    dtypes = {t.dtype for t in ck.tensors.values() if t.dtype.is_floating_point}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    dtype = dtype or _stored_dtype(ck) or torch.float32
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     params = dict(model.state_dict())
     arch = ARCHITECTURES.get(model_type)

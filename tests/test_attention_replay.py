@@ -234,8 +234,8 @@ def _count_expert_passes(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("mode", ["all", "routed"])
 def test_moe_gptq_with_kept_expert_inputs_equals_without(tmp_path, monkeypatch, mode):
     """The down projections' statistics read the experts' input kept by the gate/up pass (all-token: in
-    bfloat16, the statistics dtype, for the shared bfloat16 Mixtral) instead of running the layer again;
-    the checkpoint is the one computed with the layer run again."""
+    the statistics dtype: bfloat16 for the shared bfloat16 Mixtral on a CPU with bfloat16 instructions)
+    instead of running the layer again; the checkpoint is the one computed with the layer run again."""
     from mergequant.quant import gptq_method
 
     model = MIXTRAL if mode == "all" else _fp32_mixtral(tmp_path)

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from conftest import run_cli
 from mergequant.architectures import ARCHITECTURES
 from mergequant.evaluate import load_dequantized
+from mergequant.hardware import fast_bfloat16
 from mergequant.io.checkpoint import Checkpoint
 from mergequant.quant import formats
 from mergequant.quant.gptq import gptq_quantize
@@ -226,8 +227,10 @@ def test_all_token_hessians_and_codes(all_token, calib):
     for e in (0, 5):
         g = RTNMethod.dequantize(ck.get, f"model.layers.0.block_sparse_moe.experts.{e}.w1", qcfg)
         u = RTNMethod.dequantize(ck.get, f"model.layers.0.block_sparse_moe.experts.{e}.w3", qcfg)
-        # the experts' statistics products run in the checkpoint's bfloat16 (see _expert_stats_dtype)
-        xb, gb, ub = x.to(torch.bfloat16), g.to(torch.bfloat16), u.to(torch.bfloat16)
+        # the experts' statistics products run in the checkpoint's bfloat16 where this CPU computes it
+        # natively, else in float32 (see _expert_stats_dtype)
+        sd = torch.bfloat16 if fast_bfloat16("cpu") else torch.float32
+        xb, gb, ub = x.to(sd), g.to(sd), u.to(sd)
         h = torch.nn.functional.silu(xb @ gb.T) * (xb @ ub.T)
         Hd = _hessian(h.float())
         assert _rel(Hd, _hessian(torch.nn.functional.silu(x @ g.T) * (x @ u.T))) < 5e-3  # vs float32: close
@@ -245,6 +248,10 @@ def test_all_token_hessians_and_codes(all_token, calib):
     counts = [int((top_k == e).sum()) for e in range(8)]
     line = next(m for m in log if m.startswith("layer 0: routed tokens per expert"))
     assert line.endswith(", ".join(f"{e}:{c}" for e, c in enumerate(counts))), (line, counts)
+    # the card and (where bfloat16 would be emulated) the log say which products the statistics came from
+    name = str(sd).removeprefix("torch.")
+    assert f"down-projection statistics come from {name} products" in (out / "README.md").read_text()
+    assert any("statistics are computed in float32, not bfloat16" in m for m in log) == (sd == torch.float32)
 
 
 @needs_mixtral

@@ -46,16 +46,23 @@ GPU_ROW_BLOCK_BYTES = 512 * 2**20  # GPTQ's working copy of W's rows on a GPU (C
 
 def _expert_stats_dtype(inputs) -> torch.dtype | None:
     """The dtype in which the experts' gate/up run to produce their down projections' statistics:
-    bfloat16 when the checkpoint's activations are stored in it, else the layer's compute dtype (None).
+    bfloat16 when the checkpoint's activations are stored in it and the device computes bfloat16 fast
+    (``hardware.fast_bfloat16``), else the layer's compute dtype (None).
 
     Why: with all-token calibration every expert's gate and up run on every calibration token only
     to produce its down projection's Hessian, the largest float cost of an MoE layer after the
     Hessians themselves; a bfloat16 product is ~3x faster on CPUs with AVX-512 BF16 or AMX (and on
     GPUs). It is the precision the model runs in (and GPTQModel calibrates in). The Hessian is still
     accumulated in float32, the layer's output (what the next layer receives) still computed in the
-    compute dtype, and gate/up's own statistics come from the unrounded input."""
+    compute dtype, and gate/up's own statistics come from the unrounded input. On a CPU without
+    bfloat16 instructions the same products in bfloat16 are ~16x slower than in float32 (tiny
+    Mixtral: 201 s against 12 s), so there they stay in the compute dtype."""
+    from mergequant.hardware import fast_bfloat16
+
     hidden = getattr(inputs, "hidden", None)
-    return torch.bfloat16 if hidden and hidden[0].dtype == torch.bfloat16 else None
+    if not hidden or hidden[0].dtype != torch.bfloat16:
+        return None
+    return torch.bfloat16 if fast_bfloat16(hidden[0].device) else None
 
 
 def _calibration_tokens(inputs) -> tuple[int, torch.dtype] | None:
@@ -205,6 +212,8 @@ class GPTQMethod(QuantMethod):
                 self._round_starved(ctx, i, [s for s in names if experts[s][0] in starved], todo, modules, dev)
                 names = [s for s in names if experts[s][0] not in starved]
             acts = ([], []) if experts and self._keeps_expert_activations(ctx, inputs, modules, names, moe) else None
+            if experts and names:
+                self._note_stats_dtype(ctx, inputs, kept_routed=acts is not None)
             for batch in self._capture_batches(names, modules, experts):
                 if experts:
                     accs = self._expert_down_stats(layer, inputs, batch, experts, moe, modules, acts, expert_inputs)
@@ -328,6 +337,22 @@ class GPTQMethod(QuantMethod):
                         buf = torch.empty(n, modules[s].in_features, dtype=torch.float32, device=xe.device)
                     accs[s].add(mod.gate_up(e, xe, out=buf[:n]))
         return accs
+
+    @staticmethod
+    def _note_stats_dtype(ctx, inputs, kept_routed: bool) -> None:
+        """Record (for the card) the dtype of the products the experts' down statistics come from, and
+        say once when a bfloat16 checkpoint's products stay in float32 because the device is slow at bfloat16."""
+        from mergequant.hardware import slow_bfloat16_note
+
+        dtype = None if kept_routed else _expert_stats_dtype(inputs)
+        sized = _calibration_tokens(inputs)
+        name = str(dtype or (sized[1] if sized else torch.float32)).removeprefix("torch.")
+        first = ctx.result.expert_stats_dtype is None
+        ctx.result.expert_stats_dtype = name
+        hidden = getattr(inputs, "hidden", None)
+        if first and name != "bfloat16" and not kept_routed and hidden and hidden[0].dtype == torch.bfloat16:
+            ctx.log(f"note: the experts' down-projection statistics are computed in {name}, not bfloat16: "
+                    f"{slow_bfloat16_note(hidden[0].device)}, many times slower than {name}")
 
     @staticmethod
     def _keeps_expert_activations(ctx, inputs, modules, downs: list[str], moe) -> bool:

@@ -95,6 +95,7 @@ class QuantizeResult:
     perplexity: dict = field(default_factory=dict)
     expert_tokens: dict[int, list[int]] = field(default_factory=dict)  # MoE: layer -> routed tokens per expert
     expert_fallbacks: dict[int, list[int]] = field(default_factory=dict)  # MoE routed: layer -> starved experts
+    expert_stats_dtype: str | None = None  # MoE GPTQ: dtype of the products the experts' down statistics come from
     files: list[Path] = field(default_factory=list)  # --method gguf: the .gguf files written
 
 
@@ -369,6 +370,7 @@ def _notes(opts: QuantizeOptions, arch: Architecture, method: QuantMethod) -> li
 
     # engines that will not load this setting (serving matrix; MoE expert naming: moe_client_notes)
     return ([f"note: {f} does not apply to --method {opts.method}; it is ignored" for f in ignored_options(opts)]
+            + calib_dtype_notes(opts)
             + moe_client_notes(arch, opts, method)
             + ([] if arch.is_moe else method.format.client_warnings(settings_of(opts), opts.method)))
 
@@ -439,6 +441,20 @@ def _report_routing(ctx, i: int, moe, total_tokens: int) -> None:
     share = ", ".join(f"{e}:{c}" for e, c in enumerate(counts))
     ctx.log(f"layer {i}: routed tokens per expert ({total_tokens} tokens, {moe.mode} calibration): {share}"
             + (f"; round-to-nearest for starved expert(s) {', '.join(map(str, fell))}" if fell else ""))
+
+
+def calib_dtype_notes(opts: QuantizeOptions) -> list[str]:
+    """A warning when ``--calib-dtype bfloat16`` was asked for on a device that computes bfloat16 slowly:
+    the option exists for speed, and there it costs many times the float32 run."""
+    from mergequant.hardware import fast_bfloat16, slow_bfloat16_note
+
+    if calib_dtype(opts) != torch.bfloat16:
+        return []
+    device = pick_device(opts.device)
+    if fast_bfloat16(device):
+        return []
+    return [f"warning: --calib-dtype bfloat16: {slow_bfloat16_note(device)}; the calibration forward passes will be "
+            "many times slower than in float32 (the default, which is also exact)"]
 
 
 def moe_client_notes(arch: Architecture, opts: QuantizeOptions, method: QuantMethod) -> list[str]:
@@ -524,7 +540,8 @@ def moe_card_info(ck: Checkpoint, opts: QuantizeOptions, method: QuantMethod, re
     info = {"experts": arch.experts.expert_count(ck.config),
             "top_k": ck.config.get("num_experts_per_tok"), "total": total, "active": active,
             "calibration": opts.moe_calibration if method.calibrated else "none (no calibration data)",
-            "tokens": result.expert_tokens, "fallbacks": result.expert_fallbacks}
+            "tokens": result.expert_tokens, "fallbacks": result.expert_fallbacks,
+            "stats_dtype": result.expert_stats_dtype}
     info["loading"] = moe_loading_notes(arch, opts)
     return info
 
