@@ -11,7 +11,7 @@ The conventions of ``bench/quant_bench.py`` (whose helpers this script imports):
 * every checkpoint, GPTQModel's included, is scored by the same function
   (``mergequant.evaluate.evaluate_model``, ``backend="dequant"``: our dequantizing loader, float32)
   over the WHOLE held-out text in windows of ``--eval-seqlen``; the fp row is the bf16 model through
-  transformers.
+  transformers (computing in float32 on a CPU without bfloat16 instructions, as ``mergequant eval`` does).
 
 Rows (w4g128, symmetric, damp 0.01, desc_act off, GPTQModel's act_group_aware off):
 
@@ -21,10 +21,15 @@ Rows (w4g128, symmetric, damp 0.01, desc_act off, GPTQModel's act_group_aware of
   routed) and GPTQModel GPTQ with ``moe=MoEConfig(routing=ExpertsRoutingBypass())`` (its "routing
   bypass": all calibration data forwarded to every expert), run back to back;
 * mergequant GPTQ ``--moe-calibration all --calib-dtype bfloat16`` (calibration forward in bfloat16, the
-  precision GPTQModel calibrates in; leave it out with ``--no-bf16``);
+  precision GPTQModel calibrates in; leave it out with ``--no-bf16``; left out on a CPU without bfloat16
+  instructions, where it would be emulated);
 * mergequant GPTQ ``--moe-calibration routed`` (starved experts: round-to-nearest) and GPTQModel GPTQ
   with natural routing (no ``moe`` option; its default ``fallback``: RTN for a module reached by
   < 0.5% of the calibration tokens), run back to back.
+* GPTQModel computes in bfloat16 on every CPU (its ``auto_dtype``). On a CPU without bfloat16 instructions
+  that is emulated (its bypass run: 190 s there, against 57 s with ``dtype=torch.float32``), so there both
+  GPTQModel rows also run with ``dtype=torch.float32`` (rows ending ``-fp32``, ``--gptqmodel-float32``):
+  the speed-ups against those are the fair ones on such a CPU.
 
 Besides the whole-process wall time (the headline), each row reports the time "beyond imports": wall time
 minus the run's fixed start-up (interpreter start and imports: each run measures its own imports:
@@ -69,7 +74,7 @@ GPTQMODEL_SCRIPT = r"""
 import os, sys, json, time
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 t0 = time.time()
-model_dir, calib, out, bits, gs, routing, samples, seqlen, seed, batch = sys.argv[1:11]
+model_dir, calib, out, bits, gs, routing, samples, seqlen, seed, batch, dtype = sys.argv[1:12]
 bits, gs, samples, seqlen, seed, batch = int(bits), int(gs), int(samples), int(seqlen), int(seed), int(batch)
 from transformers import AutoTokenizer
 from mergequant.quant.calib import calibration_batch
@@ -83,7 +88,9 @@ moe = {"bypass": MoEConfig(routing=ExpertsRoutingBypass()), "natural": None}[rou
 qcfg = QuantizeConfig(bits=bits, group_size=gs, desc_act=False, sym=True, damp_percent=0.01,
                       act_group_aware=False, moe=moe)
 print("GPTQMODEL_CONFIG " + json.dumps({"moe": repr(qcfg.moe), "fallback": repr(qcfg.fallback)}))
-model = GPTQModel.load(model_dir, qcfg, device="cpu")
+import torch
+# "auto": GPTQModel's own choice (bfloat16 on every CPU); "float32": asked for explicitly
+model = GPTQModel.load(model_dir, qcfg, device="cpu", **({"dtype": torch.float32} if dtype == "float32" else {}))
 t1 = time.time()
 model.quantize(data, batch_size=batch)
 t_quant = time.time() - t1
@@ -170,7 +177,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS for both tools' subprocesses (default: unset, each tool's own choice)")
     ap.add_argument("--skip-gptqmodel", action="store_true")
-    ap.add_argument("--no-bf16", action="store_true", help="leave out the mergequant --calib-dtype bfloat16 row")
+    ap.add_argument("--no-bf16", action="store_true", help="leave out the mergequant --calib-dtype bfloat16 row "
+                    "(left out anyway on a CPU without bfloat16 instructions, where it would be emulated)")
+    ap.add_argument("--gptqmodel-float32", choices=("auto", "on", "off"), default="auto",
+                    help="also run GPTQModel with dtype=torch.float32 (its default on CPU is bfloat16); auto: on a "
+                         "CPU without bfloat16 instructions, where its default is emulated and float32 is its best")
     ap.add_argument("--passive-peer", action="store_true",
                     help="also run GPTQModel with OMP_WAIT_POLICY=PASSIVE (the setting mergequant's CLI uses)")
     ap.add_argument("--model", type=Path, default=MODEL)
@@ -181,7 +192,12 @@ def main() -> None:
     import transformers
 
     import mergequant
+    from mergequant.hardware import cpu_bfloat16_instructions, fast_bfloat16
 
+    bf16_native = fast_bfloat16("cpu")
+    peer_fp32 = args.gptqmodel_float32 == "on" or (args.gptqmodel_float32 == "auto" and not bf16_native)
+    if not bf16_native and not args.no_bf16:
+        print("note: this CPU has no bfloat16 instructions: the --calib-dtype bfloat16 row is left out", flush=True)
     t_bench = time.perf_counter()
     code_start = code_state()
     load_start = os.getloadavg()
@@ -198,7 +214,8 @@ def main() -> None:
     t = time.perf_counter()
     fp = evaluate(args.model, heldout, args.eval_seqlen, backend="transformers")
     print(f"fp: ppl {fp['perplexity']:.3f} ({time.perf_counter() - t:.1f} s eval)", flush=True)
-    rows.append({"name": "fp (bf16)", "tool": "-", "bits": 16, **fp})
+    rows.append({"name": "fp (bf16)" if bf16_native else "fp (bf16 weights, float32 compute)", "tool": "-", "bits": 16,
+                 **fp})
 
     # (tag, tool, method, routing): ours and GPTQModel back to back, all-token pair first
     # mergequant's CLI lets idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, mergequant.cli); GPTQModel
@@ -206,16 +223,20 @@ def main() -> None:
     # same setting as ours, so the comparison can be read both ways
     configs = [("mergequant-rtn", "mergequant", "rtn", None, {}),
                ("mergequant-gptq-all", "mergequant", "gptq", "all", {})]
-    if not args.no_bf16:  # --calib-dtype bfloat16: the calibration forward in GPTQModel's own precision
+    if not args.no_bf16 and bf16_native:  # --calib-dtype bfloat16: the calibration forward in GPTQModel's own precision
         configs.append(("mergequant-gptq-all-bf16", "mergequant", "gptq", "all", {}))
     passive = {"OMP_WAIT_POLICY": "PASSIVE"}
     if not args.skip_gptqmodel:
         configs.append(("gptqmodel-gptq-bypass", "gptqmodel", "gptq", "bypass", {}))
+        if peer_fp32:
+            configs.append(("gptqmodel-gptq-bypass-fp32", "gptqmodel", "gptq", "bypass", {}))
         if args.passive_peer:
             configs.append(("gptqmodel-gptq-bypass-passive", "gptqmodel", "gptq", "bypass", passive))
     configs.append(("mergequant-gptq-routed", "mergequant", "gptq", "routed", {}))
     if not args.skip_gptqmodel:
         configs.append(("gptqmodel-gptq-natural", "gptqmodel", "gptq", "natural", {}))
+        if peer_fp32:
+            configs.append(("gptqmodel-gptq-natural-fp32", "gptqmodel", "gptq", "natural", {}))
         if args.passive_peer:
             configs.append(("gptqmodel-gptq-natural-passive", "gptqmodel", "gptq", "natural", passive))
 
@@ -238,7 +259,8 @@ def main() -> None:
             env = dict(env_threads)
         else:
             cmd = [sys.executable, "-c", GPTQMODEL_SCRIPT, str(args.model), str(calib), str(out), str(bits), str(gs),
-                   routing, str(args.samples), str(args.seqlen), str(args.seed), str(args.batch_size)]
+                   routing, str(args.samples), str(args.seqlen), str(args.seed), str(args.batch_size),
+                   "float32" if base.endswith("-fp32") else "auto"]
             env = {"GPTQMODEL_CPU_WORKERS": "2", **env_threads, **extra_env}
         plans.append((tag, tool, method, routing, out, cmd, env))
     runs: dict[str, list[dict]] = {p[0]: [] for p in plans}
@@ -292,7 +314,7 @@ def main() -> None:
     ours = {m: by[f"mergequant-gptq-{m}{sfx}"] for m in ("all", "routed")}
     if f"mergequant-gptq-all-bf16{sfx}" in by:
         ours["all-bf16"] = by[f"mergequant-gptq-all-bf16{sfx}"]
-    theirs = {m: by.get(f"gptqmodel-gptq-{m}{sfx}") for m in ("bypass", "natural")}
+    theirs = {m: by.get(f"gptqmodel-gptq-{m}{sfx}") for m in ("bypass", "natural", "bypass-fp32", "natural-fp32")}
     comparisons = {"rtn_ppl": rtn["perplexity"]}
     for m, r in ours.items():
         comparisons[f"ours_{m}_ppl"] = r["perplexity"]
@@ -305,7 +327,8 @@ def main() -> None:
         for m, r in ours.items():
             comparisons[f"ours_{m}_over_gptqmodel_best"] = round(r["perplexity"] / best_t, 4)
             comparisons[f"ours_{m}_within_1pct_of_gptqmodel_best"] = r["perplexity"] <= best_t * 1.01
-        pairs = [("all", "bypass"), ("routed", "natural")] + ([("all-bf16", "bypass")] if "all-bf16" in ours else [])
+        pairs = [("all", "bypass"), ("routed", "natural"), ("all", "bypass-fp32"), ("routed", "natural-fp32")]
+        pairs += [("all-bf16", "bypass")] if "all-bf16" in ours else []
         for o, g in pairs:
             if theirs[g]:
                 comparisons[f"speedup_{o}_vs_{g}"] = round(theirs[g]["wall_s"] / ours[o]["wall_s"], 2)
@@ -341,6 +364,7 @@ def main() -> None:
         "benchmark": "moe-tiny",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "bfloat16_instructions": cpu_bfloat16_instructions(),
                     "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"mergequant": getattr(mergequant, "__version__", None), "torch": torch.__version__,
@@ -356,8 +380,10 @@ def main() -> None:
                                            "natural": "QuantizeConfig(moe=None); default fallback RTN below 0.5% of tokens"},
                      "mergequant_routed_min_share": "default --moe-min-share 0.05 (of a uniform share, tokens x top_k / E)",
                      "device": "cpu", "threads": torch.get_num_threads(),
+                     "gptqmodel_dtype": "rows ending -fp32: GPTQModel.load(..., dtype=torch.float32); others its "
+                                        "default on CPU (bfloat16, gptqmodel.utils.model.auto_dtype)",
                      "evaluation": "mergequant.evaluate.evaluate_model over the whole held-out text: fp through "
-                                   "transformers (bf16); every quantized checkpoint, GPTQModel's included, through "
+                                   "transformers (bf16; float32 compute on a CPU without bfloat16 instructions); every quantized checkpoint, GPTQModel's included, through "
                                    "the dequantizing loader (float32)",
                      "repeats": args.repeats, "omp_num_threads": args.threads,
                      "timing": "`repeats` rounds, each running every config once in table order (ours next to "
