@@ -38,7 +38,7 @@ imports (torch, tokenizers and mergequant's modules: our runner builds the Llama
 torch, ``mergequant.quant.native``, so it never imports transformers' modeling code), prints the time and
 then runs mergequant's CLI ``main()`` in the same process).
 
-Writes ``bench/results/moe-tiny.json``. Usage: python bench/moe_bench.py [--samples 128] [--seqlen 256]
+Writes ``bench/results/moe-tiny.json`` (``moe-tiny-avx2.json`` on a CPU without bfloat16 instructions). Usage: python bench/moe_bench.py [--samples 128] [--seqlen 256]
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ def main() -> None:
     ap.add_argument("--passive-peer", action="store_true",
                     help="also run GPTQModel with OMP_WAIT_POLICY=PASSIVE (the setting mergequant's CLI uses)")
     ap.add_argument("--model", type=Path, default=MODEL)
-    ap.add_argument("--out", type=Path, default=RESULTS / "moe-tiny.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: bench/results/moe-tiny.json, or moe-tiny-avx2.json on a CPU without bfloat16 instructions")
     args = ap.parse_args()
 
     import torch
@@ -195,6 +196,8 @@ def main() -> None:
     from mergequant.hardware import cpu_bfloat16_instructions, fast_bfloat16
 
     bf16_native = fast_bfloat16("cpu")
+    if args.out is None:  # the two CPU classes rank the tools differently: each keeps its own record
+        args.out = RESULTS / ("moe-tiny.json" if bf16_native else "moe-tiny-avx2.json")
     peer_fp32 = args.gptqmodel_float32 == "on" or (args.gptqmodel_float32 == "auto" and not bf16_native)
     if not bf16_native and not args.no_bf16:
         print("note: this CPU has no bfloat16 instructions: the --calib-dtype bfloat16 row is left out", flush=True)
