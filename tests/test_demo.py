@@ -144,7 +144,11 @@ def test_perplexity_matches_a_plain_loop(run):
     text = (work / r["heldout"]["verse"]).read_text()
     text = "\n\n".join(d for d in text.split("\n\n") if d.strip())  # eval's documents: blank-line separated
     ids = AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    # in the dtype eval computes in: the checkpoint's (bfloat16), or float32 on a CPU that would emulate it
+    from mergequant.hardware import fast_16bit
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if fast_16bit(torch.bfloat16, "cpu")
+                                                 else torch.float32).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(ids) - 1, seqlen - 1):

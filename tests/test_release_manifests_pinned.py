@@ -18,8 +18,9 @@ manifests. Any other change of a byte in any manifest or plan fails here, and na
 
 The outputs hold quantized weights and perplexities, so the digests are those of this machine's float
 arithmetic (x86-64, one thread); elementwise steps (merges, RTN) do not depend on it, GPTQ, AWQ and the
-evaluations could on other hardware. Regenerate (only when a change of manifests is intended and
-documented): ``python tests/test_release_manifests_pinned.py``.
+evaluations do on other hardware: the manifests are pinned per CPU kernel class (``PINNED_MANIFESTS``,
+by torch's CPU capability: AVX512, AVX2), the plans once. Regenerate (only when a change of manifests is
+intended and documented, or to add a class): ``python tests/test_release_manifests_pinned.py``.
 """
 
 from __future__ import annotations
@@ -39,16 +40,38 @@ import pytest
 
 ROOT = Path("/tmp/mergequant-release-pinned")  # fixed: absolute paths end up inside hashes (see the docstring)
 
-PINNED: dict[str, str] = {  # regenerated after the cards gained "Verified clients" (see the docstring)
+# The dry runs' plans: the same on every machine
+PINNED_PLANS: dict[str, str] = {
     "main.dry-run.fresh": "0937f4ed0e7c7e006d4c043c5dbb6cd88b824703f9e9da7b733e1a16f0e32337",
-    "main.manifest": "a41121d3058ca9ad4a168429e630e162ab217d3b286e4d95ce39519111cd2aac",
     "main.dry-run.changed": "badc1126be2c6c6151daa32e80e98f3d5779fb07ca39fe7b1a5745971a891e7e",
-    "main.manifest.interrupted": "b94f1c68461540c9066113629040a2b48d9611353b9b48fedd478c4e72b8f75d",
-    "main.manifest.resumed": "ae9eecdfdc133cb09fef0c1c0a1a2f56606ac59866ba3f64f79e502dc9879bea",
-    "linear.manifest": "6bad14f449d02d2c123779890f474b72323fe7ecf09b8a7876885a337e47c735",
     "model.dry-run.fresh": "9bbe58f7543105e5bf060f2aa75c6c3a482ca35b92552d5faf5949580f7864af",
-    "model.manifest": "215d516d92abf6d63a30c90715e6f31f959efbeb864c637ccf106d8f7c758e02",
 }
+# The manifests, per CPU kernel class (torch.backends.cpu.get_cpu_capability()): they hold quantized weights and
+# perplexities, whose last bits follow the float kernels of the class (AVX512: the machines of the earlier
+# sessions; AVX2: an AMD EPYC without AVX-512, 2026-12-02, the same digests before and after that day's changes)
+PINNED_MANIFESTS: dict[str, dict[str, str]] = {
+    "AVX512": {  # regenerated after the cards gained "Verified clients" (see the docstring)
+        "main.manifest": "a41121d3058ca9ad4a168429e630e162ab217d3b286e4d95ce39519111cd2aac",
+        "main.manifest.interrupted": "b94f1c68461540c9066113629040a2b48d9611353b9b48fedd478c4e72b8f75d",
+        "main.manifest.resumed": "ae9eecdfdc133cb09fef0c1c0a1a2f56606ac59866ba3f64f79e502dc9879bea",
+        "linear.manifest": "6bad14f449d02d2c123779890f474b72323fe7ecf09b8a7876885a337e47c735",
+        "model.manifest": "215d516d92abf6d63a30c90715e6f31f959efbeb864c637ccf106d8f7c758e02",
+    },
+    "AVX2": {
+        "main.manifest": "84967c4990c4dcba2ea305a0e7373584c93af770516be5a5329e1078fcd28d98",
+        "main.manifest.interrupted": "6c52e29f04a2e9e4494d66e510aa6d1d10f6522f06bc256ac1b494e630921bcc",
+        "main.manifest.resumed": "8ec1bfa2a5c72eae1b6b8a0ce00d9d59ada05d75b801d7be8a081903b44c5837",
+        "linear.manifest": "6bad14f449d02d2c123779890f474b72323fe7ecf09b8a7876885a337e47c735",
+        "model.manifest": "b4e72fd89303e69709ae7fbd894602c7296ea9c65c05fa04dee41e4160cf43db",
+    },
+}
+
+
+def cpu_kernels() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
 
 TIES = """\
 merge_method: ties
@@ -204,11 +227,25 @@ def digests() -> dict[str, str]:
     return dict(re.findall(r'^    "([^"]+)": "([0-9a-f]{64})",$', proc.stdout, flags=re.M))
 
 
+def test_the_pins_cover_the_same_cases():
+    assert all(set(pins) == set(PINNED_MANIFESTS["AVX512"]) for pins in PINNED_MANIFESTS.values())
+    assert not set(PINNED_PLANS) & set(PINNED_MANIFESTS["AVX512"])
+    # the merges' manifests are elementwise arithmetic: the same on every class
+    assert len({pins["linear.manifest"] for pins in PINNED_MANIFESTS.values()}) == 1
+
+
 @pytest.mark.slow
 def test_manifests_and_plans_byte_identical(digests):
-    assert set(digests) == set(PINNED), f"cases changed: {sorted(set(digests) ^ set(PINNED))}"
-    changed = {k: v for k, v in digests.items() if PINNED[k] != v}
-    assert not changed, f"manifests or plans differ from the pinned ones: {sorted(changed)}"
+    manifests = PINNED_MANIFESTS.get(cpu_kernels())
+    expected = set(PINNED_PLANS) | set(PINNED_MANIFESTS["AVX512"])
+    assert set(digests) == expected, f"cases changed: {sorted(set(digests) ^ expected)}"
+    changed = {k: v for k, v in digests.items() if k in PINNED_PLANS and PINNED_PLANS[k] != v}
+    assert not changed, f"plans differ from the pinned ones: {sorted(changed)}"
+    if manifests is None:
+        pytest.skip(f"plans checked; no manifest digests pinned for this CPU's kernels ({cpu_kernels()}): "
+                    "pin them from `python tests/test_release_manifests_pinned.py` run on such a machine")
+    changed = {k: v for k, v in digests.items() if k in manifests and manifests[k] != v}
+    assert not changed, f"manifests differ from the ones pinned for {cpu_kernels()}: {sorted(changed)}"
 
 
 def test_the_digest_sees_one_changed_field():
@@ -245,6 +282,7 @@ if __name__ == "__main__":  # print the digests of the current code
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         found = compute(tiny_family(Path(tmp), torch.float32, layers=2))
+    print(f"# CPU kernels: {cpu_kernels()}")
     print("PINNED: dict[str, str] = {")
     for k, v in found.items():
         print(f'    "{k}": "{v}",')
