@@ -23,6 +23,14 @@ def demo_tree(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def _inside_the_tree(demo_tree, monkeypatch):
+    """Run from the copied configs/ folder: the recipes name models as ``../mergequant-demo/...``, and a path
+    is looked up from the working directory first, so from the repository root they would reach a
+    `mergequant demo` run in the checkout's parent folder instead of this tree's models."""
+    monkeypatch.chdir(demo_tree / "configs")
+
+
 def _load(d: Path) -> dict[str, torch.Tensor]:
     sd = {}
     for f in sorted(d.glob("*.safetensors")):
