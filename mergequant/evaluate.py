@@ -241,8 +241,9 @@ def _compute_dtype(ck, dev, log) -> torch.dtype | None:
     if stored not in (torch.bfloat16, torch.float16) or fast_16bit(stored, dev):
         return None
     if log:
-        log(f"note: {ck.path}: evaluated in float32, not {str(stored).removeprefix('torch.')}: this "
-            f"{torch.device(dev).type.upper()} computes {str(stored).removeprefix('torch.')} products slowly (no instructions for them)")
+        name = str(stored).removeprefix("torch.")
+        log(f"note: {ck.path}: evaluated in float32, not {name}: this {torch.device(dev).type.upper()} computes "
+            f"{name} products slowly (no instructions for them)")
     return torch.float32
 
 
