@@ -220,9 +220,12 @@ def digests() -> dict[str, str]:
     full suite, run in-process after hundreds of other tests, five manifests came out different from a run of
     this file alone (not reproduced with any subset of the files tried); a fresh process keeps the pins about
     what the release code writes, not about what earlier tests left in the process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1]
+    # the checkout's own package first: a script's sys.path starts at tests/, and an editable install
+    # may point at another checkout
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return dict(re.findall(r'^    "([^"]+)": "([0-9a-f]{64})",$', proc.stdout, flags=re.M))
 

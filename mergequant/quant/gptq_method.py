@@ -329,9 +329,6 @@ class GPTQMethod(QuantMethod):
                 for s in batch:
                     e = experts[s][0]
                     xe = x if moe.mode == "all" else x[(idx == e).any(dim=-1)]
-                    if xe.dtype == torch.float32:
-                        accs[s].add(mod.gate_up(e, xe))
-                        continue
                     n = xe.shape[:-1].numel()
                     if buf is None or buf.shape[0] < n:
                         buf = torch.empty(n, modules[s].in_features, dtype=torch.float32, device=xe.device)
