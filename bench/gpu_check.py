@@ -440,7 +440,8 @@ def gpu_test_files() -> list[str]:
 
 
 def pytest_cmd(targets: list[str], xml: Path) -> list[str]:
-    return [python(), "-m", "pytest", "-q", "-m", "gpu", *targets, "-p", "no:cacheprovider",
+    # -n 0: one process (the suite's default is parallel workers), so GPU tests never share the device
+    return [python(), "-m", "pytest", "-q", "-n", "0", "-m", "gpu", *targets, "-p", "no:cacheprovider",
             "--continue-on-collection-errors", f"--junitxml={xml}", "-o", "junit_family=xunit1"]
 
 

@@ -26,6 +26,23 @@ from helpers import cli as cli_in_process
 from helpers import BAD_TOKEN, is_first_case, run_cli, tiny_family  # noqa: F401  (run_cli: re-exported for `from conftest import run_cli`)
 
 
+# Test workers (pytest-xdist, ``-n auto`` in pyproject.toml): one per core this process may use, at most this
+# many. The tests run one torch thread each (``one_torch_thread``) and many start the real CLI, whose
+# interpreter start-up is one core's work: two workers on 2 cores took the full suite from 18 to ~10 minutes.
+# More than four would mostly add memory (each worker holds its files' fixtures; the real-engine tests load
+# whole models).
+MAX_TEST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    """How many workers ``-n auto`` starts (see MAX_TEST_WORKERS)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_TEST_WORKERS))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """One torch thread in the test process. The models here are tiny: a second OpenMP thread gains
