@@ -145,7 +145,9 @@ class UnfusedExperts(nn.ModuleList):
         With ``out`` (the statistics passes, every token through every expert) the rows go a block at
         a time (``gate_up_rows``): gate's and up's outputs for a block stay in cache for the
         activation and the product instead of round-tripping through memory (tiny Mixtral, 8192
-        tokens: 45 -> 31 ms per expert on a 2-core AVX2 CPU). Each row's value is unchanged."""
+        tokens: 45 -> 31 ms per expert on a 2-core AVX2 CPU). The same products; a BLAS may pick another kernel
+        for another row count, so the last bits can differ from one product over all rows (the tiny
+        Mixtral's GPTQ checkpoint came out byte-identical)."""
         act, expert = self._act[0], self[e]
         if out is None:
             return act(expert.gate_proj(x)) * expert.up_proj(x)
