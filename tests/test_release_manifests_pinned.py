@@ -285,8 +285,11 @@ if __name__ == "__main__":  # print the digests of the current code
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         found = compute(tiny_family(Path(tmp), torch.float32, layers=2))
-    print(f"# CPU kernels: {cpu_kernels()}")
-    print("PINNED: dict[str, str] = {")
-    for k, v in found.items():
-        print(f'    "{k}": "{v}",')
-    print("}")
+    # (the digests fixture reads every '    "case": "digest",' line, whichever section it is in)
+    for title, plans in (("PINNED_PLANS (every CPU) = {", True),
+                         (f'PINNED_MANIFESTS["{cpu_kernels()}"] = {{', False)):
+        print(title)
+        for k, v in found.items():
+            if (k in PINNED_PLANS) == plans:
+                print(f'    "{k}": "{v}",')
+        print("}")

@@ -303,8 +303,9 @@ class GPTQMethod(QuantMethod):
         ``kept`` (routed calibration only): (chunk keys, per-chunk dicts) that receive each expert's products
         on its routed tokens, computed in the layer's compute dtype exactly as the routed forward computes
         them, for the layer's output pass to reuse (``moe.ExpertActivationReplay``). Without ``kept``,
-        every product is in the statistics dtype (``_expert_stats_dtype``); a 16-bit one is written
-        straight into a float32 buffer for the Hessian (the same values as converting it afterwards).
+        every product is in the statistics dtype (``_expert_stats_dtype``), written a row block at a time
+        (``UnfusedExperts.gate_up``) into one float32 buffer reused for every expert and chunk (a 16-bit
+        product takes the values converting it afterwards would give).
         ``expert_inputs``: what ``_expert_gate_up_stats`` kept, read instead of running the layer up to
         its experts again."""
         from mergequant.quant.replay import checksum
